@@ -1,0 +1,56 @@
+"""Demo adapter for the quickstart: ``python -m snakepit --adapter snakepit.demo``."""
+
+import math
+import time
+import zlib
+
+import snakepit
+
+EMBEDDING_DIM = 8
+
+
+@snakepit.command
+def embed(text):
+    """A toy embedding: unit-length vector of EMBEDDING_DIM floats from word hashes.
+
+    Deterministic across runs and machines (crc32, not Python's salted hash()).
+    Text without words gives the zero vector.
+    """
+    vector = [0.0] * EMBEDDING_DIM
+    for word in _require_text(text).lower().split():
+        h = zlib.crc32(word.encode("utf-8"))
+        for i in range(EMBEDDING_DIM):  # each dimension gets 4 bits of the hash
+            vector[i] += ((h >> (4 * i)) & 0xF) - 7.5
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm else vector
+
+
+@snakepit.command
+def word_count(text):
+    """Number of whitespace-separated words."""
+    return len(_require_text(text).split())
+
+
+@snakepit.command
+def fail(message="something went wrong"):
+    """Always raises ValueError(message): shows how errors reach the host."""
+    raise ValueError(message)
+
+
+@snakepit.command
+def slow(seconds):
+    """Sleep for ``seconds`` and return it: handy for timeouts and concurrency."""
+    time.sleep(seconds)
+    return seconds
+
+
+@snakepit.command
+def upper(text):
+    """The text in upper case."""
+    return _require_text(text).upper()
+
+
+def _require_text(text):
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, not {type(text).__name__}")
+    return text

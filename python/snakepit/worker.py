@@ -1,0 +1,406 @@
+"""The worker process behind ``python -m snakepit``.
+
+``Worker`` holds the protocol logic and touches no file descriptors, so tests
+can drive it with in-memory streams. ``main`` does the process plumbing:
+argument parsing, logging, parent-death handling, moving the protocol off
+fds 0/1, importing the adapter, then ``Worker.serve``.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+
+import snakepit
+from snakepit.protocol import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    FrameTooLarge,
+    ProtocolError,
+    encode_frame,
+    read_frame,
+    write_all,
+)
+
+log = logging.getLogger(__name__)
+
+BUILTIN_COMMANDS = ("echo", "info", "ping")
+
+EXIT_OK = 0
+EXIT_ORPHANED = 1  # the parent died (or was already gone at start-up)
+EXIT_PROTOCOL = 2
+EXIT_STARTUP = 3
+
+_SIGKILL = 9  # the same number on every POSIX system; saves importing signal
+_PR_SET_PDEATHSIG = 1
+_WATCHDOG_INTERVAL = 0.5
+
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
+
+
+class Worker:
+    """Answers protocol messages with the given commands plus the built-ins."""
+
+    def __init__(self, commands=None, max_frame_size=DEFAULT_MAX_FRAME, adapter=None):
+        commands = dict(commands or {})
+        clash = sorted(set(commands).intersection(BUILTIN_COMMANDS))
+        if clash:
+            raise ValueError(f"commands may not use the built-in name(s) {', '.join(clash)}")
+        commands.update(echo=_echo, info=self.info, ping=_ping)
+        self.commands = commands
+        self.names = sorted(commands)
+        self.max_frame_size = max_frame_size
+        self.adapter = adapter
+
+    def serve(self, reader, write):
+        """Answer frames from the binary stream ``reader`` until EOF or a shutdown.
+
+        ``write(data)`` sends one encoded frame. Raises ProtocolError when the
+        host sends something that is not a frame.
+        """
+        limit = self.max_frame_size
+        while True:
+            msg = read_frame(reader, limit)
+            if msg is None:
+                log.debug("end of input; exiting")
+                return
+            if msg["type"] == "shutdown":
+                log.debug("shutdown requested; exiting")
+                return
+            data = self.respond(msg)
+            if data is not None:
+                write(data)
+
+    def respond(self, msg):
+        """Handle ``msg`` and return its encoded reply frame, or None.
+
+        A reply that cannot be encoded (not JSON, NaN, too large) is replaced
+        by an error reply saying why.
+        """
+        reply = self.handle(msg)
+        if reply is None:
+            return None
+        try:
+            return encode_frame(reply, self.max_frame_size)
+        except FrameTooLarge as exc:
+            kind = "FrameTooLarge"
+            text = f"is {exc.size} bytes, above the maximum frame size of {exc.limit} bytes"
+        except Exception as exc:  # TypeError/ValueError from json, UnicodeEncodeError, RecursionError
+            kind = _type_name(type(exc))
+            text = f"is not JSON-serialisable: {_text(exc)}"
+        if reply["type"] == "result":
+            what = f"result of command {msg.get('command')!r}"
+        else:
+            what = f"{reply['type']} reply to a {msg['type']!r} message"
+        return encode_frame(_error_reply(reply.get("id"), kind, f"{what} {text}"), self.max_frame_size)
+
+    def handle(self, msg):
+        """Return the reply dict for one decoded message, or None for no reply.
+
+        ``shutdown`` is acted on by serve(); here it simply gets no reply.
+        """
+        kind = msg["type"]
+        if kind == "call":
+            return self._call(msg)
+        if kind == "ping":
+            return {"type": "pong", "id": _request_id(msg)}
+        if kind == "shutdown":
+            return None
+        if msg.get("id") is None:
+            log.warning("ignoring message of unknown type %r", kind)
+            return None
+        return _error_reply(_request_id(msg), "ProtocolError", f"unknown message type {kind!r}")
+
+    def _call(self, msg):
+        rid = _request_id(msg)
+        name = msg.get("command")
+        func = self.commands.get(name) if isinstance(name, str) else None
+        if func is None:
+            return _error_reply(
+                rid, "UnknownCommand", f"unknown command {name!r}; known commands: {', '.join(self.names)}"
+            )
+        args = msg.get("args")
+        if args is not None and type(args) is not dict and type(args) is not list:
+            return _error_reply(
+                rid, "TypeError", f"args of command {name!r} must be an object, an array or null, not {_json_type(args)}"
+            )
+        try:
+            if args is None:
+                value = func()
+            elif type(args) is dict:
+                value = func(**args)
+            else:
+                value = func(*args)
+        except Exception as exc:  # not BaseException: SystemExit must still end the worker
+            return {"type": "error", "id": rid, "error": _error_info(exc)}
+        return {"type": "result", "id": rid, "value": value}
+
+    def ready_info(self):
+        """The ``info`` of the ready message."""
+        info = _runtime_info()
+        info["protocol_version"] = PROTOCOL_VERSION
+        info["commands"] = self.names
+        return info
+
+    def info(self):
+        """Built-in ``info`` command: runtime facts about this worker."""
+        info = _runtime_info()
+        info["rss_bytes"] = _rss_bytes()
+        info["commands"] = self.names
+        info["adapter"] = self.adapter
+        return info
+
+
+def load_worker(adapter, max_frame_size=DEFAULT_MAX_FRAME):
+    """Import the adapter module and build its Worker.
+
+    Returns ``(worker, None)``, or ``(None, startup_error_message)`` when the
+    adapter cannot be imported or registers a built-in command name.
+    """
+    if adapter:
+        try:
+            # __import__ (unlike importlib.import_module) has the import system
+            # strip its own frames, so the traceback shows the adapter's code.
+            __import__(adapter)
+        except BaseException as exc:  # even SyntaxError, or a SystemExit at the adapter's top level
+            error = _error_info(exc, f"adapter {adapter!r} failed to import: {_text(exc)}")
+            return None, {"type": "startup_error", "error": error}
+    try:
+        return Worker(snakepit.registry() if adapter else {}, max_frame_size, adapter), None
+    except ValueError as exc:
+        error = {"type": "ValueError", "message": f"adapter {adapter!r} is not usable: {exc}", "traceback": ""}
+        return None, {"type": "startup_error", "error": error}
+
+
+def main(argv=None):
+    """Run a worker; returns the process exit code."""
+    args = _parse_args(argv)
+    _setup_logging(args.pool, args.worker_id)
+    if not _watch_parent(args.parent_pid):
+        log.warning("parent process %s is already gone; exiting", args.parent_pid)
+        return EXIT_ORPHANED
+    reader, write = _take_over_stdio()
+
+    worker, failure = load_worker(args.adapter, args.max_frame_size)
+    if failure is not None:
+        log.error("%s", failure["error"]["message"])
+        write(encode_frame(failure, args.max_frame_size))
+        return EXIT_STARTUP
+    write(encode_frame({"type": "ready", "info": worker.ready_info()}, args.max_frame_size))
+    log.info("ready, serving %d commands", len(worker.names))
+
+    try:
+        worker.serve(reader, write)
+    except ProtocolError as exc:
+        log.error("protocol violation, exiting: %s", exc)
+        return EXIT_PROTOCOL
+    except BrokenPipeError:
+        log.info("the host closed the pipe; exiting")
+    return EXIT_OK
+
+
+# --- replies ---------------------------------------------------------------
+
+
+def _ping():
+    return "pong"
+
+
+def _echo(*args, **kwargs):
+    """Return the arguments: the list when called with an array, else the object."""
+    return list(args) if args else kwargs
+
+
+def _request_id(msg):
+    rid = msg.get("id")
+    if type(rid) is not int:
+        raise ProtocolError(f"{msg['type']!r} message needs an integer 'id', not {_json_type(rid)}")
+    return rid
+
+
+def _error_reply(rid, kind, message):
+    return {"type": "error", "id": rid, "error": {"type": kind, "message": message, "traceback": ""}}
+
+
+def _error_info(exc, message=None):
+    """The ``error`` object for an exception caught in this module.
+
+    The first traceback entry is this module's own call site; it is dropped
+    unless the exception was raised right there (e.g. wrong arguments, or no
+    such module), so the text always starts with "Traceback".
+    """
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return {
+        "type": _type_name(type(exc)),
+        "message": _text(exc) if message is None else message,
+        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
+    }
+
+
+def _type_name(cls):
+    module = getattr(cls, "__module__", None)
+    if module in (None, "builtins"):
+        return cls.__qualname__
+    return f"{module}.{cls.__qualname__}"
+
+
+def _text(exc):
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"
+
+
+def _json_type(value):
+    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+# --- runtime facts ---------------------------------------------------------
+
+
+def _runtime_info():
+    v = sys.version_info
+    version = f"{v.major}.{v.minor}.{v.micro}"
+    if v.releaselevel != "final":
+        version += {"alpha": "a", "beta": "b", "candidate": "rc"}.get(v.releaselevel, v.releaselevel) + str(v.serial)
+    is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
+    return {
+        "pid": os.getpid(),
+        "python_version": version,
+        "implementation": sys.implementation.name,
+        "free_threaded": _free_threaded(),
+        "gil_enabled": bool(is_gil_enabled()) if is_gil_enabled is not None else True,
+    }
+
+
+def _free_threaded():
+    if sys.version_info < (3, 13):  # free-threaded builds exist from 3.13; skip importing sysconfig
+        return False
+    import sysconfig
+
+    return sysconfig.get_config_var("Py_GIL_DISABLED") == 1
+
+
+def _rss_bytes():
+    """Current resident set size, else peak RSS, else None."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB elsewhere
+
+
+# --- process plumbing ------------------------------------------------------
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m snakepit", description="Serve snakepit commands over stdin/stdout.", allow_abbrev=False
+    )
+    parser.add_argument("--adapter", metavar="MODULE", help="module whose @snakepit.command functions are served")
+    parser.add_argument("--max-frame-size", type=_positive_int, default=DEFAULT_MAX_FRAME, metavar="BYTES")
+    parser.add_argument("--parent-pid", type=int, metavar="PID", help="exit at once if this is not the parent")
+    parser.add_argument("--worker-id", metavar="ID", help="shown in log messages")
+    parser.add_argument("--pool", metavar="NAME", help="shown in log messages")
+    return parser.parse_args(argv)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _setup_logging(pool, worker_id):
+    parts = ["snakepit"]
+    if pool:
+        parts.append(f"pool={pool}")
+    if worker_id:
+        parts.append(f"worker={worker_id}")
+    parts.append(f"pid={os.getpid()}")
+    prefix = "[" + " ".join(parts).replace("%", "%%") + "]"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(prefix + " %(levelname)s: %(message)s"))
+    level = logging.getLevelName(os.environ.get("SNAKEPIT_LOG_LEVEL", "WARNING").strip().upper())
+    log.setLevel(level if isinstance(level, int) else logging.WARNING)
+    log.addHandler(handler)
+    log.propagate = False  # an adapter's logging.basicConfig must not print our lines twice
+
+
+def _watch_parent(parent_pid):
+    """Make the worker die with its parent; False if the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        _set_parent_death_signal()
+    ppid = os.getppid()
+    if parent_pid is not None and ppid != parent_pid:
+        return False
+    # prctl covers Linux instantly; the watchdog covers other systems, and
+    # runs even while the main thread is busy in a long command.
+    threading.Thread(target=_watchdog, args=(ppid,), name="snakepit-watchdog", daemon=True).start()
+    return True
+
+
+def _set_parent_death_signal():
+    """prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills us when the parent exits."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
+    except Exception:
+        pass  # best effort; the watchdog still notices
+
+
+def _watchdog(ppid):
+    while os.getppid() == ppid:
+        time.sleep(_WATCHDOG_INTERVAL)
+    log.warning("parent process %s died; exiting", ppid)
+    try:
+        if os.getpgid(0) == os.getpid():
+            # We lead our process group: take the adapter's children with us.
+            os.killpg(os.getpid(), _SIGKILL)
+    except (AttributeError, OSError):  # no process groups (Windows) or no permission
+        pass
+    os._exit(EXIT_ORPHANED)
+
+
+def _take_over_stdio():
+    """Move the protocol to private fds; return (reader, write).
+
+    Afterwards fd 1 and sys.stdout go to stderr and fd 0 reads /dev/null, so
+    print(), C libraries and child processes cannot touch the frame stream.
+    """
+    proto_in = os.dup(0)  # os.dup() makes non-inheritable fds (PEP 446),
+    proto_out = os.dup(1)  # so child processes never get the protocol pipes
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdout = sys.stderr
+    sys.stdin = open(os.devnull, encoding="utf-8")
+
+    reader = os.fdopen(proto_in, "rb", buffering=65536)
+    lock = threading.Lock()  # one frame at a time, even with several writer threads
+
+    def write(data):
+        with lock:
+            write_all(proto_out, data)
+
+    return reader, write

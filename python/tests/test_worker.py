@@ -1,0 +1,587 @@
+"""The worker: Worker logic in memory, the registry, the demo adapter, and real processes."""
+
+import io
+import math
+import os
+import queue
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+
+import snakepit
+from snakepit import demo
+from snakepit.protocol import encode_frame, read_frame
+from snakepit.worker import BUILTIN_COMMANDS, Worker, load_worker
+
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 15  # seconds for any single wait on a child process
+
+
+# --- commands used by the in-memory tests (passed to Worker directly) ----------
+
+
+class CustomError(Exception):
+    pass
+
+
+def add(a, b=0):
+    return a + b
+
+
+def no_args():
+    return "nothing"
+
+
+def explode():
+    raise ValueError("bad thing")
+
+
+def custom():
+    raise CustomError("custom trouble")
+
+
+def make_set():
+    return {1, 2}
+
+
+def make_nan():
+    return float("nan")
+
+
+def make_big():
+    return "x" * 1000
+
+
+def leave():
+    raise SystemExit(4)
+
+
+TEST_COMMANDS = {f.__name__: f for f in (add, no_args, explode, custom, make_set, make_nan, make_big, leave)}
+
+
+def exchange(worker, *messages):
+    """Feed messages to worker.serve() and return the decoded replies."""
+    sent = []
+    worker.serve(io.BytesIO(b"".join(encode_frame(m) for m in messages)), sent.append)
+    return [read_frame(io.BytesIO(data)) for data in sent]
+
+
+def call(command, args=None, id=1, **extra):
+    msg = {"type": "call", "id": id, "command": command, **extra}
+    if args is not None:
+        msg["args"] = args
+    return msg
+
+
+class WorkerTests(unittest.TestCase):
+    def setUp(self):
+        self.worker = Worker(TEST_COMMANDS, adapter="tests.fake")
+
+    def reply(self, msg):
+        replies = exchange(self.worker, msg)
+        self.assertEqual(len(replies), 1)
+        return replies[0]
+
+    def assertError(self, reply, id, kind, message_part):
+        self.assertEqual(reply["type"], "error", reply)
+        self.assertEqual(reply["id"], id)
+        self.assertEqual(reply["error"]["type"], kind)
+        self.assertIn(message_part, reply["error"]["message"])
+        self.assertIsInstance(reply["error"]["traceback"], str)
+
+    def test_call_with_kwargs(self):
+        self.assertEqual(self.reply(call("add", {"a": 1, "b": 2}, id=7)), {"type": "result", "id": 7, "value": 3})
+
+    def test_call_with_positional_args(self):
+        self.assertEqual(self.reply(call("add", [40, 2]))["value"], 42)
+
+    def test_call_without_args(self):
+        self.assertEqual(self.reply(call("no_args"))["value"], "nothing")
+        self.assertEqual(self.reply(call("no_args", args=None, id=2))["value"], "nothing")
+        msg = {"type": "call", "id": 3, "command": "no_args", "args": None}
+        self.assertEqual(self.reply(msg)["value"], "nothing")
+
+    def test_bad_args_type(self):
+        for args in (5, "a", True):
+            with self.subTest(args=args):
+                self.assertError(self.reply(call("add", args)), 1, "TypeError", "must be an object, an array or null")
+
+    def test_wrong_arity_is_a_command_error(self):
+        self.assertError(self.reply(call("add", [1, 2, 3])), 1, "TypeError", "add()")
+
+    def test_unknown_command(self):
+        reply = self.reply(call("nope", id=9))
+        self.assertError(reply, 9, "UnknownCommand", "'nope'")
+        for name in ("add", "echo", "info", "ping"):
+            self.assertIn(name, reply["error"]["message"])
+
+    def test_non_string_command(self):
+        self.assertError(self.reply(call(["add"])), 1, "UnknownCommand", "unknown command")
+
+    def test_exception_becomes_error_with_traceback(self):
+        reply = self.reply(call("explode", id=5))
+        self.assertError(reply, 5, "ValueError", "bad thing")
+        tb = reply["error"]["traceback"]
+        self.assertTrue(tb.startswith("Traceback (most recent call last):"), tb)
+        self.assertIn("explode", tb)
+        self.assertIn("ValueError: bad thing", tb)
+        self.assertNotIn("_call", tb)  # the worker's own frame is left out
+
+    def test_non_builtin_exception_type_is_qualified(self):
+        self.assertError(self.reply(call("custom")), 1, f"{__name__}.CustomError", "custom trouble")
+
+    def test_unserialisable_results_and_worker_continues(self):
+        replies = exchange(
+            self.worker,
+            call("make_set", id=1),
+            call("make_nan", id=2),
+            call("add", [1, 1], id=3),
+        )
+        self.assertError(replies[0], 1, "TypeError", "result of command 'make_set' is not JSON-serialisable")
+        self.assertError(replies[1], 2, "ValueError", "result of command 'make_nan' is not JSON-serialisable")
+        self.assertEqual(replies[2], {"type": "result", "id": 3, "value": 2})
+
+    def test_oversized_result(self):
+        worker = Worker(TEST_COMMANDS, max_frame_size=200)
+        replies = exchange(worker, call("make_big", id=4), call("no_args", id=5))
+        self.assertError(replies[0], 4, "FrameTooLarge", "result of command 'make_big' is ")
+        self.assertIn("maximum frame size of 200 bytes", replies[0]["error"]["message"])
+        self.assertEqual(replies[1]["value"], "nothing")
+
+    def test_system_exit_is_not_caught(self):
+        with self.assertRaises(SystemExit):
+            exchange(self.worker, call("leave"))
+
+    def test_ping_message(self):
+        self.assertEqual(self.reply({"type": "ping", "id": 3}), {"type": "pong", "id": 3})
+
+    def test_shutdown_ends_serve(self):
+        frames = [encode_frame(m) for m in ({"type": "ping", "id": 1}, {"type": "shutdown"}, {"type": "ping", "id": 2})]
+        reader = io.BytesIO(b"".join(frames))
+        sent = []
+        self.worker.serve(reader, sent.append)
+        self.assertEqual(sent, [encode_frame({"type": "pong", "id": 1})])
+        self.assertEqual(reader.tell(), len(frames[0]) + len(frames[1]))  # the last ping was never read
+
+    def test_eof_ends_serve(self):
+        self.assertEqual(exchange(self.worker), [])
+
+    def test_unknown_message_type_without_id_is_ignored(self):
+        with self.assertLogs("snakepit.worker", "WARNING") as logs:
+            replies = exchange(self.worker, {"type": "bogus"}, {"type": "ping", "id": 1})
+        self.assertEqual(replies, [{"type": "pong", "id": 1}])
+        self.assertIn("bogus", logs.output[0])
+
+    def test_unknown_message_type_with_id_gets_error(self):
+        self.assertError(self.reply({"type": "bogus", "id": 6}), 6, "ProtocolError", "'bogus'")
+
+    def test_request_without_integer_id_is_a_protocol_error(self):
+        from snakepit.protocol import ProtocolError
+
+        for msg in ({"type": "call", "command": "add"}, {"type": "ping", "id": "3"}, {"type": "ping", "id": True}):
+            with self.subTest(msg=msg), self.assertRaises(ProtocolError):
+                exchange(self.worker, msg)
+
+    def test_builtin_ping(self):
+        self.assertEqual(self.reply(call("ping"))["value"], "pong")
+
+    def test_builtin_echo(self):
+        self.assertEqual(self.reply(call("echo", {"a": [1, {"b": None}]}))["value"], {"a": [1, {"b": None}]})
+        self.assertEqual(self.reply(call("echo", [1, "two", 3.5]))["value"], [1, "two", 3.5])
+        self.assertEqual(self.reply(call("echo"))["value"], {})
+
+    def test_builtin_info(self):
+        info = self.reply(call("info"))["value"]
+        self.assertEqual(info["pid"], os.getpid())
+        self.assertEqual(info["python_version"].split(".")[:2], [str(sys.version_info[0]), str(sys.version_info[1])])
+        self.assertEqual(info["implementation"], sys.implementation.name)
+        self.assertIsInstance(info["free_threaded"], bool)
+        self.assertIsInstance(info["gil_enabled"], bool)
+        self.assertTrue(info["rss_bytes"] is None or info["rss_bytes"] > 0)
+        self.assertEqual(info["commands"], sorted(list(TEST_COMMANDS) + list(BUILTIN_COMMANDS)))
+        self.assertEqual(info["adapter"], "tests.fake")
+
+    def test_ready_info(self):
+        info = self.worker.ready_info()
+        self.assertEqual(info["protocol_version"], 1)
+        self.assertEqual(info["commands"], sorted(info["commands"]))
+        self.assertIn("echo", info["commands"])
+        self.assertIn("add", info["commands"])
+
+    def test_builtin_names_cannot_be_replaced(self):
+        with self.assertRaisesRegex(ValueError, "echo"):
+            Worker({"echo": add})
+
+
+class RegistryTests(unittest.TestCase):
+    def forget(self, *names):
+        for name in names:
+            self.addCleanup(snakepit._registry.pop, name, None)
+            self.addCleanup(snakepit._thread_safe.discard, name)
+
+    def test_version(self):
+        self.assertEqual(snakepit.__version__, "0.1.0")
+
+    def test_bare_decorator(self):
+        self.forget("t_bare")
+
+        def t_bare():
+            return 1
+
+        self.assertIs(snakepit.command(t_bare), t_bare)
+        self.assertIs(snakepit.registry()["t_bare"], t_bare)
+        self.assertFalse(snakepit.is_thread_safe("t_bare"))
+
+    def test_decorator_with_name_and_thread_safe(self):
+        self.forget("t_other")
+
+        @snakepit.command(name="t_other", thread_safe=True)
+        def original():
+            return 2
+
+        self.assertIs(snakepit.registry()["t_other"], original)
+        self.assertNotIn("original", snakepit.registry())
+        self.assertTrue(snakepit.is_thread_safe("t_other"))
+
+    def test_decorator_with_empty_parentheses(self):
+        self.forget("t_parens")
+
+        @snakepit.command()
+        def t_parens():
+            return 3
+
+        self.assertIs(snakepit.registry()["t_parens"], t_parens)
+
+    def test_duplicate_name_rejected_but_same_function_allowed(self):
+        self.forget("t_dup")
+
+        def t_dup():
+            return 1
+
+        snakepit.command(t_dup)
+        snakepit.command(t_dup)
+        with self.assertRaisesRegex(ValueError, "already registered"):
+            snakepit.command(name="t_dup")(lambda: 2)
+
+    def test_invalid_name(self):
+        with self.assertRaises(ValueError):
+            snakepit.command(name="")(add)
+
+    def test_registry_is_a_copy(self):
+        snakepit.registry()["t_injected"] = add
+        self.assertNotIn("t_injected", snakepit.registry())
+
+
+class LoadWorkerTests(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        sys.path.insert(0, self.tmp)
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.addCleanup(sys.path.remove, self.tmp)
+
+    def module(self, name, source):
+        with open(os.path.join(self.tmp, name + ".py"), "w", encoding="utf-8") as f:
+            f.write(source)
+        self.addCleanup(sys.modules.pop, name, None)
+
+    def test_missing_module(self):
+        worker, failure = load_worker("snakepit_no_such_adapter")
+        self.assertIsNone(worker)
+        self.assertEqual(failure["type"], "startup_error")
+        self.assertEqual(failure["error"]["type"], "ModuleNotFoundError")
+        self.assertIn("adapter 'snakepit_no_such_adapter' failed to import", failure["error"]["message"])
+        self.assertTrue(failure["error"]["traceback"].startswith("Traceback"))
+
+    def test_syntax_error(self):
+        self.module("snakepit_bad_syntax", "def broken(:\n")
+        _, failure = load_worker("snakepit_bad_syntax")
+        self.assertEqual(failure["error"]["type"], "SyntaxError")
+        self.assertIn("snakepit_bad_syntax", failure["error"]["message"])
+
+    def test_exception_at_import(self):
+        self.module("snakepit_raises", "def setup():\n    raise RuntimeError('no config')\nsetup()\n")
+        _, failure = load_worker("snakepit_raises")
+        self.assertEqual(failure["error"]["type"], "RuntimeError")
+        self.assertIn("no config", failure["error"]["message"])
+        self.assertIn("setup", failure["error"]["traceback"])
+
+    def test_builtin_name_clash(self):
+        self.addCleanup(snakepit._registry.pop, "echo", None)
+        self.module("snakepit_clash", "import snakepit\n@snakepit.command\ndef echo(x):\n    return x\n")
+        _, failure = load_worker("snakepit_clash")
+        self.assertEqual(failure["error"]["type"], "ValueError")
+        self.assertIn("'snakepit_clash'", failure["error"]["message"])
+        self.assertIn("echo", failure["error"]["message"])
+
+    def test_no_adapter_has_only_builtins(self):
+        worker, failure = load_worker(None)
+        self.assertIsNone(failure)
+        self.assertEqual(worker.names, sorted(BUILTIN_COMMANDS))
+
+    def test_demo_adapter(self):
+        worker, failure = load_worker("snakepit.demo")
+        self.assertIsNone(failure)
+        for name in ("embed", "word_count", "fail", "slow", "upper"):
+            self.assertIn(name, worker.names)
+
+
+class DemoTests(unittest.TestCase):
+    def setUp(self):
+        commands = {name: f for name, f in snakepit.registry().items() if f.__module__ == "snakepit.demo"}
+        self.assertEqual(sorted(commands), ["embed", "fail", "slow", "upper", "word_count"])
+        self.worker = Worker(commands)
+
+    def value(self, command, args):
+        reply = exchange(self.worker, call(command, args))[0]
+        self.assertEqual(reply["type"], "result", reply)
+        return reply["value"]
+
+    def test_embed(self):
+        vector = self.value("embed", {"text": "hello world"})
+        self.assertEqual(len(vector), 8)
+        self.assertAlmostEqual(math.sqrt(sum(x * x for x in vector)), 1.0)
+        # crc32-based, so identical in every run (Python's hash() is salted per process).
+        self.assertEqual([round(x, 6) for x in vector[:3]], [-0.33541, -0.167705, -0.447214])
+        self.assertEqual(self.value("embed", ["Hello  WORLD"]), vector)
+        self.assertNotEqual(self.value("embed", ["goodbye world"]), vector)
+        self.assertEqual(self.value("embed", [""]), [0.0] * 8)
+
+    def test_word_count(self):
+        self.assertEqual(self.value("word_count", ["one two  three\nfour"]), 4)
+
+    def test_upper(self):
+        self.assertEqual(self.value("upper", {"text": "shout"}), "SHOUT")
+
+    def test_slow(self):
+        self.assertEqual(self.value("slow", [0.01]), 0.01)
+
+    def test_fail(self):
+        reply = exchange(self.worker, call("fail", {"message": "as planned"}))[0]
+        self.assertEqual(reply["error"]["type"], "ValueError")
+        self.assertEqual(reply["error"]["message"], "as planned")
+        self.assertEqual(exchange(self.worker, call("fail"))[0]["error"]["type"], "ValueError")
+
+    def test_text_type_checked(self):
+        reply = exchange(self.worker, call("upper", [5]))[0]
+        self.assertEqual(reply["error"]["type"], "TypeError")
+
+    def test_demo_module_attributes(self):
+        self.assertEqual(demo.EMBEDDING_DIM, 8)
+
+
+# --- real processes ------------------------------------------------------------
+
+
+class WorkerProcess:
+    """A `python -m snakepit` child with a background thread reading its frames."""
+
+    def __init__(self, *args, stdin=subprocess.PIPE):
+        env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+        env.pop("SNAKEPIT_LOG_LEVEL", None)
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "snakepit", *args],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            cwd=PYTHON_DIR,
+            env=env,
+        )
+        self.frames = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        try:
+            while True:
+                msg = read_frame(self.proc.stdout)
+                self.frames.put(msg)
+                if msg is None:
+                    return
+        except Exception as exc:  # handed to recv() in the test thread
+            self.frames.put(exc)
+
+    def recv(self):
+        """The next frame, None at EOF; fails the test after TIMEOUT seconds."""
+        try:
+            item = self.frames.get(timeout=TIMEOUT)
+        except queue.Empty:
+            raise AssertionError(f"no frame from the worker within {TIMEOUT}s") from None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def send(self, msg):
+        self.send_bytes(encode_frame(msg))
+
+    def send_bytes(self, data):
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def call(self, command, args=None, id=1):
+        self.send(call(command, args, id=id))
+        return self.recv()
+
+    def wait(self):
+        return self.proc.wait(timeout=TIMEOUT)
+
+    def stderr_text(self):
+        self.stderr.seek(0)
+        return self.stderr.read().decode("utf-8", "replace")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=TIMEOUT)
+        self.reader.join(timeout=TIMEOUT)
+        for stream in (self.proc.stdin, self.proc.stdout, self.stderr):
+            if stream is not None:
+                stream.close()
+
+
+class ProcessTests(unittest.TestCase):
+    def start(self, *args, **kwargs):
+        worker = WorkerProcess(*args, **kwargs)
+        self.addCleanup(worker.close)
+        return worker
+
+    def test_demo_session(self):
+        w = self.start("--adapter", "snakepit.demo", "--pool", "demo", "--worker-id", "1")
+        ready = w.recv()
+        self.assertEqual(ready["type"], "ready")
+        info = ready["info"]
+        self.assertEqual(info["pid"], w.proc.pid)
+        self.assertEqual(info["protocol_version"], 1)
+        self.assertEqual(info["implementation"], sys.implementation.name)
+        self.assertIs(info["free_threaded"], False if sys.version_info < (3, 13) else info["free_threaded"])
+        self.assertEqual(
+            info["commands"], ["echo", "embed", "fail", "info", "ping", "slow", "upper", "word_count"]
+        )
+
+        self.assertEqual(w.call("upper", {"text": "hi"}, id=7), {"type": "result", "id": 7, "value": "HI"})
+        self.assertEqual(w.call("fail", {"message": "nope"}, id=8)["error"]["message"], "nope")
+        w.send({"type": "ping", "id": 9})
+        self.assertEqual(w.recv(), {"type": "pong", "id": 9})
+        self.assertEqual(w.call("info", id=10)["value"]["adapter"], "snakepit.demo")
+
+        w.send({"type": "shutdown"})
+        self.assertIsNone(w.recv())
+        self.assertEqual(w.wait(), 0)
+
+    def test_eof_exits_zero(self):
+        w = self.start()
+        self.assertEqual(w.recv()["info"]["commands"], ["echo", "info", "ping"])
+        w.proc.stdin.close()
+        self.assertEqual(w.wait(), 0)
+
+    def test_noise_does_not_corrupt_the_stream(self):
+        w = self.start("--adapter", "tests.noisy_adapter")
+        self.assertEqual(w.recv()["type"], "ready")
+        self.assertEqual(w.call("shout", ["hello there"], id=1)["value"], "hello there")
+        self.assertEqual(w.call("scribble", id=2)["value"], "ok")
+        self.assertEqual(w.call("child_process", id=3)["value"], 0)  # the child read nothing from stdin
+        self.assertEqual(w.call("echo", ["still fine"], id=4)["value"], ["still fine"])
+        w.proc.stdin.close()
+        self.assertEqual(w.wait(), 0)
+        stderr = w.stderr_text()
+        for text in ("noisy adapter imported", "hello there", "junk", "child says hi"):
+            self.assertIn(text, stderr)
+
+    def test_system_exit_from_command_ends_worker(self):
+        w = self.start("--adapter", "tests.noisy_adapter")
+        w.recv()
+        w.send(call("quit_worker", [5]))
+        self.assertIsNone(w.recv())
+        self.assertEqual(w.wait(), 5)
+
+    def test_bad_adapter(self):
+        w = self.start("--adapter", "tests.no_such_adapter")
+        msg = w.recv()
+        self.assertEqual(msg["type"], "startup_error")
+        self.assertEqual(msg["error"]["type"], "ModuleNotFoundError")
+        self.assertIn("tests.no_such_adapter", msg["error"]["message"])
+        self.assertTrue(msg["error"]["traceback"].startswith("Traceback"))
+        self.assertEqual(w.wait(), 3)
+
+    def test_oversized_frame_from_host_exits_2(self):
+        w = self.start("--max-frame-size", "1024")
+        w.recv()
+        w.send_bytes(struct.pack(">I", 4096))
+        self.assertEqual(w.wait(), 2)
+        self.assertIn("4096", w.stderr_text())
+
+    def test_unknown_argument_exits_2(self):
+        w = self.start("--no-such-option")
+        self.assertEqual(w.wait(), 2)
+        self.assertIsNone(w.recv())
+
+    def test_wrong_parent_pid_exits_at_once(self):
+        w = self.start("--parent-pid", str(os.getpid() + 1_000_000))
+        self.assertIsNone(w.recv())  # no ready frame
+        self.assertEqual(w.wait(), 1)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "parent-death signal is Linux-only")
+    def test_worker_dies_with_its_parent(self):
+        # A middle process starts the worker, waits for its ready frame, reports
+        # its pid and sleeps. The worker's stdin is our pipe, so it sees no EOF
+        # when the middle process dies: only the parent-death handling ends it.
+        middle_code = (
+            "import os, subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-m', 'snakepit', '--parent-pid', str(os.getpid())],"
+            " stdout=subprocess.PIPE)\n"
+            "p.stdout.read(4)\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+        middle = subprocess.Popen(
+            [sys.executable, "-c", middle_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=PYTHON_DIR, env=env
+        )
+        worker_pid = None
+        try:
+            line = _readline_with_timeout(middle.stdout)
+            worker_pid = int(line)
+            self.assertTrue(_alive(worker_pid))
+            middle.kill()
+            middle.wait(timeout=TIMEOUT)
+            for _ in range(int(TIMEOUT / 0.05)):
+                if not _alive(worker_pid):
+                    break
+                threading.Event().wait(0.05)
+            self.assertFalse(_alive(worker_pid), "worker outlived its parent")
+        finally:
+            if worker_pid is not None and _alive(worker_pid):
+                os.kill(worker_pid, signal.SIGKILL)
+            if middle.poll() is None:
+                middle.kill()
+            middle.wait(timeout=TIMEOUT)
+            middle.stdin.close()
+            middle.stdout.close()
+
+
+def _readline_with_timeout(stream):
+    lines = queue.Queue()
+    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=TIMEOUT)
+    except queue.Empty:
+        raise AssertionError("the middle process did not report the worker's pid") from None
+
+
+def _alive(pid):
+    """Whether pid runs (Linux; a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,333 @@
+//! The one error type of the crate, and the Python exception as data.
+
+use std::fmt;
+use std::io;
+
+use serde::{Deserialize, Serialize};
+
+/// Result with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong, as something a caller can act on.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting is invalid; `setting` names it.
+    Config {
+        /// The builder setting (or configuration key) at fault.
+        setting: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// No Python interpreter could be found or run.
+    PythonNotFound {
+        /// Every place that was tried, in order, with why it failed.
+        searched: Vec<String>,
+    },
+    /// A worker process could not be started by the operating system.
+    Spawn {
+        /// The program that was started.
+        program: String,
+        /// The operating system's error.
+        source: io::Error,
+    },
+    /// A worker started but failed before it was ready (for example, the adapter failed to
+    /// import). `error` carries the Python exception when the worker could report one.
+    Startup {
+        /// What went wrong, in one line.
+        message: String,
+        /// The Python exception that caused it, if the worker sent one.
+        error: Option<RemoteError>,
+    },
+    /// The worker or the host broke the wire protocol.
+    Protocol(String),
+    /// A frame is larger than the pool's `max_frame_size`.
+    FrameTooLarge {
+        /// The size of the frame in bytes.
+        size: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+    /// A deadline passed; which one is in the [`TimeoutKind`].
+    Timeout(TimeoutKind),
+    /// The Python command raised an exception.
+    Python(RemoteError),
+    /// The worker process running the call died.
+    WorkerDied {
+        /// The worker's process id.
+        pid: u32,
+        /// How it ended.
+        exit: ExitKind,
+        /// The last lines the worker wrote to stderr.
+        stderr: Vec<String>,
+    },
+    /// The pool's queue is full; the call was not queued.
+    QueueFull {
+        /// The pool's `max_queue`.
+        max_queue: usize,
+    },
+    /// The pool cannot start workers and has none ready; the call failed fast.
+    Degraded {
+        /// The last start-up failure.
+        last_error: String,
+    },
+    /// The pool is shutting down or shut down; the call was not run.
+    ShuttingDown,
+    /// The command is not one the workers' adapter provides.
+    UnknownCommand {
+        /// The command that was asked for.
+        command: String,
+        /// The commands the workers provide.
+        known: Vec<String>,
+    },
+    /// The call's arguments are not a JSON object, array or null.
+    InvalidArgs(String),
+    /// An I/O error outside a worker (for example, writing the embedded package).
+    Io(io::Error),
+    /// Arguments could not be serialised or a result could not be deserialised.
+    Json(serde_json::Error),
+}
+
+/// Which deadline passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub enum TimeoutKind {
+    /// The call waited in the queue until its queue deadline (or its whole deadline) passed.
+    Queue,
+    /// The call was running on a worker when its deadline passed; the worker was killed.
+    Call,
+    /// A worker did not send `ready` within `startup_timeout`.
+    Startup,
+    /// The pool's shutdown grace period ended before the call finished.
+    Shutdown,
+}
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ExitKind {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+    /// Its status could not be read.
+    Unknown,
+}
+
+/// A Python exception, as data: its type, message and formatted traceback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteError {
+    /// The exception's type, e.g. `ValueError` or `mymodule.MyError`.
+    #[serde(rename = "type")]
+    pub error_type: String,
+    /// `str(exception)`.
+    pub message: String,
+    /// The formatted traceback, empty if there is none.
+    #[serde(default)]
+    pub traceback: String,
+}
+
+impl fmt::Display for TimeoutKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TimeoutKind::Queue => "waiting in the queue",
+            TimeoutKind::Call => "running the call",
+            TimeoutKind::Startup => "starting a worker",
+            TimeoutKind::Shutdown => "shutting down",
+        })
+    }
+}
+
+impl fmt::Display for ExitKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitKind::Code(c) => write!(f, "exit code {c}"),
+            ExitKind::Signal(s) => write!(f, "signal {s}"),
+            ExitKind::Unknown => f.write_str("unknown status"),
+        }
+    }
+}
+
+impl fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.error_type, self.message)
+    }
+}
+
+impl std::error::Error for RemoteError {}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Config { setting, message } => {
+                write!(f, "invalid setting `{setting}`: {message}")
+            }
+            Error::PythonNotFound { searched } => {
+                write!(
+                    f,
+                    "python interpreter not found: tried {}",
+                    searched.join("; ")
+                )
+            }
+            Error::Spawn { program, source } => write!(f, "spawning `{program}`: {source}"),
+            Error::Startup { message, error } => match error {
+                Some(e) if !e.traceback.is_empty() => {
+                    write!(f, "worker start-up: {message}\n{}", e.traceback)
+                }
+                _ => write!(f, "worker start-up: {message}"),
+            },
+            Error::Protocol(m) => write!(f, "protocol violation: {m}"),
+            Error::FrameTooLarge { size, max } => {
+                write!(
+                    f,
+                    "frame too large: {size} bytes exceeds max_frame_size {max}"
+                )
+            }
+            Error::Timeout(kind) => write!(f, "timed out: {kind}"),
+            Error::Python(e) => write!(f, "python exception: {e}"),
+            Error::WorkerDied { pid, exit, stderr } => {
+                write!(f, "worker died: pid {pid}, {exit}")?;
+                if let Some(last) = stderr.last() {
+                    write!(f, " (last stderr line: {last})")?;
+                }
+                Ok(())
+            }
+            Error::QueueFull { max_queue } => {
+                write!(f, "queue full: {max_queue} calls already waiting")
+            }
+            Error::Degraded { last_error } => {
+                write!(f, "pool degraded: no worker can start: {last_error}")
+            }
+            Error::ShuttingDown => f.write_str("pool shutting down"),
+            Error::UnknownCommand { command, known } => {
+                write!(
+                    f,
+                    "unknown command `{command}`: known commands are {}",
+                    known.join(", ")
+                )
+            }
+            Error::InvalidArgs(m) => write!(f, "invalid arguments: {m}"),
+            Error::Io(e) => write!(f, "i/o: {e}"),
+            Error::Json(e) => write!(f, "json: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Spawn { source, .. } => Some(source),
+            Error::Startup { error: Some(e), .. } => Some(e),
+            Error::Python(e) => Some(e),
+            Error::Io(e) => Some(e),
+            Error::Json(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Json(e)
+    }
+}
+
+impl Error {
+    /// Shorthand for [`Error::Config`].
+    pub(crate) fn config(setting: &str, message: impl Into<String>) -> Self {
+        Error::Config {
+            setting: setting.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// A copy for fanning one failure out to several callers. `io::Error` and
+    /// `serde_json::Error` are not `Clone`; their copies keep kind and message.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Config { setting, message } => Error::Config {
+                setting: setting.clone(),
+                message: message.clone(),
+            },
+            Error::PythonNotFound { searched } => Error::PythonNotFound {
+                searched: searched.clone(),
+            },
+            Error::Spawn { program, source } => Error::Spawn {
+                program: program.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Startup { message, error } => Error::Startup {
+                message: message.clone(),
+                error: error.clone(),
+            },
+            Error::Protocol(m) => Error::Protocol(m.clone()),
+            Error::FrameTooLarge { size, max } => Error::FrameTooLarge {
+                size: *size,
+                max: *max,
+            },
+            Error::Timeout(k) => Error::Timeout(*k),
+            Error::Python(e) => Error::Python(e.clone()),
+            Error::WorkerDied { pid, exit, stderr } => Error::WorkerDied {
+                pid: *pid,
+                exit: *exit,
+                stderr: stderr.clone(),
+            },
+            Error::QueueFull { max_queue } => Error::QueueFull {
+                max_queue: *max_queue,
+            },
+            Error::Degraded { last_error } => Error::Degraded {
+                last_error: last_error.clone(),
+            },
+            Error::ShuttingDown => Error::ShuttingDown,
+            Error::UnknownCommand { command, known } => Error::UnknownCommand {
+                command: command.clone(),
+                known: known.clone(),
+            },
+            Error::InvalidArgs(m) => Error::InvalidArgs(m.clone()),
+            Error::Io(e) => Error::Io(io::Error::new(e.kind(), e.to_string())),
+            Error::Json(e) => Error::Io(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_is_context_then_detail() {
+        let e = Error::WorkerDied {
+            pid: 42,
+            exit: ExitKind::Signal(9),
+            stderr: vec!["boom".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "worker died: pid 42, signal 9 (last stderr line: boom)"
+        );
+        assert_eq!(
+            Error::Timeout(TimeoutKind::Queue).to_string(),
+            "timed out: waiting in the queue"
+        );
+        let e = Error::config("size", "must be at least 1");
+        assert_eq!(e.to_string(), "invalid setting `size`: must be at least 1");
+    }
+
+    #[test]
+    fn python_error_exposes_the_exception_as_source() {
+        let remote = RemoteError {
+            error_type: "ValueError".into(),
+            message: "bad".into(),
+            traceback: String::new(),
+        };
+        let e = Error::Python(remote.clone());
+        let src = std::error::Error::source(&e).expect("source");
+        assert_eq!(src.to_string(), "ValueError: bad");
+        assert!(matches!(e.duplicate(), Error::Python(r) if r == remote));
+    }
+}

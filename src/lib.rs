@@ -1,0 +1,66 @@
+//! # snakepit
+//!
+//! Pools of long-lived Python worker processes for ordinary blocking Rust programs. A call
+//! goes to a warm Python process and comes back as a plain `Result`; crashes and hangs are
+//! contained to the call that caused them, and every call gets exactly one answer.
+//!
+//! ## Quick start
+//!
+//! ```no_run
+//! use serde_json::json;
+//! use snakepit::Pool;
+//!
+//! # fn main() -> Result<(), snakepit::Error> {
+//! // `snakepit.demo` ships with the crate; your own adapter is any importable module
+//! // (see `python_path`) whose functions carry `@snakepit.command`.
+//! let pool = Pool::builder().size(2).adapter("snakepit.demo").build()?;
+//! let n = pool.call("word_count", json!({"text": "a warm python answers"}))?;
+//! assert_eq!(n, json!(4));
+//! let v: Vec<f64> = pool.call_as("embed", &json!({"text": "hello"}))?;
+//! println!("{v:?}");
+//! pool.shutdown()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! An adapter is a Python module:
+//!
+//! ```python
+//! import snakepit
+//!
+//! @snakepit.command
+//! def add(a, b):
+//!     return a + b
+//! ```
+//!
+//! ## Shutdown
+//!
+//! [`Pool::shutdown`] (and `Drop`) refuses new calls, fails queued ones with
+//! [`Error::ShuttingDown`], gives in-flight calls `shutdown_timeout` to finish, then stops the
+//! workers (a `shutdown` frame and EOF, then SIGTERM and SIGKILL to each worker's process
+//! group) and joins every thread. No process or thread outlives a pool. Workers also exit on
+//! their own if the Rust process dies.
+//!
+//! ## Logging
+//!
+//! The library logs through the `log` crate and never installs a logger. Worker stderr lines
+//! are logged at `debug` under the target `snakepit::python`.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod config;
+mod dispatcher;
+mod embed;
+mod error;
+mod pool;
+mod protocol;
+pub mod python;
+mod stats;
+mod sys;
+mod worker;
+
+pub use config::{PoolBuilder, PoolConfig};
+pub use error::{Error, ExitKind, RemoteError, Result, TimeoutKind};
+pub use pool::{CallOptions, Pool};
+pub use protocol::WorkerInfo;
+pub use stats::{Latency, PoolStats, WorkerState, WorkerStats};

@@ -1,0 +1,413 @@
+//! The wire protocol: frames and message types. Pure: no threads, no processes.
+//!
+//! A frame is a 4-byte big-endian unsigned length followed by that many bytes of UTF-8 JSON,
+//! one object whose `type` names the message. The Python side is `python/snakepit/protocol.py`.
+
+#[cfg(test)]
+use std::io::Write;
+use std::io::{self, Read};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::RemoteError;
+
+/// The protocol version both sides speak; the worker reports its own in `ready`.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+
+/// The default largest frame, in bytes (64 MiB).
+pub(crate) const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// What a worker reports about itself once it has started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// The worker's process id.
+    pub pid: u32,
+    /// Python's version, e.g. `3.11.7`.
+    pub python_version: String,
+    /// `sys.implementation.name`, e.g. `cpython`.
+    pub implementation: String,
+    /// Whether the interpreter is a free-threaded build.
+    pub free_threaded: bool,
+    /// Whether the GIL is enabled right now.
+    pub gil_enabled: bool,
+    /// The protocol version the worker speaks.
+    pub protocol_version: u32,
+    /// The commands the worker serves, built-ins included.
+    pub commands: Vec<String>,
+}
+
+/// One message, either way. Later message types (stream chunks, cancel) are added as variants.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum Msg {
+    /// Worker to host, once, when it can serve calls.
+    Ready { info: WorkerInfo },
+    /// Worker to host, instead of `ready`, when it cannot start (the adapter failed to import).
+    StartupError { error: RemoteError },
+    /// Host to worker: run `command` with `args`.
+    Call {
+        id: u64,
+        command: String,
+        #[serde(default)]
+        args: Value,
+    },
+    /// Worker to host: the command returned `value`.
+    Result { id: u64, value: Value },
+    /// Worker to host: the command raised.
+    Error { id: u64, error: RemoteError },
+    /// Host to worker: are you alive?
+    Ping { id: u64 },
+    /// Worker to host: yes.
+    Pong { id: u64 },
+    /// Host to worker: finish and exit.
+    Shutdown,
+}
+
+/// Writes `msg` as one frame. The frame is built in memory first so that it goes out in one
+/// write, and its size is checked against `max` before anything is written. (The pool itself
+/// sends pre-encoded frames through a channel; this is the one-step form.)
+#[cfg(test)]
+pub(crate) fn write_frame(w: &mut impl Write, msg: &Msg, max: usize) -> io::Result<()> {
+    let frame = encode_frame(msg, max)?;
+    w.write_all(&frame)?;
+    w.flush()
+}
+
+/// Serialises `payload` as JSON behind a length prefix, refusing more than `max` bytes.
+pub(crate) fn encode_frame<T: Serialize + ?Sized>(payload: &T, max: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(128);
+    buf.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut buf, payload).map_err(io::Error::from)?;
+    let len = buf.len() - 4;
+    if len > max || len > u32::MAX as usize {
+        return Err(too_large(len, max));
+    }
+    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(buf)
+}
+
+/// Reads one frame's payload into `buf` (replacing its contents).
+///
+/// Returns `Ok(false)` on a clean end of stream between frames, `UnexpectedEof` when the stream
+/// ends inside a frame, and `InvalidData` when the length exceeds `max`, which is checked
+/// before anything is allocated.
+pub(crate) fn read_frame_bytes(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<bool> {
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "truncated frame header",
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max {
+        return Err(too_large(len, max));
+    }
+    buf.clear();
+    buf.reserve(len);
+    let read = r.take(len as u64).read_to_end(buf)?;
+    if read < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("truncated frame: expected {len} bytes, got {read}"),
+        ));
+    }
+    Ok(true)
+}
+
+/// Decodes a frame's payload into a message.
+pub(crate) fn decode(payload: &[u8]) -> io::Result<Msg> {
+    let text = std::str::from_utf8(payload).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame is not UTF-8: {e}"),
+        )
+    })?;
+    serde_json::from_str(text).map_err(|e| {
+        let detail = e.to_string();
+        let detail = if detail.starts_with("unknown variant") {
+            format!("unknown message type: {detail}")
+        } else {
+            format!("invalid message: {detail}")
+        };
+        io::Error::new(io::ErrorKind::InvalidData, detail)
+    })
+}
+
+/// Reads and decodes one message; `Ok(None)` on a clean end of stream between frames. (The
+/// worker's reader uses the two steps with one reused buffer instead.)
+#[cfg(test)]
+pub(crate) fn read_frame(r: &mut impl Read, max: usize) -> io::Result<Option<Msg>> {
+    let mut buf = Vec::new();
+    if !read_frame_bytes(r, &mut buf, max)? {
+        return Ok(None);
+    }
+    decode(&buf).map(Some)
+}
+
+/// The frame for a call, built by the calling thread so the dispatcher only moves bytes.
+pub(crate) fn encode_call(id: u64, command: &str, args: &Value, max: usize) -> io::Result<Vec<u8>> {
+    #[derive(Serialize)]
+    struct CallRef<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        id: u64,
+        command: &'a str,
+        args: &'a Value,
+    }
+    encode_frame(
+        &CallRef {
+            kind: "call",
+            id,
+            command,
+            args,
+        },
+        max,
+    )
+}
+
+fn too_large(size: usize, max: usize) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, TooLarge { size, max })
+}
+
+/// The size error carried inside an `io::Error`, so callers can turn it into
+/// [`Error::FrameTooLarge`](crate::Error::FrameTooLarge) without parsing text.
+#[derive(Debug)]
+pub(crate) struct TooLarge {
+    pub(crate) size: usize,
+    pub(crate) max: usize,
+}
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "frame too large: {} bytes exceeds max_frame_size {}",
+            self.size, self.max
+        )
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
+/// If `e` is this module's size error, its sizes.
+pub(crate) fn as_too_large(e: &io::Error) -> Option<&TooLarge> {
+    e.get_ref()?.downcast_ref::<TooLarge>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::io::Cursor;
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut v = (payload.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// A reader that hands out at most one byte per read, like a slow pipe.
+    struct Trickle(Cursor<Vec<u8>>);
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(1);
+            self.0.read(&mut buf[..n])
+        }
+    }
+
+    fn sample_messages() -> Vec<Msg> {
+        vec![
+            Msg::Call {
+                id: 1,
+                command: "add".into(),
+                args: json!({"a": 1, "b": [1, 2]}),
+            },
+            Msg::Result {
+                id: u64::MAX,
+                value: json!({"ok": "é"}),
+            },
+            Msg::Error {
+                id: 3,
+                error: RemoteError {
+                    error_type: "ValueError".into(),
+                    message: "bad".into(),
+                    traceback: "Traceback...".into(),
+                },
+            },
+            Msg::Ping { id: 4 },
+            Msg::Pong { id: 4 },
+            Msg::Shutdown,
+            Msg::Ready {
+                info: WorkerInfo {
+                    pid: 7,
+                    python_version: "3.11.7".into(),
+                    implementation: "cpython".into(),
+                    free_threaded: false,
+                    gil_enabled: true,
+                    protocol_version: PROTOCOL_VERSION,
+                    commands: vec!["echo".into(), "ping".into()],
+                },
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trips_every_message_then_clean_eof() {
+        let mut wire = Vec::new();
+        for m in sample_messages() {
+            write_frame(&mut wire, &m, DEFAULT_MAX_FRAME).unwrap();
+        }
+        let mut r = Cursor::new(wire);
+        for m in sample_messages() {
+            assert_eq!(read_frame(&mut r, DEFAULT_MAX_FRAME).unwrap(), Some(m));
+        }
+        assert_eq!(read_frame(&mut r, DEFAULT_MAX_FRAME).unwrap(), None);
+    }
+
+    #[test]
+    fn encode_call_matches_the_message_form() {
+        let args = json!({"text": "hi"});
+        let bytes = encode_call(9, "embed", &args, DEFAULT_MAX_FRAME).unwrap();
+        let msg = read_frame(&mut Cursor::new(bytes), DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(
+            msg,
+            Some(Msg::Call {
+                id: 9,
+                command: "embed".into(),
+                args
+            })
+        );
+    }
+
+    #[test]
+    fn frame_split_across_one_byte_reads() {
+        let mut wire = Vec::new();
+        for m in sample_messages() {
+            write_frame(&mut wire, &m, DEFAULT_MAX_FRAME).unwrap();
+        }
+        let mut r = Trickle(Cursor::new(wire));
+        for m in sample_messages() {
+            assert_eq!(read_frame(&mut r, DEFAULT_MAX_FRAME).unwrap(), Some(m));
+        }
+        assert_eq!(read_frame(&mut r, DEFAULT_MAX_FRAME).unwrap(), None);
+    }
+
+    #[test]
+    fn truncated_header_and_body_are_errors_not_eof() {
+        let err = read_frame(&mut Cursor::new(vec![0, 0]), 100).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let mut wire = frame(br#"{"type":"shutdown"}"#);
+        wire.truncate(wire.len() - 3);
+        let err = read_frame(&mut Cursor::new(wire), 100).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        // The header claims 4 GiB - 1; the stream holds nothing more. If the reader trusted the
+        // header it would try to reserve 4 GiB; instead the check fails first.
+        let mut buf = Vec::new();
+        let err = read_frame_bytes(&mut Cursor::new(vec![0xff; 4]), &mut buf, 1024).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(as_too_large(&err).unwrap().size, u32::MAX as usize);
+        assert_eq!(buf.capacity(), 0);
+    }
+
+    #[test]
+    fn oversized_message_is_refused_before_writing() {
+        let mut wire = Vec::new();
+        let big = Msg::Result {
+            id: 1,
+            value: json!("x".repeat(200)),
+        };
+        let err = write_frame(&mut wire, &big, 100).unwrap_err();
+        assert!(as_too_large(&err).unwrap().size > 200);
+        assert!(wire.is_empty());
+    }
+
+    #[test]
+    fn invalid_utf8_json_and_types_are_invalid_data() {
+        for (payload, needle) in [
+            (&b"\xff\xfe"[..], "not UTF-8"),
+            (&b"{not json"[..], "invalid message"),
+            (&b"[1,2]"[..], "invalid message"),
+            (&br#"{"id":1}"#[..], "invalid message"),
+            (
+                &br#"{"type":"teleport","id":1}"#[..],
+                "unknown message type",
+            ),
+            (&br#"{"type":"result","value":1}"#[..], "invalid message"),
+        ] {
+            let err = read_frame(&mut Cursor::new(frame(payload)), 100).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{payload:?}");
+            assert!(err.to_string().contains(needle), "{payload:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_for_forward_compatibility() {
+        let wire = frame(br#"{"type":"pong","id":5,"extra":true}"#);
+        assert_eq!(
+            read_frame(&mut Cursor::new(wire), 100).unwrap(),
+            Some(Msg::Pong { id: 5 })
+        );
+    }
+
+    #[test]
+    fn fuzz_random_bytes_never_panic_or_over_allocate() {
+        // A small deterministic fuzz: random byte strings and random mutations of valid frames.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut valid = Vec::new();
+        for m in sample_messages() {
+            write_frame(&mut valid, &m, DEFAULT_MAX_FRAME).unwrap();
+        }
+        for round in 0..5000 {
+            let mut bytes = if round % 2 == 0 {
+                (0..(next() % 64))
+                    .map(|_| next() as u8)
+                    .collect::<Vec<u8>>()
+            } else {
+                valid.clone()
+            };
+            for _ in 0..(next() % 4) {
+                if !bytes.is_empty() {
+                    let i = (next() as usize) % bytes.len();
+                    bytes[i] = next() as u8;
+                }
+            }
+            let mut r = Cursor::new(bytes);
+            let mut buf = Vec::new();
+            for _ in 0..16 {
+                match read_frame_bytes(&mut r, &mut buf, 4096) {
+                    Ok(true) => {
+                        assert!(buf.len() <= 4096);
+                        let _ = decode(&buf);
+                    }
+                    Ok(false) | Err(_) => break,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! One Python worker process: spawn, the stdin writer and stdout/stderr reader threads, signals
+//! to its process group, and reaping.
+//!
+//! The dispatcher owns every [`Worker`]; the threads here only move bytes and report
+//! [`WorkerEvent`]s. The stdout reader is the one that reaps the process, after it has exited,
+//! so the pid (and process group id) stays reserved until nothing can signal it any more.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use parking_lot::Mutex;
+
+use crate::error::{Error, ExitKind, Result};
+use crate::protocol::{self, Msg};
+use crate::sys;
+
+/// A worker's number within its pool (not its pid).
+pub(crate) type WorkerId = u64;
+
+/// How many lines of a worker's stderr are kept for error reports.
+const STDERR_LINES: usize = 20;
+/// The longest stderr line kept (the rest is cut).
+const STDERR_LINE_MAX: usize = 2000;
+/// How long the reaper waits for the last stderr lines after the process exited.
+const STDERR_DRAIN: Duration = Duration::from_millis(300);
+
+/// What the worker threads tell the dispatcher.
+#[derive(Debug)]
+pub(crate) enum WorkerEvent {
+    /// A well-formed frame arrived on the worker's stdout.
+    Frame(WorkerId, Msg),
+    /// The worker broke the protocol; the reader stopped reading. The dispatcher kills it.
+    Broken(WorkerId, Error),
+    /// The process exited and was reaped. Always the last event of a worker.
+    Exited(WorkerId, ExitKind),
+}
+
+/// How to start a worker; the same for every worker of a pool.
+#[derive(Debug, Clone)]
+pub(crate) struct SpawnSpec {
+    pub(crate) pool: String,
+    pub(crate) python: PathBuf,
+    pub(crate) adapter: Option<String>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) python_path: OsString,
+    pub(crate) max_frame: usize,
+}
+
+/// A running worker process and its threads.
+pub(crate) struct Worker {
+    pub(crate) id: WorkerId,
+    pub(crate) pid: u32,
+    input: Option<Sender<Vec<u8>>>,
+    /// Set (under the lock) by the reaper once the process is reaped; signals are sent under
+    /// the same lock only while it is false, so a reused pid is never signalled.
+    reaped: Arc<Mutex<bool>>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts the process and its three threads. Must be called from a thread that lives as
+    /// long as the worker (the dispatcher): Linux delivers the worker's parent-death signal
+    /// when the thread that spawned it exits.
+    pub(crate) fn spawn(
+        id: WorkerId,
+        spec: &SpawnSpec,
+        events: Sender<WorkerEvent>,
+    ) -> Result<Worker> {
+        let mut cmd = Command::new(&spec.python);
+        cmd.args(["-m", "snakepit"]);
+        if let Some(adapter) = &spec.adapter {
+            cmd.args(["--adapter", adapter]);
+        }
+        cmd.arg("--max-frame-size")
+            .arg(spec.max_frame.to_string())
+            .arg("--parent-pid")
+            .arg(std::process::id().to_string())
+            .arg("--worker-id")
+            .arg(id.to_string())
+            .arg("--pool")
+            .arg(&spec.pool)
+            .env("PYTHONPATH", &spec.python_path)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Each worker leads its own process group, so signals reach its children too.
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            program: spec.python.display().to_string(),
+            source,
+        })?;
+        let pid = child.id();
+        log::debug!("[{}] worker {id} spawned (pid {pid})", spec.pool);
+
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let reaped = Arc::new(Mutex::new(false));
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_LINES)));
+        let (input_tx, input_rx) = unbounded::<Vec<u8>>();
+        let (stderr_done_tx, stderr_done_rx) = bounded::<()>(1);
+
+        let mut worker = Worker {
+            id,
+            pid,
+            input: Some(input_tx),
+            reaped: reaped.clone(),
+            stderr_tail: stderr_tail.clone(),
+            threads: Vec::new(),
+        };
+        let started = (|| -> io::Result<()> {
+            let pool = spec.pool.clone();
+            worker.threads.push(
+                thread::Builder::new()
+                    .name(format!("sp-w{id}-err"))
+                    .spawn(move || read_stderr(stderr, &pool, id, &stderr_tail, stderr_done_tx))?,
+            );
+            worker.threads.push(
+                thread::Builder::new()
+                    .name(format!("sp-w{id}-in"))
+                    .spawn(move || write_stdin(stdin, input_rx))?,
+            );
+            let max = spec.max_frame;
+            let reaper = Reaper {
+                child,
+                id,
+                reaped,
+                stderr_done: stderr_done_rx,
+                events: events.clone(),
+            };
+            worker.threads.push(
+                thread::Builder::new()
+                    .name(format!("sp-w{id}-out"))
+                    .spawn(move || read_stdout(stdout, max, reaper))?,
+            );
+            Ok(())
+        })();
+        if let Err(e) = started {
+            // The thread that would reap the child never started. Kill the group; the threads
+            // already running end on the closed pipes. (The child handle went with the failed
+            // closure, so in this out-of-threads case the zombie waits for our own exit.)
+            worker.input = None;
+            let _ = sys::kill_group(pid, sys::SIGKILL);
+            return Err(Error::Spawn {
+                program: format!("thread for worker {id}"),
+                source: e,
+            });
+        }
+        Ok(worker)
+    }
+
+    /// Queues a frame for the worker's stdin. False if the writer is gone (the worker is dying).
+    pub(crate) fn send(&self, frame: Vec<u8>) -> bool {
+        self.input.as_ref().is_some_and(|tx| tx.send(frame).is_ok())
+    }
+
+    /// Closes the worker's stdin once the frames already queued are written; a worker reading
+    /// EOF between frames exits with code 0.
+    pub(crate) fn close_stdin(&mut self) {
+        self.input = None;
+    }
+
+    /// Sends `signal` to the worker's process group unless the worker is already reaped.
+    pub(crate) fn signal(&self, signal: i32) {
+        let reaped = self.reaped.lock();
+        if !*reaped {
+            if let Err(e) = sys::kill_group(self.pid, signal) {
+                log::warn!(
+                    "worker {} (pid {}): signal {signal} failed: {e}",
+                    self.id,
+                    self.pid
+                );
+            }
+        }
+    }
+
+    /// The last lines the worker wrote to stderr, oldest first.
+    pub(crate) fn stderr_tail(&self) -> Vec<String> {
+        self.stderr_tail.lock().iter().cloned().collect()
+    }
+
+    /// Joins the worker's threads. Call after its `Exited` event, when they have finished or
+    /// are about to.
+    pub(crate) fn join(mut self) {
+        self.input = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What the stdout reader needs to reap the process once its output ends.
+struct Reaper {
+    child: Child,
+    id: WorkerId,
+    reaped: Arc<Mutex<bool>>,
+    stderr_done: Receiver<()>,
+    events: Sender<WorkerEvent>,
+}
+
+impl Reaper {
+    /// Waits for the process to exit, kills whatever is left of its group, reaps it, waits
+    /// briefly for its last stderr lines, and reports the exit.
+    fn reap(mut self) {
+        let pid = self.child.id();
+        let _ = sys::wait_exit_no_reap(pid);
+        let status = {
+            let mut reaped = self.reaped.lock();
+            // The leader is a zombie, so its group id cannot have been reused: safe to signal.
+            let _ = sys::kill_group(pid, sys::SIGKILL);
+            let status = self.child.wait();
+            *reaped = true;
+            status
+        };
+        let exit = match status {
+            Ok(s) => match (s.code(), s.signal()) {
+                (Some(c), _) => ExitKind::Code(c),
+                (None, Some(sig)) => ExitKind::Signal(sig),
+                _ => ExitKind::Unknown,
+            },
+            Err(_) => ExitKind::Unknown,
+        };
+        let _ = self.stderr_done.recv_timeout(STDERR_DRAIN);
+        let _ = self.events.send(WorkerEvent::Exited(self.id, exit));
+    }
+}
+
+fn read_stdout(stdout: ChildStdout, max: usize, reaper: Reaper) {
+    let id = reaper.id;
+    let mut r = BufReader::with_capacity(64 * 1024, stdout);
+    let mut buf = Vec::new();
+    loop {
+        let outcome = protocol::read_frame_bytes(&mut r, &mut buf, max).and_then(|more| {
+            if more {
+                protocol::decode(&buf).map(Some)
+            } else {
+                Ok(None)
+            }
+        });
+        match outcome {
+            Ok(Some(msg)) => {
+                log::trace!("worker {id} -> {msg:?}");
+                if reaper.events.send(WorkerEvent::Frame(id, msg)).is_err() {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let err = match protocol::as_too_large(&e) {
+                    Some(t) => Error::FrameTooLarge {
+                        size: t.size,
+                        max: t.max,
+                    },
+                    None => Error::Protocol(format!("worker {id} stdout: {e}")),
+                };
+                let _ = reaper.events.send(WorkerEvent::Broken(id, err));
+                break;
+            }
+        }
+        // Give back memory held for one unusually large frame.
+        if buf.capacity() > 1 << 20 {
+            buf = Vec::new();
+        }
+    }
+    drop(r);
+    reaper.reap();
+}
+
+fn write_stdin(mut stdin: ChildStdin, frames: Receiver<Vec<u8>>) {
+    for frame in frames.iter() {
+        if stdin.write_all(&frame).is_err() {
+            break;
+        }
+    }
+    // Dropping stdin closes the pipe: the worker reads EOF and exits.
+}
+
+fn read_stderr(
+    stderr: ChildStderr,
+    pool: &str,
+    id: WorkerId,
+    tail: &Mutex<VecDeque<String>>,
+    done: Sender<()>,
+) {
+    let mut r = BufReader::new(stderr);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match r.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                let mut text = text.trim_end_matches(['\n', '\r']).to_string();
+                if text.len() > STDERR_LINE_MAX {
+                    let mut cut = STDERR_LINE_MAX;
+                    while !text.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    text.truncate(cut);
+                }
+                log::debug!(target: "snakepit::python", "[{pool}] worker {id}: {text}");
+                let mut tail = tail.lock();
+                if tail.len() == STDERR_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(text);
+            }
+        }
+    }
+    let _ = done.send(());
+}

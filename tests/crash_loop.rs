@@ -1,0 +1,69 @@
+//! A worker that keeps failing at start-up: capped backoff, a degraded pool that fails calls
+//! fast with the last start-up error, and recovery once starts succeed again.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use snakepit::{Error, Pool};
+
+#[test]
+fn crash_loop_degrades_fails_fast_backs_off_and_recovers() {
+    let flag = std::env::temp_dir().join(format!("snakepit-flaky-{}", std::process::id()));
+    let _ = std::fs::remove_file(&flag);
+    let pool = Pool::builder()
+        .size(1)
+        .python_path(common::fixtures())
+        .adapter("flaky_adapter")
+        .env("FLAKY_FLAG", flag.to_str().unwrap())
+        .restart_backoff(Duration::from_millis(100), Duration::from_millis(400))
+        .degraded_after(2)
+        .build()
+        .unwrap();
+    let first = common::worker_pids(&pool);
+
+    // From now on every start fails at import.
+    std::fs::write(&flag, b"fail").unwrap();
+    assert!(matches!(
+        pool.call("exit_now", json!({})),
+        Err(Error::WorkerDied { .. })
+    ));
+    assert!(
+        common::wait_until(Duration::from_secs(20), || pool.stats().unwrap().degraded),
+        "the pool reports itself degraded"
+    );
+    let started = Instant::now();
+    match pool.call("pid", json!({})).unwrap_err() {
+        Error::Degraded { last_error } => assert!(last_error.contains("flag file"), "{last_error}"),
+        other => panic!("expected Degraded, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a degraded pool fails calls fast"
+    );
+
+    // Backoff: over 1.5 s at most a handful of starts, not a fork storm (~25 starts/s here).
+    let before = pool.stats().unwrap().startup_failures;
+    std::thread::sleep(Duration::from_millis(1500));
+    let tries = pool.stats().unwrap().startup_failures - before;
+    assert!(
+        tries <= 8,
+        "{tries} start attempts in 1.5 s with a 400 ms backoff cap"
+    );
+
+    // Fixed: the next start succeeds and the pool recovers by itself.
+    std::fs::remove_file(&flag).unwrap();
+    assert!(
+        common::wait_ready(&pool, 1, Duration::from_secs(20)),
+        "the pool recovered"
+    );
+    let s = pool.stats().unwrap();
+    assert!(!s.degraded);
+    assert_eq!(s.startup_failures, 0);
+    let now = common::worker_pids(&pool);
+    assert_eq!(pool.call("pid", json!({})).unwrap(), json!(now[0]));
+    pool.shutdown().unwrap();
+    common::assert_gone(&first, Duration::from_secs(5));
+    common::assert_gone(&now, Duration::from_secs(5));
+}
