@@ -166,13 +166,7 @@ fn main() -> BoxResult<()> {
     print!("{}", table(&rows(&figs)));
     println!("\n## How each figure was taken\n");
     for m in figs.all.values() {
-        println!(
-            "- **{}** {}: {}. {}",
-            m.key,
-            m.label,
-            show(m.spread, m.unit),
-            m.how
-        );
+        println!("- **{}** {}: {}. {}", m.key, m.label, show(m.spread, m.unit), m.how);
     }
     for note in &figs.notes {
         println!("- {note}");
@@ -192,30 +186,10 @@ fn rows(f: &Figures) -> Vec<Row> {
             f.get("a1.p50"),
             Some(Target::AtMost(1.5)),
         ),
-        Row::new(
-            "b1 1 caller → pool(1), tiny echo, p99",
-            f.get("b1.p99"),
-            f.get("a1.p99"),
-            None,
-        ),
-        Row::new(
-            "b1 p50 vs ProcessPoolExecutor one at a time",
-            f.get("b1.p50"),
-            f.get("c1.p50"),
-            None,
-        ),
-        Row::new(
-            "b1 p50 vs multiprocessing.Pool.apply",
-            f.get("b1.p50"),
-            f.get("c2.p50"),
-            None,
-        ),
-        Row::new(
-            "b1 mean vs a fresh interpreter per call",
-            f.get("b1.mean"),
-            f.get("c3.mean"),
-            None,
-        ),
+        Row::new("b1 1 caller → pool(1), tiny echo, p99", f.get("b1.p99"), f.get("a1.p99"), None),
+        Row::new("b1 p50 vs ProcessPoolExecutor one at a time", f.get("b1.p50"), f.get("c1.p50"), None),
+        Row::new("b1 p50 vs multiprocessing.Pool.apply", f.get("b1.p50"), f.get("c2.p50"), None),
+        Row::new("b1 mean vs a fresh interpreter per call", f.get("b1.mean"), f.get("c3.mean"), None),
         Row::new(
             "b2 8 callers → pool(2), tiny echo",
             f.get("b2.tput"),
@@ -228,30 +202,15 @@ fn rows(f: &Figures) -> Vec<Row> {
             f.get("a2.tput"),
             Some(Target::AtLeast(0.5)),
         ),
-        Row::new(
-            "b2 vs ProcessPoolExecutor(2)",
-            f.get("b2.tput"),
-            f.get("c1.tput"),
-            None,
-        ),
-        Row::new(
-            "b3 start-up, size(4).build()",
-            f.get("b3.start4"),
-            f.get("b3.bare4"),
-            None,
-        ),
+        Row::new("b2 vs ProcessPoolExecutor(2)", f.get("b2.tput"), f.get("c1.tput"), None),
+        Row::new("b3 start-up, size(4).build()", f.get("b3.start4"), f.get("b3.bare4"), None),
         Row::new(
             "b3 start-up, size(8).build()",
             f.get("b3.start8"),
             f.get("b3.bare8"),
             Some(Target::AtMost(1.3)),
         ),
-        Row::new(
-            "1 MB echo through pool(1)",
-            f.get("b1.1mb"),
-            f.get("a1.1mb"),
-            None,
-        ),
+        Row::new("1 MB echo through pool(1)", f.get("b1.1mb"), f.get("a1.1mb"), None),
     ]
 }
 
@@ -295,24 +254,11 @@ fn table(rows: &[Row]) -> String {
     for r in rows {
         let (target, met) = match r.target {
             None => ("—".to_string(), "—"),
-            Some(Target::AtMost(t)) => (
-                format!("≤ {t}x"),
-                if r.ratio <= t { "yes" } else { "**no**" },
-            ),
-            Some(Target::AtLeast(t)) => (
-                format!("≥ {t}x"),
-                if r.ratio >= t { "yes" } else { "**no**" },
-            ),
+            Some(Target::AtMost(t)) => (format!("≤ {t}x"), if r.ratio <= t { "yes" } else { "**no**" }),
+            Some(Target::AtLeast(t)) => (format!("≥ {t}x"), if r.ratio >= t { "yes" } else { "**no**" }),
         };
-        let ratio = if r.ratio < 0.01 {
-            format!("{:.4}x", r.ratio)
-        } else {
-            format!("{:.2}x", r.ratio)
-        };
-        out += &format!(
-            "| {} | {} | {} | {ratio} | {target} | {met} |\n",
-            r.what, r.figure, r.baseline
-        );
+        let ratio = if r.ratio < 0.01 { format!("{:.4}x", r.ratio) } else { format!("{:.2}x", r.ratio) };
+        out += &format!("| {} | {} | {} | {ratio} | {target} | {met} |\n", r.what, r.figure, r.baseline);
     }
     out
 }
@@ -336,11 +282,7 @@ struct Spread {
 fn spread(xs: &[f64]) -> Spread {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
-    Spread {
-        median: v[v.len() / 2],
-        min: v[0],
-        max: v[v.len() - 1],
-    }
+    Spread { median: v[v.len() / 2], min: v[0], max: v[v.len() - 1] }
 }
 
 fn show(s: Spread, unit: Unit) -> String {
@@ -371,28 +313,13 @@ struct Figures {
 }
 
 impl Figures {
-    fn add(
-        &mut self,
-        key: &'static str,
-        label: &str,
-        runs: &[f64],
-        unit: Unit,
-        how: impl Into<String>,
-    ) {
-        let m = Measure {
-            key,
-            label: label.to_string(),
-            spread: spread(runs),
-            unit,
-            how: how.into(),
-        };
+    fn add(&mut self, key: &'static str, label: &str, runs: &[f64], unit: Unit, how: impl Into<String>) {
+        let m = Measure { key, label: label.to_string(), spread: spread(runs), unit, how: how.into() };
         self.all.insert(key, m);
     }
 
     fn get(&self, key: &str) -> &Measure {
-        self.all
-            .get(key)
-            .unwrap_or_else(|| panic!("no figure {key}"))
+        self.all.get(key).unwrap_or_else(|| panic!("no figure {key}"))
     }
 }
 
@@ -434,15 +361,11 @@ fn sequential(py: &Path, figs: &mut Figures) -> BoxResult<()> {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
         let before = Cpu::now(&raw_pids);
-        a.push(percentiles(time_calls(LATENCY_CALLS, || {
-            raw.call(&tiny).map(drop)
-        })?));
+        a.push(percentiles(time_calls(LATENCY_CALLS, || raw.call(&tiny).map(drop))?));
         cpu_a.add(before, &raw_pids, LATENCY_CALLS as u64);
         let before = Cpu::now(&pool_pids);
         b.push(percentiles(time_calls(LATENCY_CALLS, || {
-            pool.call("echo", json!({"x": 1}))
-                .map(drop)
-                .map_err(Into::into)
+            pool.call("echo", json!({"x": 1})).map(drop).map_err(Into::into)
         })?));
         cpu_b.add(before, &pool_pids, LATENCY_CALLS as u64);
     }
@@ -454,44 +377,13 @@ fn sequential(py: &Path, figs: &mut Figures) -> BoxResult<()> {
     );
     let how_b = "`Pool::builder().size(1).build()`, no adapter, one thread calling \
                  `pool.call(\"echo\", json!({\"x\": 1}))`; runs interleaved with a1, same counts";
-    let col = |v: &[(f64, f64, f64)], i: usize| -> Vec<f64> {
-        v.iter().map(|t| [t.0, t.1, t.2][i]).collect()
-    };
-    figs.add(
-        "a1.p50",
-        "raw loop, 1 caller, p50",
-        &col(&a, 0),
-        Unit::Time,
-        how_a.clone(),
-    );
-    figs.add(
-        "a1.p99",
-        "raw loop, 1 caller, p99",
-        &col(&a, 1),
-        Unit::Time,
-        "Same runs as a1 p50",
-    );
-    figs.add(
-        "b1.p50",
-        "pool(1), 1 caller, p50",
-        &col(&b, 0),
-        Unit::Time,
-        how_b,
-    );
-    figs.add(
-        "b1.p99",
-        "pool(1), 1 caller, p99",
-        &col(&b, 1),
-        Unit::Time,
-        "Same runs as b1 p50",
-    );
-    figs.add(
-        "b1.mean",
-        "pool(1), 1 caller, mean",
-        &col(&b, 2),
-        Unit::Time,
-        "Same runs as b1 p50",
-    );
+    let col =
+        |v: &[(f64, f64, f64)], i: usize| -> Vec<f64> { v.iter().map(|t| [t.0, t.1, t.2][i]).collect() };
+    figs.add("a1.p50", "raw loop, 1 caller, p50", &col(&a, 0), Unit::Time, how_a.clone());
+    figs.add("a1.p99", "raw loop, 1 caller, p99", &col(&a, 1), Unit::Time, "Same runs as a1 p50");
+    figs.add("b1.p50", "pool(1), 1 caller, p50", &col(&b, 0), Unit::Time, how_b);
+    figs.add("b1.p99", "pool(1), 1 caller, p99", &col(&b, 1), Unit::Time, "Same runs as b1 p50");
+    figs.add("b1.mean", "pool(1), 1 caller, mean", &col(&b, 2), Unit::Time, "Same runs as b1 p50");
     let stats = pool.stats()?;
     figs.notes.push(format!(
         "b1 inside the pool (its own stats, last {} calls): queue wait (caller's send → the \
@@ -513,9 +405,7 @@ fn sequential(py: &Path, figs: &mut Figures) -> BoxResult<()> {
     ));
 
     // The 1 MB payload: the same two workers, one string of PAYLOAD_BYTES ASCII characters.
-    let text: String = (0..PAYLOAD_BYTES)
-        .map(|i| (b'a' + (i % 26) as u8) as char)
-        .collect();
+    let text: String = (0..PAYLOAD_BYTES).map(|i| (b'a' + (i % 26) as u8) as char).collect();
     let big = json!({ "data": text });
     let back = pool.call("echo", big.clone())?;
     if back != big || raw.call(&big)? != big {
@@ -528,9 +418,7 @@ fn sequential(py: &Path, figs: &mut Figures) -> BoxResult<()> {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     let mbps = |xs: Vec<f64>| PAYLOAD_BYTES as f64 * xs.len() as f64 / xs.iter().sum::<f64>() / 1e6;
     for _ in 0..RUNS {
-        a.push(mbps(time_calls(PAYLOAD_CALLS, || {
-            raw.call(&big).map(drop)
-        })?));
+        a.push(mbps(time_calls(PAYLOAD_CALLS, || raw.call(&big).map(drop))?));
         // The clone is the caller's: `call` takes its arguments by value. Timed, as a user pays it.
         b.push(mbps(time_calls(PAYLOAD_CALLS, || {
             pool.call("echo", big.clone()).map(drop).map_err(Into::into)
@@ -540,13 +428,7 @@ fn sequential(py: &Path, figs: &mut Figures) -> BoxResult<()> {
         "{PAYLOAD_BYTES}-byte JSON string echoed, one sequential caller, MB/s = payload bytes / \
          round-trip time; {RUNS} interleaved runs of {PAYLOAD_CALLS} calls after 3"
     );
-    figs.add(
-        "a1.1mb",
-        "raw loop, 1 MB echo",
-        &a,
-        Unit::MBps,
-        format!("{how}; same raw loop as a1"),
-    );
+    figs.add("a1.1mb", "raw loop, 1 MB echo", &a, Unit::MBps, format!("{how}; same raw loop as a1"));
     figs.add(
         "b1.1mb",
         "pool(1), 1 MB echo",
@@ -641,20 +523,10 @@ fn raw_rate(raws: &mut [RawEcho], run: Duration) -> BoxResult<(u64, f64)> {
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("raw caller panicked".into()))
-            })
-            .collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("raw caller panicked".into()))).collect()
     });
     let elapsed = start.elapsed().as_secs_f64();
-    let total: u64 = counts
-        .into_iter()
-        .collect::<Result<Vec<u64>, String>>()?
-        .iter()
-        .sum();
+    let total: u64 = counts.into_iter().collect::<Result<Vec<u64>, String>>()?.iter().sum();
     Ok((total, elapsed))
 }
 
@@ -668,28 +540,17 @@ fn pool_rate(pool: &Pool, run: Duration) -> BoxResult<(u64, f64)> {
                 s.spawn(move || {
                     let mut n = 0u64;
                     while Instant::now() < end {
-                        pool.call("echo", json!({"x": 1}))
-                            .map_err(|e| e.to_string())?;
+                        pool.call("echo", json!({"x": 1})).map_err(|e| e.to_string())?;
                         n += 1;
                     }
                     Ok(n)
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("pool caller panicked".into()))
-            })
-            .collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("pool caller panicked".into()))).collect()
     });
     let elapsed = start.elapsed().as_secs_f64();
-    let total: u64 = counts
-        .into_iter()
-        .collect::<Result<Vec<u64>, String>>()?
-        .iter()
-        .sum();
+    let total: u64 = counts.into_iter().collect::<Result<Vec<u64>, String>>()?.iter().sum();
     Ok((total, elapsed))
 }
 
@@ -735,10 +596,7 @@ fn startup(py: &Path, figs: &mut Figures) -> BoxResult<()> {
 
 fn build_time(size: usize) -> BoxResult<f64> {
     let t = Instant::now();
-    let pool = Pool::builder()
-        .name(format!("bench-start{size}"))
-        .size(size)
-        .build()?;
+    let pool = Pool::builder().name(format!("bench-start{size}")).size(size).build()?;
     let took = t.elapsed().as_secs_f64();
     pool.shutdown()?;
     Ok(took)
@@ -759,11 +617,7 @@ fn bare_starts(py: &Path, n: usize) -> BoxResult<f64> {
     }
     for child in &mut children.0 {
         let mut byte = [0u8; 1];
-        child
-            .stdout
-            .as_mut()
-            .ok_or("stdout is piped")?
-            .read_exact(&mut byte)?;
+        child.stdout.as_mut().ok_or("stdout is piped")?.read_exact(&mut byte)?;
     }
     Ok(t.elapsed().as_secs_f64())
 }
@@ -806,22 +660,12 @@ fn peers(py: &Path, figs: &mut Figures) -> BoxResult<()> {
         spawns: usize,
         warmup: usize,
     }
-    let settings = Settings {
-        runs: RUNS,
-        tasks: PEER_TASKS,
-        calls: PEER_CALLS,
-        spawns: PEER_SPAWNS,
-        warmup: 200,
-    };
+    let settings =
+        Settings { runs: RUNS, tasks: PEER_TASKS, calls: PEER_CALLS, spawns: PEER_SPAWNS, warmup: 200 };
     let mut cmd = Command::new(py);
-    cmd.arg("-c")
-        .arg(PEERS)
-        .arg(serde_json::to_string(&settings)?);
+    cmd.arg("-c").arg(PEERS).arg(serde_json::to_string(&settings)?);
     let out = run_bounded(&mut cmd, PEER_TIMEOUT)?;
-    let line = out
-        .lines()
-        .last()
-        .ok_or("the peer script printed nothing")?;
+    let line = out.lines().last().ok_or("the peer script printed nothing")?;
     let r: PeerResults = serde_json::from_str(line)?;
     let method = &r.start_method;
     let tasks = format!(
@@ -834,9 +678,7 @@ fn peers(py: &Path, figs: &mut Figures) -> BoxResult<()> {
         "ProcessPoolExecutor(2) no-op throughput",
         &r.ppe.tput,
         Unit::Rate,
-        format!(
-            "Submit {PEER_TASKS} tasks at once, then `.result()` each; tasks / wall time; {tasks}"
-        ),
+        format!("Submit {PEER_TASKS} tasks at once, then `.result()` each; tasks / wall time; {tasks}"),
     );
     figs.add(
         "c1.p50",
@@ -857,9 +699,7 @@ fn peers(py: &Path, figs: &mut Figures) -> BoxResult<()> {
         "multiprocessing.Pool(2).apply_async throughput",
         &r.mp.tput,
         Unit::Rate,
-        format!(
-            "{PEER_TASKS} × `apply_async` at once, then `.get()` each; tasks / wall time; {tasks}"
-        ),
+        format!("{PEER_TASKS} × `apply_async` at once, then `.get()` each; tasks / wall time; {tasks}"),
     );
     figs.add(
         "c2.p50",
@@ -868,13 +708,7 @@ fn peers(py: &Path, figs: &mut Figures) -> BoxResult<()> {
         Unit::Time,
         format!("{PEER_CALLS} × `pool.apply(dict, (), {{\"x\": 1}})` in sequence per run; {tasks}"),
     );
-    figs.add(
-        "c2.p99",
-        "multiprocessing.Pool(2).apply, p99",
-        &r.mp.p99,
-        Unit::Time,
-        "Same runs as c2 p50",
-    );
+    figs.add("c2.p99", "multiprocessing.Pool(2).apply, p99", &r.mp.p99, Unit::Time, "Same runs as c2 p50");
     figs.add(
         "c3.mean",
         "fresh interpreter per call",
@@ -934,15 +768,7 @@ impl RawEcho {
         self.next_id += 1;
         self.frame.clear();
         self.frame.extend_from_slice(&[0; 4]);
-        serde_json::to_writer(
-            &mut self.frame,
-            &CallFrame {
-                kind: "call",
-                id,
-                command: "echo",
-                args,
-            },
-        )?;
+        serde_json::to_writer(&mut self.frame, &CallFrame { kind: "call", id, command: "echo", args })?;
         let len = u32::try_from(self.frame.len() - 4)?;
         self.frame[..4].copy_from_slice(&len.to_be_bytes());
         let stdin = self.stdin.as_mut().ok_or("stdin is closed")?;
@@ -985,10 +811,7 @@ struct Cpu {
 impl Cpu {
     fn now(pythons: &[u32]) -> Cpu {
         let python = pythons.iter().map(|p| cpu_seconds(&p.to_string())).sum();
-        Cpu {
-            rust: cpu_seconds("self"),
-            python,
-        }
+        Cpu { rust: cpu_seconds("self"), python }
     }
 }
 
@@ -1022,18 +845,8 @@ fn cpu_seconds(pid: &str) -> f64 {
         return 0.0;
     };
     // The fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
@@ -1053,25 +866,17 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 /// group if it takes longer than `limit`.
 fn run_bounded(cmd: &mut Command, limit: Duration) -> BoxResult<String> {
     use std::os::unix::process::CommandExt;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .process_group(0)
-        .spawn()?;
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).process_group(0).spawn()?;
     let mut stdout = child.stdout.take().ok_or("stdout is piped")?;
-    let reader = thread::Builder::new()
-        .name("bench-stdout".into())
-        .spawn(move || {
-            let mut s = String::new();
-            stdout.read_to_string(&mut s).map(|_| s)
-        })?;
+    let reader = thread::Builder::new().name("bench-stdout".into()).spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).map(|_| s)
+    })?;
     let status = match wait_bounded(&mut child, limit) {
         Some(status) => status,
         None => {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
             let _ = child.kill();
             let _ = child.wait();
             let _ = reader.join();
@@ -1088,13 +893,11 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> BoxResult<String> {
 /// Ends the process if the bench overruns its budget. The pools' workers die with it (parent
 /// death signal) and the raw loops read EOF.
 fn start_watchdog(budget: Duration) -> io::Result<()> {
-    thread::Builder::new()
-        .name("bench-watchdog".into())
-        .spawn(move || {
-            thread::sleep(budget);
-            eprintln!("bench: still running after {budget:?}; giving up");
-            std::process::exit(2);
-        })?;
+    thread::Builder::new().name("bench-watchdog".into()).spawn(move || {
+        thread::sleep(budget);
+        eprintln!("bench: still running after {budget:?}; giving up");
+        std::process::exit(2);
+    })?;
     Ok(())
 }
 
@@ -1111,24 +914,15 @@ struct Host {
 
 impl Host {
     fn probe() -> BoxResult<Host> {
-        let candidate = std::env::var_os("SNAKEPIT_PYTHON")
-            .filter(|p| !p.is_empty())
-            .unwrap_or_else(|| "python3".into());
+        let candidate =
+            std::env::var_os("SNAKEPIT_PYTHON").filter(|p| !p.is_empty()).unwrap_or_else(|| "python3".into());
         let script = "import sys, platform, datetime\n\
                       print(sys.executable)\n\
                       print(platform.python_version())\n\
                       print(datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))";
-        let out = run_bounded(
-            Command::new(&candidate).args(["-c", script]),
-            Duration::from_secs(30),
-        )?;
+        let out = run_bounded(Command::new(&candidate).args(["-c", script]), Duration::from_secs(30))?;
         let mut lines = out.lines();
-        let mut next = || {
-            lines
-                .next()
-                .map(str::to_string)
-                .ok_or("the interpreter probe printed too little")
-        };
+        let mut next = || lines.next().map(str::to_string).ok_or("the interpreter probe printed too little");
         let (python, python_version, date) = (PathBuf::from(next()?), next()?, next()?);
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu_model = cpuinfo
@@ -1136,18 +930,9 @@ impl Host {
             .find(|l| l.starts_with("model name"))
             .and_then(|l| l.split(':').nth(1))
             .map_or_else(|| "unknown CPU".to_string(), |m| m.trim().to_string());
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+        let kernel =
+            std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
         let cpus = thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Host {
-            python,
-            python_version,
-            date,
-            cpus,
-            cpu_model,
-            kernel,
-        })
+        Ok(Host { python, python_version, date, cpus, cpu_model, kernel })
     }
 }

@@ -12,11 +12,7 @@ use snakepit::{Error, Pool};
 fn main() -> Result<(), Error> {
     env_logger::init();
     let started = Instant::now();
-    let pool = Pool::builder()
-        .name("demo")
-        .size(2)
-        .adapter("snakepit.demo")
-        .build()?;
+    let pool = Pool::builder().name("demo").size(2).adapter("snakepit.demo").build()?;
     println!("pool of 2 workers ready in {:?}", started.elapsed());
 
     let sentences = [
@@ -29,17 +25,10 @@ fn main() -> Result<(), Error> {
         for text in sentences {
             let pool = &pool;
             s.spawn(move || {
-                let words: u64 = pool
-                    .call_as("word_count", &json!({ "text": text }))
-                    .expect("word_count");
-                let vector: Vec<f64> = pool
-                    .call_as("embed", &json!({ "text": text }))
-                    .expect("embed");
+                let words: u64 = pool.call_as("word_count", &json!({ "text": text })).expect("word_count");
+                let vector: Vec<f64> = pool.call_as("embed", &json!({ "text": text })).expect("embed");
                 let head: Vec<String> = vector.iter().take(3).map(|x| format!("{x:+.3}")).collect();
-                println!(
-                    "{text:?}: {words} words, embedding [{}, ...]",
-                    head.join(", ")
-                );
+                println!("{text:?}: {words} words, embedding [{}, ...]", head.join(", "));
             });
         }
     });
@@ -47,12 +36,7 @@ fn main() -> Result<(), Error> {
     match pool.call("fail", json!({ "message": "this one raises on purpose" })) {
         Err(Error::Python(e)) => {
             println!("python raised {}: {}", e.error_type, e.message);
-            let last = e
-                .traceback
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("");
+            let last = e.traceback.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
             println!("  traceback ends with: {}", last.trim());
         }
         other => println!("expected a Python exception, got {other:?}"),

@@ -107,46 +107,29 @@ impl PoolConfig {
 
     /// Checks every setting; the first problem names its setting.
     pub(crate) fn validate(&self) -> Result<()> {
-        let valid_name = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        };
+        let valid_name =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !valid_name(&self.name) {
             return Err(Error::config(
                 "name",
-                format!(
-                    "{:?} must be non-empty ASCII letters, digits, '_' or '-'",
-                    self.name
-                ),
+                format!("{:?} must be non-empty ASCII letters, digits, '_' or '-'", self.name),
             ));
         }
         if self.size == 0 || self.size > 1024 {
-            return Err(Error::config(
-                "size",
-                format!("must be between 1 and 1024, found {}", self.size),
-            ));
+            return Err(Error::config("size", format!("must be between 1 and 1024, found {}", self.size)));
         }
         if let Some(adapter) = &self.adapter {
             let ident = |p: &str| {
-                p.chars()
-                    .next()
-                    .is_some_and(|c| c.is_alphabetic() || c == '_')
+                p.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_')
                     && p.chars().all(|c| c.is_alphanumeric() || c == '_')
             };
             if !adapter.split('.').all(ident) {
-                return Err(Error::config(
-                    "adapter",
-                    format!("{adapter:?} is not a Python module name"),
-                ));
+                return Err(Error::config("adapter", format!("{adapter:?} is not a Python module name")));
             }
         }
         for (k, v) in &self.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(Error::config(
-                    "env",
-                    format!("{k:?} is not a valid environment variable"),
-                ));
+                return Err(Error::config("env", format!("{k:?} is not a valid environment variable")));
             }
         }
         for (setting, d) in [
@@ -163,19 +146,12 @@ impl PoolConfig {
             return Err(Error::config("queue_timeout", "must be greater than zero"));
         }
         if self.restart_backoff.1 < self.restart_backoff.0 {
-            return Err(Error::config(
-                "restart_backoff",
-                "the largest delay is smaller than the first",
-            ));
+            return Err(Error::config("restart_backoff", "the largest delay is smaller than the first"));
         }
         if self.max_frame_size < 1024 || self.max_frame_size > u32::MAX as usize {
             return Err(Error::config(
                 "max_frame_size",
-                format!(
-                    "must be between 1024 and {} bytes, found {}",
-                    u32::MAX,
-                    self.max_frame_size
-                ),
+                format!("must be between 1024 and {} bytes, found {}", u32::MAX, self.max_frame_size),
             ));
         }
         if self.degraded_after == 0 {
@@ -293,11 +269,7 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         PoolBuilder::default().config.validate().unwrap();
-        PoolBuilder::default()
-            .adapter("pkg.mod_1")
-            .config
-            .validate()
-            .unwrap();
+        PoolBuilder::default().adapter("pkg.mod_1").config.validate().unwrap();
     }
 
     #[test]
@@ -311,18 +283,9 @@ mod tests {
         assert_eq!(err_setting(b().adapter("a-b")), "adapter");
         assert_eq!(err_setting(b().env("A=B", "1")), "env");
         assert_eq!(err_setting(b().env("", "1")), "env");
-        assert_eq!(
-            err_setting(b().request_timeout(Duration::ZERO)),
-            "request_timeout"
-        );
-        assert_eq!(
-            err_setting(b().startup_timeout(Duration::ZERO)),
-            "startup_timeout"
-        );
-        assert_eq!(
-            err_setting(b().queue_timeout(Duration::ZERO)),
-            "queue_timeout"
-        );
+        assert_eq!(err_setting(b().request_timeout(Duration::ZERO)), "request_timeout");
+        assert_eq!(err_setting(b().startup_timeout(Duration::ZERO)), "startup_timeout");
+        assert_eq!(err_setting(b().queue_timeout(Duration::ZERO)), "queue_timeout");
         assert_eq!(err_setting(b().max_frame_size(10)), "max_frame_size");
         assert_eq!(
             err_setting(b().restart_backoff(Duration::from_secs(2), Duration::from_secs(1))),

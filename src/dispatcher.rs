@@ -18,7 +18,7 @@ use crate::error::{Error, ExitKind, Result, TimeoutKind};
 use crate::protocol::{self, Msg, PROTOCOL_VERSION};
 use crate::stats::{self, PoolStats, Window, WorkerState, WorkerStats};
 use crate::sys;
-use crate::worker::{SpawnSpec, Worker, WorkerEvent, WorkerId};
+use crate::worker::{ReplyTx, SpawnSpec, Worker, WorkerEvent, WorkerId};
 
 /// How long a worker asked to stop may take before SIGTERM, and again before SIGKILL.
 pub(crate) const STOP_ESCALATION: Duration = Duration::from_secs(1);
@@ -34,7 +34,8 @@ const KILLED: u8 = 3;
 
 /// What callers send the dispatcher.
 pub(crate) enum Request {
-    Call(Call),
+    /// A call and where its one answer goes.
+    Call(Call, ReplyTx),
     Stats(Sender<PoolStats>),
     Shutdown(Sender<ShutdownReport>),
 }
@@ -47,7 +48,6 @@ pub(crate) struct Call {
     pub(crate) enqueued: Instant,
     pub(crate) queue_deadline: Instant,
     pub(crate) deadline: Instant,
-    pub(crate) reply: Sender<Result<Value>>,
     /// Set when the call is handed to a worker, so a caller whose own wait ends at the
     /// deadline knows which kind of time-out it was.
     pub(crate) started: Arc<AtomicBool>,
@@ -76,6 +76,8 @@ enum Timer {
 
 struct Pending {
     call: Call,
+    /// The caller's channel while the call is queued; handed to the worker at dispatch.
+    reply: Option<ReplyTx>,
     /// `None` while queued.
     worker: Option<WorkerId>,
     dispatched: Instant,
@@ -230,7 +232,7 @@ impl Dispatcher {
 
     fn on_request(&mut self, req: Request) {
         match req {
-            Request::Call(call) => self.on_call(call),
+            Request::Call(call, reply) => self.on_call(call, reply),
             Request::Stats(reply) => {
                 let _ = reply.send(self.snapshot());
             }
@@ -245,52 +247,37 @@ impl Dispatcher {
         }
     }
 
-    fn on_call(&mut self, call: Call) {
+    fn on_call(&mut self, call: Call, reply: ReplyTx) {
         if !matches!(self.phase, Phase::Running) {
-            return self.answer(call, Err(Error::ShuttingDown));
+            return self.answer(reply, Err(Error::ShuttingDown));
         }
         if let Some(commands) = &self.commands {
             if !commands.contains(&call.command) {
                 let mut known: Vec<String> = commands.iter().cloned().collect();
                 known.sort();
                 let command = call.command.clone();
-                return self.answer(call, Err(Error::UnknownCommand { command, known }));
+                return self.answer(reply, Err(Error::UnknownCommand { command, known }));
             }
         }
         if self.is_degraded() {
             let last_error = self.last_startup_error.clone().unwrap_or_default();
-            return self.answer(call, Err(Error::Degraded { last_error }));
+            return self.answer(reply, Err(Error::Degraded { last_error }));
         }
         let id = call.id;
         if self.queued == 0 {
             if let Some(i) = self.pick_worker() {
-                let queue_deadline = call.queue_deadline;
-                self.calls.insert(
-                    id,
-                    Pending {
-                        call,
-                        worker: None,
-                        dispatched: queue_deadline,
-                    },
-                );
+                let dispatched = call.enqueued;
+                self.calls.insert(id, Pending { call, reply: Some(reply), worker: None, dispatched });
                 return self.start_call(id, i);
             }
         }
         if self.queued >= self.cfg.max_queue {
             let max_queue = self.cfg.max_queue;
-            return self.answer(call, Err(Error::QueueFull { max_queue }));
+            return self.answer(reply, Err(Error::QueueFull { max_queue }));
         }
-        self.timers
-            .push(Reverse((call.queue_deadline, Timer::Call(id))));
-        let at = call.enqueued;
-        self.calls.insert(
-            id,
-            Pending {
-                call,
-                worker: None,
-                dispatched: at,
-            },
-        );
+        self.timers.push(Reverse((call.queue_deadline, Timer::Call(id))));
+        let dispatched = call.enqueued;
+        self.calls.insert(id, Pending { call, reply: Some(reply), worker: None, dispatched });
         self.queue.push_back(id);
         self.queued += 1;
         self.counters.queue_high_water = self.counters.queue_high_water.max(self.queued);
@@ -315,14 +302,14 @@ impl Dispatcher {
         p.worker = Some(s.worker.id);
         p.dispatched = now;
         p.call.started.store(true, Ordering::Release);
-        self.counters
-            .queue_wait
-            .record(now.saturating_duration_since(p.call.enqueued));
+        self.counters.queue_wait.record(now.saturating_duration_since(p.call.enqueued));
         s.in_flight.push(id);
-        // If the writer is gone the worker is dying; its Exited event fails the call.
+        if let Some(reply) = p.reply.take() {
+            s.worker.expect_reply(id, reply);
+        }
+        // If the pipe is gone the worker is dying; its Exited event fails the call.
         s.worker.send(std::mem::take(&mut p.call.frame));
-        self.timers
-            .push(Reverse((p.call.deadline, Timer::Call(id))));
+        self.timers.push(Reverse((p.call.deadline, Timer::Call(id))));
     }
 
     fn dispatch_queued(&mut self) {
@@ -342,7 +329,13 @@ impl Dispatcher {
     }
 
     /// Sends a call its one answer and counts it.
-    fn answer(&mut self, call: Call, result: Result<Value>) {
+    fn answer(&mut self, reply: ReplyTx, result: Result<Value>) {
+        self.count(&result);
+        // The caller may have stopped waiting (its own deadline); that is fine.
+        let _ = reply.send(result);
+    }
+
+    fn count(&mut self, result: &Result<Value>) {
         match &result {
             Ok(_) => self.counters.ok += 1,
             Err(Error::Timeout(_)) => {
@@ -351,8 +344,6 @@ impl Dispatcher {
             }
             Err(_) => self.counters.failed += 1,
         }
-        // The caller may have stopped waiting (its own deadline); that is fine.
-        let _ = call.reply.send(result);
     }
 
     // ---- worker events --------------------------------------------------------------------
@@ -376,35 +367,28 @@ impl Dispatcher {
                 self.kill(i);
             }
             WorkerEvent::Exited(id, exit) => self.on_exit(id, exit),
+            WorkerEvent::Completed { worker, call, ok, answered } => {
+                self.on_completed(worker, call, ok, answered)
+            }
         }
     }
 
     fn on_frame(&mut self, id: WorkerId, msg: Msg) {
         let Some(i) = self.slot_index(id) else { return };
         match msg {
-            Msg::Result { id: call, value } => self.on_reply(i, call, Ok(value)),
-            Msg::Error { id: call, error } => self.on_reply(i, call, Err(Error::Python(error))),
             Msg::Ready { info } => {
                 let s = &mut self.slots[i];
                 match s.state {
                     WorkerState::Starting => {}
                     WorkerState::Stopping => return, // killed while starting (shutdown)
-                    WorkerState::Ready => {
-                        return self.protocol_violation(i, "sent `ready` twice".into())
-                    }
+                    WorkerState::Ready => return self.protocol_violation(i, "sent `ready` twice".into()),
                 }
                 if info.protocol_version != PROTOCOL_VERSION {
                     let msg = format!(
                         "worker speaks protocol {}, the library speaks {PROTOCOL_VERSION}",
                         info.protocol_version
                     );
-                    return self.startup_failed(
-                        i,
-                        Error::Startup {
-                            message: msg,
-                            error: None,
-                        },
-                    );
+                    return self.startup_failed(i, Error::Startup { message: msg, error: None });
                 }
                 s.state = WorkerState::Ready;
                 log::debug!(
@@ -425,11 +409,7 @@ impl Dispatcher {
                     {
                         let _ = reply.send(Ok(()));
                         self.phase = Phase::Running;
-                        log::info!(
-                            "[{}] pool started with {} workers",
-                            self.cfg.name,
-                            self.cfg.size
-                        );
+                        log::info!("[{}] pool started with {} workers", self.cfg.name, self.cfg.size);
                     }
                 }
                 self.dispatch_queued();
@@ -437,51 +417,44 @@ impl Dispatcher {
             Msg::StartupError { error } => {
                 let adapter = self.spec.adapter.as_deref().unwrap_or("(none)");
                 let message = format!("adapter `{adapter}`: {}", error.message);
-                self.startup_failed(
-                    i,
-                    Error::Startup {
-                        message,
-                        error: Some(error),
-                    },
-                );
+                self.startup_failed(i, Error::Startup { message, error: Some(error) });
             }
             Msg::Pong { .. } => {}
-            other => {
-                self.protocol_violation(i, format!("unexpected message from worker: {other:?}"))
-            }
+            other => self.protocol_violation(i, format!("unexpected message from worker: {other:?}")),
         }
     }
 
     fn protocol_violation(&mut self, i: usize, why: String) {
         let s = &mut self.slots[i];
-        log::warn!(
-            "[{}] worker {} (pid {}): {why}",
-            self.cfg.name,
-            s.worker.id,
-            s.worker.pid
-        );
+        log::warn!("[{}] worker {} (pid {}): {why}", self.cfg.name, s.worker.id, s.worker.pid);
         s.broken = Some(Error::Protocol(why));
         self.kill(i);
     }
 
-    fn on_reply(&mut self, i: usize, call: u64, result: Result<Value>) {
-        let wid = self.slots[i].worker.id;
-        let owned = self.calls.get(&call).is_some_and(|p| p.worker == Some(wid));
+    /// A call finished on a worker (its reply already delivered by the worker's reader, unless
+    /// the dispatcher had answered it first).
+    fn on_completed(&mut self, worker: WorkerId, call: u64, ok: bool, answered: bool) {
+        let Some(i) = self.slot_index(worker) else { return };
         let s = &mut self.slots[i];
         let Some(pos) = s.in_flight.iter().position(|&c| c == call) else {
-            // A reply to a call this worker does not hold. Once its call timed out the worker
-            // is killed, so this is a protocol violation, not a race.
+            // A reply to a call this worker does not hold: the calls it times out on are
+            // never given back to it (it is killed), so this is a violation, not a race.
             return self.protocol_violation(i, format!("reply to call {call} it does not hold"));
         };
         s.in_flight.swap_remove(pos);
         s.served += 1;
-        if result.is_err() {
+        if !ok {
             s.errors += 1;
         }
-        if owned {
-            let p = self.calls.remove(&call).expect("checked above");
-            self.counters.execution.record(p.dispatched.elapsed());
-            self.answer(p.call, result);
+        if answered {
+            if let Some(p) = self.calls.remove(&call) {
+                self.counters.execution.record(p.dispatched.elapsed());
+            }
+            if ok {
+                self.counters.ok += 1;
+            } else {
+                self.counters.failed += 1;
+            }
         }
         match self.phase {
             Phase::ShuttingDown { .. } => {
@@ -502,10 +475,7 @@ impl Dispatcher {
             WorkerState::Starting => {
                 let last = stderr.last().cloned().unwrap_or_default();
                 let message = format!("worker exited before it was ready ({exit}): {last}");
-                self.startup_error(Error::Startup {
-                    message,
-                    error: None,
-                });
+                self.startup_error(Error::Startup { message, error: None });
             }
             WorkerState::Ready if s.broken.is_none() => {
                 self.counters.crashes += 1;
@@ -519,16 +489,13 @@ impl Dispatcher {
         }
         let broken = s.broken.take();
         for call in std::mem::take(&mut s.in_flight) {
-            if let Some(p) = self.calls.remove(&call) {
+            self.calls.remove(&call);
+            if let Some(reply) = s.worker.take_reply(call) {
                 let err = match &broken {
                     Some(e) => e.duplicate(),
-                    None => Error::WorkerDied {
-                        pid,
-                        exit,
-                        stderr: stderr.clone(),
-                    },
+                    None => Error::WorkerDied { pid, exit, stderr: stderr.clone() },
                 };
-                self.answer(p.call, Err(err));
+                self.answer(reply, Err(err));
             }
         }
         s.worker.join();
@@ -542,10 +509,7 @@ impl Dispatcher {
         self.next_worker += 1;
         let worker = Worker::spawn(id, &self.spec, self.events_tx.clone())?;
         let now = Instant::now();
-        self.timers.push(Reverse((
-            now + self.cfg.startup_timeout,
-            Timer::Startup(id),
-        )));
+        self.timers.push(Reverse((now + self.cfg.startup_timeout, Timer::Startup(id))));
         self.slots.push(Slot {
             worker,
             state: WorkerState::Starting,
@@ -565,11 +529,7 @@ impl Dispatcher {
         if !matches!(self.phase, Phase::Running) {
             return;
         }
-        let live = self
-            .slots
-            .iter()
-            .filter(|s| s.state != WorkerState::Stopping)
-            .count();
+        let live = self.slots.iter().filter(|s| s.state != WorkerState::Stopping).count();
         for _ in live..self.cfg.size {
             if Instant::now() < self.next_spawn {
                 self.timers.push(Reverse((self.next_spawn, Timer::Wake)));
@@ -611,14 +571,9 @@ impl Dispatcher {
             self.startup_failures
         );
         if self.is_degraded() {
-            log::error!(
-                "[{}] pool degraded: no worker ready; failing calls fast",
-                self.cfg.name
-            );
+            log::error!("[{}] pool degraded: no worker ready; failing calls fast", self.cfg.name);
             let last_error = self.last_startup_error.clone().unwrap_or_default();
-            self.fail_queued(|| Error::Degraded {
-                last_error: last_error.clone(),
-            });
+            self.fail_queued(|| Error::Degraded { last_error: last_error.clone() });
         }
     }
 
@@ -631,11 +586,7 @@ impl Dispatcher {
     fn fail_start(&mut self, err: Error) {
         let Phase::Starting(reply) = std::mem::replace(
             &mut self.phase,
-            Phase::ShuttingDown {
-                grace_end: Instant::now(),
-                reply: None,
-                report: ShutdownReport::default(),
-            },
+            Phase::ShuttingDown { grace_end: Instant::now(), reply: None, report: ShutdownReport::default() },
         ) else {
             return;
         };
@@ -669,15 +620,21 @@ impl Dispatcher {
         }
         s.worker.close_stdin();
         s.escalation = ASKED;
-        self.timers.push(Reverse((
-            Instant::now() + STOP_ESCALATION,
-            Timer::Escalate(s.worker.id),
-        )));
+        self.timers.push(Reverse((Instant::now() + STOP_ESCALATION, Timer::Escalate(s.worker.id))));
     }
 
     // ---- timers ---------------------------------------------------------------------------
 
     fn fire_timers(&mut self) {
+        // Most call timers go stale (the call finished first). Drop them in one pass once they
+        // outnumber the live ones, so the heap stays proportional to the calls in the pool.
+        if self.timers.len() > 2 * (self.calls.len() + self.slots.len()) + 64 {
+            let calls = &self.calls;
+            self.timers.retain(|Reverse((_, t))| match t {
+                Timer::Call(id) => calls.contains_key(id),
+                _ => true,
+            });
+        }
         let now = Instant::now();
         while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
             if at > now {
@@ -689,17 +646,12 @@ impl Dispatcher {
                 Timer::Startup(wid) => {
                     if let Some(i) = self.slot_index(wid) {
                         if self.slots[i].state == WorkerState::Starting {
-                            let message = format!(
-                                "worker {wid} sent no `ready` within {:?}",
-                                self.cfg.startup_timeout
-                            );
+                            let message =
+                                format!("worker {wid} sent no `ready` within {:?}", self.cfg.startup_timeout);
                             log::warn!("[{}] {message}", self.cfg.name);
                             let err = match self.phase {
                                 Phase::Starting(_) => Error::Timeout(TimeoutKind::Startup),
-                                _ => Error::Startup {
-                                    message,
-                                    error: None,
-                                },
+                                _ => Error::Startup { message, error: None },
                             };
                             self.startup_failed(i, err);
                         }
@@ -721,8 +673,7 @@ impl Dispatcher {
                             );
                             s.worker.signal(signal);
                             s.escalation = next;
-                            self.timers
-                                .push(Reverse((now + STOP_ESCALATION, Timer::Escalate(wid))));
+                            self.timers.push(Reverse((now + STOP_ESCALATION, Timer::Escalate(wid))));
                             if let Phase::ShuttingDown { report, .. } = &mut self.phase {
                                 if next == TERMINATED {
                                     report.forced += 1;
@@ -737,31 +688,31 @@ impl Dispatcher {
     }
 
     fn call_timer(&mut self, id: u64, now: Instant) {
-        let Some(p) = self.calls.get(&id) else { return };
+        let Some(p) = self.calls.get_mut(&id) else { return };
         match p.worker {
             None if now >= p.call.queue_deadline => {
+                let reply = p.reply.take();
                 let p = self.calls.remove(&id).expect("present");
                 self.queued -= 1;
-                log::warn!(
-                    "[{}] call {id} `{}` timed out in the queue",
-                    self.cfg.name,
-                    p.call.command
-                );
-                self.answer(p.call, Err(Error::Timeout(TimeoutKind::Queue)));
+                log::warn!("[{}] call {id} `{}` timed out in the queue", self.cfg.name, p.call.command);
+                if let Some(reply) = reply {
+                    self.answer(reply, Err(Error::Timeout(TimeoutKind::Queue)));
+                }
             }
             Some(wid) if now >= p.call.deadline => {
+                let Some(i) = self.slot_index(wid) else { return };
+                // If the reader has just delivered the reply, the call was in time after all.
+                let Some(reply) = self.slots[i].worker.take_reply(id) else { return };
                 let p = self.calls.remove(&id).expect("present");
                 log::warn!(
                     "[{}] call {id} `{}` timed out on worker {wid}; killing the worker",
                     self.cfg.name,
                     p.call.command
                 );
-                self.answer(p.call, Err(Error::Timeout(TimeoutKind::Call)));
-                if let Some(i) = self.slot_index(wid) {
-                    // A busy Python process cannot be interrupted; its capacity comes back
-                    // with the replacement.
-                    self.kill(i);
-                }
+                self.answer(reply, Err(Error::Timeout(TimeoutKind::Call)));
+                // A busy Python process cannot be interrupted; its capacity comes back with
+                // the replacement.
+                self.kill(i);
             }
             _ => {}
         }
@@ -775,11 +726,7 @@ impl Dispatcher {
         if let Phase::Starting(started) = &self.phase {
             let _ = started.send(Err(Error::ShuttingDown));
         }
-        self.phase = Phase::ShuttingDown {
-            grace_end,
-            reply,
-            report: ShutdownReport::default(),
-        };
+        self.phase = Phase::ShuttingDown { grace_end, reply, report: ShutdownReport::default() };
         self.fail_queued(|| Error::ShuttingDown);
         self.timers.push(Reverse((grace_end, Timer::Wake)));
         for i in 0..self.slots.len() {
@@ -802,9 +749,10 @@ impl Dispatcher {
         let mut cut = 0;
         for i in 0..self.slots.len() {
             for call in std::mem::take(&mut self.slots[i].in_flight) {
-                if let Some(p) = self.calls.remove(&call) {
+                self.calls.remove(&call);
+                if let Some(reply) = self.slots[i].worker.take_reply(call) {
                     cut += 1;
-                    self.answer(p.call, Err(Error::Timeout(TimeoutKind::Shutdown)));
+                    self.answer(reply, Err(Error::Timeout(TimeoutKind::Shutdown)));
                 }
             }
             self.stop(i);
@@ -816,8 +764,8 @@ impl Dispatcher {
 
     fn fail_queued(&mut self, err: impl Fn() -> Error) {
         while let Some(id) = self.queue.pop_front() {
-            if let Some(p) = self.calls.remove(&id) {
-                self.answer(p.call, Err(err()));
+            if let Some(reply) = self.calls.remove(&id).and_then(|p| p.reply) {
+                self.answer(reply, Err(err()));
             }
         }
         self.queued = 0;
@@ -830,11 +778,7 @@ impl Dispatcher {
         PoolStats {
             name: self.cfg.name.clone(),
             size: self.cfg.size,
-            ready_workers: self
-                .slots
-                .iter()
-                .filter(|s| s.state == WorkerState::Ready)
-                .count(),
+            ready_workers: self.slots.iter().filter(|s| s.state == WorkerState::Ready).count(),
             degraded: self.is_degraded(),
             calls_ok: c.ok,
             calls_failed: c.failed,

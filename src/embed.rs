@@ -8,28 +8,15 @@ use std::sync::OnceLock;
 
 use parking_lot::Mutex;
 
+use crate::python::Interpreter;
+
 /// The package's files, relative to the folder that goes on `PYTHONPATH`.
 const FILES: &[(&str, &str)] = &[
-    (
-        "snakepit/__init__.py",
-        include_str!("../python/snakepit/__init__.py"),
-    ),
-    (
-        "snakepit/__main__.py",
-        include_str!("../python/snakepit/__main__.py"),
-    ),
-    (
-        "snakepit/protocol.py",
-        include_str!("../python/snakepit/protocol.py"),
-    ),
-    (
-        "snakepit/worker.py",
-        include_str!("../python/snakepit/worker.py"),
-    ),
-    (
-        "snakepit/demo.py",
-        include_str!("../python/snakepit/demo.py"),
-    ),
+    ("snakepit/__init__.py", include_str!("../python/snakepit/__init__.py")),
+    ("snakepit/__main__.py", include_str!("../python/snakepit/__main__.py")),
+    ("snakepit/protocol.py", include_str!("../python/snakepit/protocol.py")),
+    ("snakepit/worker.py", include_str!("../python/snakepit/worker.py")),
+    ("snakepit/demo.py", include_str!("../python/snakepit/demo.py")),
 ];
 
 /// Returns the folder holding the embedded package, writing it on first use. The folder's name
@@ -49,6 +36,24 @@ pub(crate) fn package_dir() -> io::Result<PathBuf> {
     }
     *slot = Some(dir.clone());
     Ok(dir)
+}
+
+/// Compiles the package's bytecode for `python` unless it is there already, so workers do not
+/// compile it at every start (with `PYTHONDONTWRITEBYTECODE` set they would, ~5 ms each).
+/// Best effort: on failure workers still start, only slower.
+pub(crate) fn precompile(python: &Interpreter, dir: &Path) {
+    if python.cache_tag.is_empty() {
+        return;
+    }
+    let marker = dir.join("snakepit").join("__pycache__").join(format!("worker.{}.pyc", python.cache_tag));
+    if marker.is_file() {
+        return;
+    }
+    let script = "import compileall, sys; sys.exit(not compileall.compile_dir(sys.argv[1], quiet=2))";
+    let timeout = std::time::Duration::from_secs(20);
+    if let Err(why) = crate::python::run_script(&python.executable, script, &[dir.as_os_str()], timeout) {
+        log::debug!("could not precompile {}: {why}", dir.display());
+    }
 }
 
 /// `$XDG_CACHE_HOME/snakepit`, else `~/.cache/snakepit`, else a per-user temp folder.
@@ -83,9 +88,7 @@ fn write_atomically(dir: &Path) -> io::Result<()> {
     let tmp = parent.join(format!(
         ".tmp-{}-{}",
         std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
     ));
     for (name, text) in FILES {
         let path = tmp.join(name);
@@ -114,11 +117,16 @@ mod tests {
             assert_eq!(fs::read_to_string(dir.join(name)).unwrap(), *text);
         }
         assert_eq!(package_dir().unwrap(), dir);
-        assert!(dir
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("py-"));
+        assert!(dir.file_name().unwrap().to_string_lossy().starts_with("py-"));
+    }
+
+    #[test]
+    fn precompile_writes_bytecode_for_the_interpreter() {
+        let dir = package_dir().unwrap();
+        let python = crate::python::resolve(Some(Path::new("python3"))).unwrap();
+        precompile(&python, &dir);
+        let pyc = dir.join("snakepit").join("__pycache__").join(format!("worker.{}.pyc", python.cache_tag));
+        assert!(pyc.is_file(), "{}", pyc.display());
     }
 
     #[test]

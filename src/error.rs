@@ -162,11 +162,7 @@ impl fmt::Display for Error {
                 write!(f, "invalid setting `{setting}`: {message}")
             }
             Error::PythonNotFound { searched } => {
-                write!(
-                    f,
-                    "python interpreter not found: tried {}",
-                    searched.join("; ")
-                )
+                write!(f, "python interpreter not found: tried {}", searched.join("; "))
             }
             Error::Spawn { program, source } => write!(f, "spawning `{program}`: {source}"),
             Error::Startup { message, error } => match error {
@@ -177,10 +173,7 @@ impl fmt::Display for Error {
             },
             Error::Protocol(m) => write!(f, "protocol violation: {m}"),
             Error::FrameTooLarge { size, max } => {
-                write!(
-                    f,
-                    "frame too large: {size} bytes exceeds max_frame_size {max}"
-                )
+                write!(f, "frame too large: {size} bytes exceeds max_frame_size {max}")
             }
             Error::Timeout(kind) => write!(f, "timed out: {kind}"),
             Error::Python(e) => write!(f, "python exception: {e}"),
@@ -199,11 +192,7 @@ impl fmt::Display for Error {
             }
             Error::ShuttingDown => f.write_str("pool shutting down"),
             Error::UnknownCommand { command, known } => {
-                write!(
-                    f,
-                    "unknown command `{command}`: known commands are {}",
-                    known.join(", ")
-                )
+                write!(f, "unknown command `{command}`: known commands are {}", known.join(", "))
             }
             Error::InvalidArgs(m) => write!(f, "invalid arguments: {m}"),
             Error::Io(e) => write!(f, "i/o: {e}"),
@@ -240,54 +229,37 @@ impl From<serde_json::Error> for Error {
 impl Error {
     /// Shorthand for [`Error::Config`].
     pub(crate) fn config(setting: &str, message: impl Into<String>) -> Self {
-        Error::Config {
-            setting: setting.to_string(),
-            message: message.into(),
-        }
+        Error::Config { setting: setting.to_string(), message: message.into() }
     }
 
     /// A copy for fanning one failure out to several callers. `io::Error` and
     /// `serde_json::Error` are not `Clone`; their copies keep kind and message.
     pub(crate) fn duplicate(&self) -> Error {
         match self {
-            Error::Config { setting, message } => Error::Config {
-                setting: setting.clone(),
-                message: message.clone(),
-            },
-            Error::PythonNotFound { searched } => Error::PythonNotFound {
-                searched: searched.clone(),
-            },
+            Error::Config { setting, message } => {
+                Error::Config { setting: setting.clone(), message: message.clone() }
+            }
+            Error::PythonNotFound { searched } => Error::PythonNotFound { searched: searched.clone() },
             Error::Spawn { program, source } => Error::Spawn {
                 program: program.clone(),
                 source: io::Error::new(source.kind(), source.to_string()),
             },
-            Error::Startup { message, error } => Error::Startup {
-                message: message.clone(),
-                error: error.clone(),
-            },
+            Error::Startup { message, error } => {
+                Error::Startup { message: message.clone(), error: error.clone() }
+            }
             Error::Protocol(m) => Error::Protocol(m.clone()),
-            Error::FrameTooLarge { size, max } => Error::FrameTooLarge {
-                size: *size,
-                max: *max,
-            },
+            Error::FrameTooLarge { size, max } => Error::FrameTooLarge { size: *size, max: *max },
             Error::Timeout(k) => Error::Timeout(*k),
             Error::Python(e) => Error::Python(e.clone()),
-            Error::WorkerDied { pid, exit, stderr } => Error::WorkerDied {
-                pid: *pid,
-                exit: *exit,
-                stderr: stderr.clone(),
-            },
-            Error::QueueFull { max_queue } => Error::QueueFull {
-                max_queue: *max_queue,
-            },
-            Error::Degraded { last_error } => Error::Degraded {
-                last_error: last_error.clone(),
-            },
+            Error::WorkerDied { pid, exit, stderr } => {
+                Error::WorkerDied { pid: *pid, exit: *exit, stderr: stderr.clone() }
+            }
+            Error::QueueFull { max_queue } => Error::QueueFull { max_queue: *max_queue },
+            Error::Degraded { last_error } => Error::Degraded { last_error: last_error.clone() },
             Error::ShuttingDown => Error::ShuttingDown,
-            Error::UnknownCommand { command, known } => Error::UnknownCommand {
-                command: command.clone(),
-                known: known.clone(),
-            },
+            Error::UnknownCommand { command, known } => {
+                Error::UnknownCommand { command: command.clone(), known: known.clone() }
+            }
             Error::InvalidArgs(m) => Error::InvalidArgs(m.clone()),
             Error::Io(e) => Error::Io(io::Error::new(e.kind(), e.to_string())),
             Error::Json(e) => Error::Io(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
@@ -301,30 +273,17 @@ mod tests {
 
     #[test]
     fn display_is_context_then_detail() {
-        let e = Error::WorkerDied {
-            pid: 42,
-            exit: ExitKind::Signal(9),
-            stderr: vec!["boom".into()],
-        };
-        assert_eq!(
-            e.to_string(),
-            "worker died: pid 42, signal 9 (last stderr line: boom)"
-        );
-        assert_eq!(
-            Error::Timeout(TimeoutKind::Queue).to_string(),
-            "timed out: waiting in the queue"
-        );
+        let e = Error::WorkerDied { pid: 42, exit: ExitKind::Signal(9), stderr: vec!["boom".into()] };
+        assert_eq!(e.to_string(), "worker died: pid 42, signal 9 (last stderr line: boom)");
+        assert_eq!(Error::Timeout(TimeoutKind::Queue).to_string(), "timed out: waiting in the queue");
         let e = Error::config("size", "must be at least 1");
         assert_eq!(e.to_string(), "invalid setting `size`: must be at least 1");
     }
 
     #[test]
     fn python_error_exposes_the_exception_as_source() {
-        let remote = RemoteError {
-            error_type: "ValueError".into(),
-            message: "bad".into(),
-            traceback: String::new(),
-        };
+        let remote =
+            RemoteError { error_type: "ValueError".into(), message: "bad".into(), traceback: String::new() };
         let e = Error::Python(remote.clone());
         let src = std::error::Error::source(&e).expect("source");
         assert_eq!(src.to_string(), "ValueError: bad");

@@ -57,10 +57,7 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
-            .field("name", &self.config.name)
-            .field("size", &self.config.size)
-            .finish()
+        f.debug_struct("Pool").field("name", &self.config.name).field("size", &self.config.size).finish()
     }
 }
 
@@ -75,17 +72,11 @@ impl PoolBuilder {
         let (requests, requests_rx) = unbounded();
         let (started_tx, started_rx) = bounded(1);
         let dispatcher = Dispatcher::new(config.clone(), spec, requests_rx, started_tx);
-        let name: String = format!("sp-disp-{}", config.name)
-            .chars()
-            .take(15)
-            .collect();
+        let name: String = format!("sp-disp-{}", config.name).chars().take(15).collect();
         let handle = std::thread::Builder::new()
             .name(name)
             .spawn(move || dispatcher.run())
-            .map_err(|source| Error::Spawn {
-                program: "dispatcher thread".into(),
-                source,
-            })?;
+            .map_err(|source| Error::Spawn { program: "dispatcher thread".into(), source })?;
         let started = started_rx.recv_timeout(config.startup_timeout + DISPATCHER_SLACK);
         match started {
             Ok(Ok(())) => Ok(Pool {
@@ -111,6 +102,7 @@ impl PoolBuilder {
 fn spawn_spec(config: &PoolConfig) -> Result<SpawnSpec> {
     let python = python::resolve(config.python.as_deref())?;
     let package = embed::package_dir()?;
+    embed::precompile(&python, &package);
     // The embedded package goes first so the worker always speaks this library's protocol;
     // then the pool's folders, then a PYTHONPATH from the pool's env or inherited.
     let mut parts = vec![package];
@@ -125,22 +117,13 @@ fn spawn_spec(config: &PoolConfig) -> Result<SpawnSpec> {
     if let Some(p) = user_path {
         parts.extend(std::env::split_paths(&p));
     }
-    let python_path = std::env::join_paths(parts).map_err(|e| {
-        Error::config(
-            "python_path",
-            format!("cannot join folders into PYTHONPATH: {e}"),
-        )
-    })?;
+    let python_path = std::env::join_paths(parts)
+        .map_err(|e| Error::config("python_path", format!("cannot join folders into PYTHONPATH: {e}")))?;
     Ok(SpawnSpec {
         pool: config.name.clone(),
-        python,
+        python: python.executable,
         adapter: config.adapter.clone(),
-        env: config
-            .env
-            .iter()
-            .filter(|(k, _)| k != "PYTHONPATH")
-            .cloned()
-            .collect(),
+        env: config.env.iter().filter(|(k, _)| k != "PYTHONPATH").cloned().collect(),
         python_path,
         max_frame: config.max_frame_size,
     })
@@ -170,11 +153,7 @@ impl Pool {
 
     /// [`call`](Pool::call) with serde on both sides: `args` is serialised, the result is
     /// deserialised into `R`.
-    pub fn call_as<A: Serialize + ?Sized, R: DeserializeOwned>(
-        &self,
-        command: &str,
-        args: &A,
-    ) -> Result<R> {
+    pub fn call_as<A: Serialize + ?Sized, R: DeserializeOwned>(&self, command: &str, args: &A) -> Result<R> {
         let args = serde_json::to_value(args)?;
         let value = self.call(command, args)?;
         Ok(serde_json::from_value(value)?)
@@ -194,22 +173,15 @@ impl Pool {
         }
         let timeout = options.timeout.unwrap_or(self.config.request_timeout);
         if timeout.is_zero() {
-            return Err(Error::config(
-                "CallOptions::timeout",
-                "must be greater than zero",
-            ));
+            return Err(Error::config("CallOptions::timeout", "must be greater than zero"));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame =
-            protocol::encode_call(id, command, &args, self.config.max_frame_size).map_err(|e| {
-                match protocol::as_too_large(&e) {
-                    Some(t) => Error::FrameTooLarge {
-                        size: t.size,
-                        max: t.max,
-                    },
-                    None => Error::Io(e),
-                }
-            })?;
+        let frame = protocol::encode_call(id, command, &args, self.config.max_frame_size).map_err(|e| {
+            match protocol::as_too_large(&e) {
+                Some(t) => Error::FrameTooLarge { size: t.size, max: t.max },
+                None => Error::Io(e),
+            }
+        })?;
         let now = Instant::now();
         let far = now + Duration::from_secs(100 * 365 * 24 * 3600);
         let deadline = now.checked_add(timeout).unwrap_or(far).min(far);
@@ -226,20 +198,14 @@ impl Pool {
             enqueued: now,
             queue_deadline,
             deadline,
-            reply,
             started: started.clone(),
         };
-        self.requests
-            .send(Request::Call(call))
-            .map_err(|_| Error::ShuttingDown)?;
+        self.requests.send(Request::Call(call, reply)).map_err(|_| Error::ShuttingDown)?;
         match answer.recv_deadline(deadline) {
             Ok(result) => result,
             Err(RecvTimeoutError::Timeout) => answer.try_recv().unwrap_or_else(|_| {
-                let kind = if started.load(Ordering::Acquire) {
-                    TimeoutKind::Call
-                } else {
-                    TimeoutKind::Queue
-                };
+                let kind =
+                    if started.load(Ordering::Acquire) { TimeoutKind::Call } else { TimeoutKind::Queue };
                 Err(Error::Timeout(kind))
             }),
             Err(RecvTimeoutError::Disconnected) => Err(Error::ShuttingDown),
@@ -249,11 +215,8 @@ impl Pool {
     /// A snapshot of the pool and each of its workers.
     pub fn stats(&self) -> Result<PoolStats> {
         let (tx, rx) = bounded(1);
-        self.requests
-            .send(Request::Stats(tx))
-            .map_err(|_| Error::ShuttingDown)?;
-        rx.recv_timeout(DISPATCHER_SLACK)
-            .map_err(|_| Error::ShuttingDown)
+        self.requests.send(Request::Stats(tx)).map_err(|_| Error::ShuttingDown)?;
+        rx.recv_timeout(DISPATCHER_SLACK).map_err(|_| Error::ShuttingDown)
     }
 
     /// Stops the pool: new calls are refused, queued calls fail with `ShuttingDown`, in-flight
@@ -270,9 +233,7 @@ impl Pool {
             let _ = handle.join();
             return Ok(());
         }
-        let bound = self.config.shutdown_timeout
-            + 3 * crate::dispatcher::STOP_ESCALATION
-            + DISPATCHER_SLACK;
+        let bound = self.config.shutdown_timeout + 3 * crate::dispatcher::STOP_ESCALATION + DISPATCHER_SLACK;
         match rx.recv_timeout(bound) {
             Ok(report) => {
                 let _ = handle.join();

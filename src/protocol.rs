@@ -92,22 +92,13 @@ pub(crate) fn encode_frame<T: Serialize + ?Sized>(payload: &T, max: usize) -> io
 /// Returns `Ok(false)` on a clean end of stream between frames, `UnexpectedEof` when the stream
 /// ends inside a frame, and `InvalidData` when the length exceeds `max`, which is checked
 /// before anything is allocated.
-pub(crate) fn read_frame_bytes(
-    r: &mut impl Read,
-    buf: &mut Vec<u8>,
-    max: usize,
-) -> io::Result<bool> {
+pub(crate) fn read_frame_bytes(r: &mut impl Read, buf: &mut Vec<u8>, max: usize) -> io::Result<bool> {
     let mut header = [0u8; 4];
     let mut got = 0;
     while got < 4 {
         match r.read(&mut header[got..]) {
             Ok(0) if got == 0 => return Ok(false),
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "truncated frame header",
-                ))
-            }
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated frame header")),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -131,12 +122,8 @@ pub(crate) fn read_frame_bytes(
 
 /// Decodes a frame's payload into a message.
 pub(crate) fn decode(payload: &[u8]) -> io::Result<Msg> {
-    let text = std::str::from_utf8(payload).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame is not UTF-8: {e}"),
-        )
-    })?;
+    let text = std::str::from_utf8(payload)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("frame is not UTF-8: {e}")))?;
     serde_json::from_str(text).map_err(|e| {
         let detail = e.to_string();
         let detail = if detail.starts_with("unknown variant") {
@@ -169,15 +156,7 @@ pub(crate) fn encode_call(id: u64, command: &str, args: &Value, max: usize) -> i
         command: &'a str,
         args: &'a Value,
     }
-    encode_frame(
-        &CallRef {
-            kind: "call",
-            id,
-            command,
-            args,
-        },
-        max,
-    )
+    encode_frame(&CallRef { kind: "call", id, command, args }, max)
 }
 
 fn too_large(size: usize, max: usize) -> io::Error {
@@ -194,11 +173,7 @@ pub(crate) struct TooLarge {
 
 impl std::fmt::Display for TooLarge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "frame too large: {} bytes exceeds max_frame_size {}",
-            self.size, self.max
-        )
+        write!(f, "frame too large: {} bytes exceeds max_frame_size {}", self.size, self.max)
     }
 }
 
@@ -232,15 +207,8 @@ mod tests {
 
     fn sample_messages() -> Vec<Msg> {
         vec![
-            Msg::Call {
-                id: 1,
-                command: "add".into(),
-                args: json!({"a": 1, "b": [1, 2]}),
-            },
-            Msg::Result {
-                id: u64::MAX,
-                value: json!({"ok": "é"}),
-            },
+            Msg::Call { id: 1, command: "add".into(), args: json!({"a": 1, "b": [1, 2]}) },
+            Msg::Result { id: u64::MAX, value: json!({"ok": "é"}) },
             Msg::Error {
                 id: 3,
                 error: RemoteError {
@@ -284,14 +252,7 @@ mod tests {
         let args = json!({"text": "hi"});
         let bytes = encode_call(9, "embed", &args, DEFAULT_MAX_FRAME).unwrap();
         let msg = read_frame(&mut Cursor::new(bytes), DEFAULT_MAX_FRAME).unwrap();
-        assert_eq!(
-            msg,
-            Some(Msg::Call {
-                id: 9,
-                command: "embed".into(),
-                args
-            })
-        );
+        assert_eq!(msg, Some(Msg::Call { id: 9, command: "embed".into(), args }));
     }
 
     #[test]
@@ -332,10 +293,7 @@ mod tests {
     #[test]
     fn oversized_message_is_refused_before_writing() {
         let mut wire = Vec::new();
-        let big = Msg::Result {
-            id: 1,
-            value: json!("x".repeat(200)),
-        };
+        let big = Msg::Result { id: 1, value: json!("x".repeat(200)) };
         let err = write_frame(&mut wire, &big, 100).unwrap_err();
         assert!(as_too_large(&err).unwrap().size > 200);
         assert!(wire.is_empty());
@@ -348,10 +306,7 @@ mod tests {
             (&b"{not json"[..], "invalid message"),
             (&b"[1,2]"[..], "invalid message"),
             (&br#"{"id":1}"#[..], "invalid message"),
-            (
-                &br#"{"type":"teleport","id":1}"#[..],
-                "unknown message type",
-            ),
+            (&br#"{"type":"teleport","id":1}"#[..], "unknown message type"),
             (&br#"{"type":"result","value":1}"#[..], "invalid message"),
         ] {
             let err = read_frame(&mut Cursor::new(frame(payload)), 100).unwrap_err();
@@ -363,10 +318,7 @@ mod tests {
     #[test]
     fn unknown_fields_are_ignored_for_forward_compatibility() {
         let wire = frame(br#"{"type":"pong","id":5,"extra":true}"#);
-        assert_eq!(
-            read_frame(&mut Cursor::new(wire), 100).unwrap(),
-            Some(Msg::Pong { id: 5 })
-        );
+        assert_eq!(read_frame(&mut Cursor::new(wire), 100).unwrap(), Some(Msg::Pong { id: 5 }));
     }
 
     #[test]
@@ -385,9 +337,7 @@ mod tests {
         }
         for round in 0..5000 {
             let mut bytes = if round % 2 == 0 {
-                (0..(next() % 64))
-                    .map(|_| next() as u8)
-                    .collect::<Vec<u8>>()
+                (0..(next() % 64)).map(|_| next() as u8).collect::<Vec<u8>>()
             } else {
                 valid.clone()
             };

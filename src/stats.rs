@@ -105,8 +105,7 @@ impl Window {
         if self.samples.len() == Self::WINDOW {
             self.samples.pop_front();
         }
-        self.samples
-            .push_back(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+        self.samples.push_back(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
     }
 
     pub(crate) fn latency(&self) -> Latency {
@@ -116,12 +115,7 @@ impl Window {
         }
         v.sort_unstable();
         let at = |q: f64| u64::from(v[((v.len() - 1) as f64 * q).round() as usize]);
-        Latency {
-            samples: v.len(),
-            p50_us: at(0.5),
-            p99_us: at(0.99),
-            max_us: at(1.0),
-        }
+        Latency { samples: v.len(), p50_us: at(0.5), p99_us: at(0.99), max_us: at(1.0) }
     }
 }
 
@@ -145,10 +139,7 @@ mod tests {
             w.record(Duration::from_micros(us));
         }
         let l = w.latency();
-        assert_eq!(
-            (l.samples, l.p50_us, l.p99_us, l.max_us),
-            (100, 51, 99, 100)
-        );
+        assert_eq!((l.samples, l.p50_us, l.p99_us, l.max_us), (100, 51, 99, 100));
         for _ in 0..Window::WINDOW {
             w.record(Duration::from_micros(7));
         }

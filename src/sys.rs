@@ -9,10 +9,7 @@ use std::io;
 pub(crate) fn kill_group(pgid: u32, signal: i32) -> io::Result<()> {
     let pgid = pgid as libc::pid_t;
     if pgid <= 1 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "refusing to signal process group <= 1",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "refusing to signal process group <= 1"));
     }
     // SAFETY: killpg takes plain integers and touches no memory of ours.
     let rc = unsafe { libc::killpg(pgid, signal) };
@@ -35,14 +32,8 @@ pub(crate) fn wait_exit_no_reap(pid: u32) -> io::Result<()> {
         // SAFETY: siginfo_t is plain data; zeroed is a valid value and waitid only writes it.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: `info` is a valid, exclusive pointer for the duration of the call.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
+        let rc =
+            unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
         if rc == 0 {
             return Ok(());
         }
@@ -54,3 +45,26 @@ pub(crate) fn wait_exit_no_reap(pid: u32) -> io::Result<()> {
 }
 
 pub(crate) use libc::{SIGKILL, SIGTERM};
+
+/// Puts a file descriptor (our end of a worker's stdin pipe) in non-blocking mode, so a write
+/// never waits on a worker that is not reading.
+pub(crate) fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits until `fd` can take more bytes, an error is pending on it, or `timeout` passes.
+pub(crate) fn wait_writable(fd: std::os::fd::RawFd, timeout: std::time::Duration) {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
+}

@@ -29,11 +29,7 @@ fn eight_threads_times_500_calls_each_get_their_own_reply() {
     assert_eq!(s.calls_ok, 4000);
     assert_eq!(s.calls_failed, 0);
     // Both workers took part.
-    assert!(
-        s.workers.iter().all(|w| w.calls_served > 0),
-        "{:?}",
-        s.workers
-    );
+    assert!(s.workers.iter().all(|w| w.calls_served > 0), "{:?}", s.workers);
     let pids: Vec<u32> = pids.into_iter().collect();
     pool.shutdown().unwrap();
     common::assert_gone(&pids, Duration::from_secs(5));
@@ -44,22 +40,15 @@ fn calls_queue_in_fifo_order_when_every_worker_is_busy() {
     let pool = common::builder(1).build().unwrap();
     std::thread::scope(|s| {
         let busy = s.spawn(|| pool.call("sleep", json!({"seconds": 0.3})));
-        assert!(common::wait_until(Duration::from_secs(5), || pool
-            .stats()
-            .unwrap()
-            .workers[0]
-            .in_flight
-            == 1));
+        assert!(
+            common::wait_until(Duration::from_secs(5), || pool.stats().unwrap().workers[0].in_flight == 1)
+        );
         let mut handles = Vec::new();
         for i in 0..5 {
             let pool = &pool;
             handles.push(s.spawn(move || pool.call("record", json!({ "value": i })).unwrap()));
             // Each call is queued before the next one is made.
-            assert!(common::wait_until(Duration::from_secs(5), || pool
-                .stats()
-                .unwrap()
-                .queued
-                == i + 1));
+            assert!(common::wait_until(Duration::from_secs(5), || pool.stats().unwrap().queued == i + 1));
         }
         busy.join().unwrap().unwrap();
         for h in handles {
@@ -67,9 +56,6 @@ fn calls_queue_in_fifo_order_when_every_worker_is_busy() {
         }
     });
     // The one worker ran them in the order they arrived.
-    assert_eq!(
-        pool.call("recorded", json!({})).unwrap(),
-        json!([0, 1, 2, 3, 4])
-    );
+    assert_eq!(pool.call("recorded", json!({})).unwrap(), json!([0, 1, 2, 3, 4]));
     pool.shutdown().unwrap();
 }

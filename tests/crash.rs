@@ -15,17 +15,11 @@ fn os_exit_fails_the_call_with_exit_code_and_stderr() {
         Error::WorkerDied { pid, exit, stderr } => {
             assert!(before.contains(&pid));
             assert_eq!(exit, ExitKind::Code(13));
-            assert!(
-                stderr.iter().any(|l| l.contains("about to exit with 13")),
-                "{stderr:?}"
-            );
+            assert!(stderr.iter().any(|l| l.contains("about to exit with 13")), "{stderr:?}");
         }
         other => panic!("expected WorkerDied, got {other:?}"),
     }
-    assert!(
-        common::wait_ready(&pool, 2, Duration::from_secs(20)),
-        "the pool came back to full size"
-    );
+    assert!(common::wait_ready(&pool, 2, Duration::from_secs(20)), "the pool came back to full size");
     let s = pool.stats().unwrap();
     assert_eq!((s.crashes, s.restarts), (1, 1));
     assert_eq!(pool.call("add", json!([1, 2])).unwrap(), json!(3));
@@ -44,23 +38,13 @@ fn sigkill_from_outside_fails_only_the_call_it_held() {
         let victim = s.spawn(|| pool.call("tag", json!({"value": "victim", "delay": 5.0})));
         let bystander = s.spawn(|| pool.call("tag", json!({"value": "bystander", "delay": 1.0})));
         assert!(common::wait_until(Duration::from_secs(10), || {
-            pool.stats()
-                .unwrap()
-                .workers
-                .iter()
-                .all(|w| w.in_flight == 1)
+            pool.stats().unwrap().workers.iter().all(|w| w.in_flight == 1)
         }));
         // Find the victim's worker: the one still busy after the bystander finished.
         let b = bystander.join().unwrap().unwrap();
         assert_eq!(b["value"], json!("bystander"));
-        let busy: Vec<u32> = pool
-            .stats()
-            .unwrap()
-            .workers
-            .iter()
-            .filter(|w| w.in_flight == 1)
-            .map(|w| w.pid)
-            .collect();
+        let busy: Vec<u32> =
+            pool.stats().unwrap().workers.iter().filter(|w| w.in_flight == 1).map(|w| w.pid).collect();
         assert_eq!(busy.len(), 1);
         unsafe_free_kill(busy[0]);
         match victim.join().unwrap().unwrap_err() {
@@ -99,28 +83,18 @@ fn calls_waiting_behind_a_crash_are_served_by_the_replacement() {
     let pool = common::builder(1).build().unwrap();
     std::thread::scope(|s| {
         let crash = s.spawn(|| pool.call("tag", json!({"value": 0, "delay": 0.3})));
-        assert!(common::wait_until(Duration::from_secs(5), || pool
-            .stats()
-            .unwrap()
-            .workers[0]
-            .in_flight
-            == 1));
+        assert!(
+            common::wait_until(Duration::from_secs(5), || pool.stats().unwrap().workers[0].in_flight == 1)
+        );
         let waiting: Vec<_> = (1..=3)
             .map(|i| {
                 let pool = &pool;
                 s.spawn(move || pool.call("add", json!([i, 0])))
             })
             .collect();
-        assert!(common::wait_until(Duration::from_secs(5), || pool
-            .stats()
-            .unwrap()
-            .queued
-            == 3));
+        assert!(common::wait_until(Duration::from_secs(5), || pool.stats().unwrap().queued == 3));
         unsafe_free_kill(common::worker_pids(&pool)[0]);
-        assert!(matches!(
-            crash.join().unwrap(),
-            Err(Error::WorkerDied { .. })
-        ));
+        assert!(matches!(crash.join().unwrap(), Err(Error::WorkerDied { .. })));
         for (i, w) in waiting.into_iter().enumerate() {
             assert_eq!(w.join().unwrap().unwrap(), json!(i + 1));
         }
@@ -130,9 +104,6 @@ fn calls_waiting_behind_a_crash_are_served_by_the_replacement() {
 
 /// SIGKILL through the `kill` command, so the tests need no unsafe code.
 fn unsafe_free_kill(pid: u32) {
-    let status = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
+    let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     assert!(status.success());
 }

@@ -25,10 +25,7 @@ fn crash_loop_degrades_fails_fast_backs_off_and_recovers() {
 
     // From now on every start fails at import.
     std::fs::write(&flag, b"fail").unwrap();
-    assert!(matches!(
-        pool.call("exit_now", json!({})),
-        Err(Error::WorkerDied { .. })
-    ));
+    assert!(matches!(pool.call("exit_now", json!({})), Err(Error::WorkerDied { .. })));
     assert!(
         common::wait_until(Duration::from_secs(20), || pool.stats().unwrap().degraded),
         "the pool reports itself degraded"
@@ -38,26 +35,17 @@ fn crash_loop_degrades_fails_fast_backs_off_and_recovers() {
         Error::Degraded { last_error } => assert!(last_error.contains("flag file"), "{last_error}"),
         other => panic!("expected Degraded, got {other:?}"),
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "a degraded pool fails calls fast"
-    );
+    assert!(started.elapsed() < Duration::from_secs(1), "a degraded pool fails calls fast");
 
     // Backoff: over 1.5 s at most a handful of starts, not a fork storm (~25 starts/s here).
     let before = pool.stats().unwrap().startup_failures;
     std::thread::sleep(Duration::from_millis(1500));
     let tries = pool.stats().unwrap().startup_failures - before;
-    assert!(
-        tries <= 8,
-        "{tries} start attempts in 1.5 s with a 400 ms backoff cap"
-    );
+    assert!(tries <= 8, "{tries} start attempts in 1.5 s with a 400 ms backoff cap");
 
     // Fixed: the next start succeeds and the pool recovers by itself.
     std::fs::remove_file(&flag).unwrap();
-    assert!(
-        common::wait_ready(&pool, 1, Duration::from_secs(20)),
-        "the pool recovered"
-    );
+    assert!(common::wait_ready(&pool, 1, Duration::from_secs(20)), "the pool recovered");
     let s = pool.stats().unwrap();
     assert!(!s.degraded);
     assert_eq!(s.startup_failures, 0);

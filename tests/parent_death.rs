@@ -17,10 +17,7 @@ fn parent_program() {
         return; // only meaningful as the child program of the test below
     }
     let pool = common::builder(2).build().unwrap();
-    let pids: Vec<String> = common::worker_pids(&pool)
-        .iter()
-        .map(u32::to_string)
-        .collect();
+    let pids: Vec<String> = common::worker_pids(&pool).iter().map(u32::to_string).collect();
     println!("PIDS {}", pids.join(" "));
     // Also busy one worker in a long call: it must exit even while busy.
     std::thread::spawn(move || {
@@ -32,13 +29,7 @@ fn parent_program() {
 #[test]
 fn workers_exit_when_their_parent_is_killed() {
     let mut parent = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "parent_program",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
+        .args(["--exact", "parent_program", "--nocapture", "--test-threads", "1"])
         .env(ROLE, "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -50,10 +41,7 @@ fn workers_exit_when_their_parent_is_killed() {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             // libtest prints "test parent_program ... " on the same line first.
             if let Some(rest) = line.split("PIDS ").nth(1) {
-                let pids: Vec<u32> = rest
-                    .split_whitespace()
-                    .map(|p| p.parse().unwrap())
-                    .collect();
+                let pids: Vec<u32> = rest.split_whitespace().map(|p| p.parse().unwrap()).collect();
                 let _ = tx.send(pids);
             }
         }

@@ -17,19 +17,9 @@ fn pool_is_send_and_sync() {
 #[test]
 fn calls_return_what_python_returns() {
     let pool = common::builder(2).build().unwrap();
-    assert_eq!(
-        pool.call("add", json!({"a": 2, "b": 40})).unwrap(),
-        json!(42)
-    );
-    assert_eq!(
-        pool.call("add", json!([1, 2])).unwrap(),
-        json!(3),
-        "positional args"
-    );
-    assert_eq!(
-        pool.call("add", json!({"a": "py", "b": "thon"})).unwrap(),
-        json!("python")
-    );
+    assert_eq!(pool.call("add", json!({"a": 2, "b": 40})).unwrap(), json!(42));
+    assert_eq!(pool.call("add", json!([1, 2])).unwrap(), json!(3), "positional args");
+    assert_eq!(pool.call("add", json!({"a": "py", "b": "thon"})).unwrap(), json!("python"));
     let pids = common::worker_pids(&pool);
     pool.shutdown().unwrap();
     common::assert_gone(&pids, Duration::from_secs(5));
@@ -54,9 +44,7 @@ fn typed_calls_use_serde_both_ways() {
     assert_eq!(t.value, vec!["a", "b"]);
     assert_eq!(vec![t.pid], common::worker_pids(&pool));
     // A result that does not fit the requested type is a JSON error, not a panic.
-    let err = pool
-        .call_as::<_, Vec<u8>>("add", &json!({"a": 1, "b": 2}))
-        .unwrap_err();
+    let err = pool.call_as::<_, Vec<u8>>("add", &json!({"a": 1, "b": 2})).unwrap_err();
     assert!(matches!(err, Error::Json(_)), "{err:?}");
     pool.shutdown().unwrap();
 }
@@ -73,10 +61,7 @@ fn built_in_commands_answer() {
     let pid = common::worker_pids(&pool)[0];
     assert_eq!(info["pid"], json!(pid));
     assert_eq!(info["implementation"], json!("cpython"));
-    assert!(
-        info["python_version"].as_str().unwrap().starts_with("3."),
-        "{info}"
-    );
+    assert!(info["python_version"].as_str().unwrap().starts_with("3."), "{info}");
     assert_eq!(info["gil_enabled"], json!(true));
     assert!(info["rss_bytes"].as_u64().unwrap() > 1_000_000, "{info}");
     let commands = info["commands"].as_array().unwrap();
@@ -92,30 +77,18 @@ fn bad_input_gets_typed_errors_and_the_pool_stays_healthy() {
     match pool.call("no_such_command", json!({})).unwrap_err() {
         Error::UnknownCommand { command, known } => {
             assert_eq!(command, "no_such_command");
-            assert!(
-                known.contains(&"add".to_string()) && known.contains(&"ping".to_string()),
-                "{known:?}"
-            );
+            assert!(known.contains(&"add".to_string()) && known.contains(&"ping".to_string()), "{known:?}");
         }
         other => panic!("expected UnknownCommand, got {other:?}"),
     }
     let err = pool.call("add", json!(5)).unwrap_err();
-    assert!(
-        matches!(&err, Error::InvalidArgs(m) if m.contains("a number")),
-        "{err:?}"
-    );
+    assert!(matches!(&err, Error::InvalidArgs(m) if m.contains("a number")), "{err:?}");
     // Wrong arguments for the Python function: Python's own TypeError.
     match pool.call("add", json!({"a": 1})).unwrap_err() {
         Error::Python(e) => assert_eq!(e.error_type, "TypeError"),
         other => panic!("expected a Python TypeError, got {other:?}"),
     }
-    let err = pool
-        .call_with(
-            "add",
-            json!([1, 2]),
-            CallOptions::new().timeout(Duration::ZERO),
-        )
-        .unwrap_err();
+    let err = pool.call_with("add", json!([1, 2]), CallOptions::new().timeout(Duration::ZERO)).unwrap_err();
     assert!(matches!(err, Error::Config { .. }), "{err:?}");
     assert_eq!(pool.call("add", json!([1, 2])).unwrap(), json!(3));
     let stats = pool.stats().unwrap();
@@ -127,18 +100,9 @@ fn bad_input_gets_typed_errors_and_the_pool_stays_healthy() {
 #[test]
 fn invalid_settings_fail_before_any_process_starts() {
     let err = common::builder(0).build().unwrap_err();
-    assert!(
-        matches!(&err, Error::Config { setting, .. } if setting == "size"),
-        "{err:?}"
-    );
-    let err = common::builder(1)
-        .adapter("not a module")
-        .build()
-        .unwrap_err();
-    assert!(
-        matches!(&err, Error::Config { setting, .. } if setting == "adapter"),
-        "{err:?}"
-    );
+    assert!(matches!(&err, Error::Config { setting, .. } if setting == "size"), "{err:?}");
+    let err = common::builder(1).adapter("not a module").build().unwrap_err();
+    assert!(matches!(&err, Error::Config { setting, .. } if setting == "adapter"), "{err:?}");
 }
 
 #[test]
@@ -158,10 +122,7 @@ fn stats_describe_the_pool_and_each_worker() {
     assert_eq!(s.workers.iter().map(|w| w.calls_served).sum::<u64>(), 11);
     assert_eq!(s.workers.iter().map(|w| w.errors).sum::<u64>(), 1);
     for w in &s.workers {
-        assert_eq!(
-            (w.state, w.in_flight, w.capacity),
-            (WorkerState::Ready, 0, 1)
-        );
+        assert_eq!((w.state, w.in_flight, w.capacity), (WorkerState::Ready, 0, 1));
         assert!(w.rss_bytes.unwrap() > 0);
     }
     // The snapshot serialises for dashboards and the CLI.

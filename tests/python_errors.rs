@@ -16,18 +16,11 @@ fn python_error(err: Error) -> snakepit::RemoteError {
 fn an_exception_comes_back_with_type_message_and_traceback() {
     let pool = common::builder(1).build().unwrap();
     let pid = common::worker_pids(&pool);
-    let e = python_error(
-        pool.call("boom", json!({"message": "it broke"}))
-            .unwrap_err(),
-    );
+    let e = python_error(pool.call("boom", json!({"message": "it broke"})).unwrap_err());
     assert_eq!(e.error_type, "ValueError");
     assert_eq!(e.message, "it broke");
     assert!(e.traceback.contains("Traceback"), "{}", e.traceback);
-    assert!(
-        e.traceback.contains("in boom"),
-        "the traceback names the function: {}",
-        e.traceback
-    );
+    assert!(e.traceback.contains("in boom"), "the traceback names the function: {}", e.traceback);
     // The same worker keeps serving.
     assert_eq!(pool.call("add", json!([2, 2])).unwrap(), json!(4));
     assert_eq!(common::worker_pids(&pool), pid);
@@ -57,20 +50,13 @@ fn print_and_writes_to_fd_1_do_not_corrupt_the_stream() {
         assert_eq!(pool.call("noisy", json!({})).unwrap(), json!("clean"));
     }
     assert_eq!(pool.call("add", json!([1, 2])).unwrap(), json!(3));
-    assert_eq!(
-        common::worker_pids(&pool),
-        pid,
-        "the worker was never replaced"
-    );
+    assert_eq!(common::worker_pids(&pool), pid, "the worker was never replaced");
     pool.shutdown().unwrap();
 }
 
 #[test]
 fn frames_over_the_limit_are_refused_on_both_sides() {
-    let pool = common::builder(1)
-        .max_frame_size(64 * 1024)
-        .build()
-        .unwrap();
+    let pool = common::builder(1).max_frame_size(64 * 1024).build().unwrap();
     let pid = common::worker_pids(&pool);
     // Too large to send: refused before it reaches the worker.
     let data = "y".repeat(100 * 1024);
@@ -82,19 +68,8 @@ fn frames_over_the_limit_are_refused_on_both_sides() {
     let e = python_error(pool.call("big", json!({"n": 100 * 1024})).unwrap_err());
     assert_eq!(e.error_type, "FrameTooLarge");
     // Just under the limit both ways is fine.
-    assert_eq!(
-        pool.call("length", json!({"data": "z".repeat(60 * 1024)}))
-            .unwrap(),
-        json!(60 * 1024)
-    );
-    assert_eq!(
-        pool.call("big", json!({"n": 60 * 1024}))
-            .unwrap()
-            .as_str()
-            .unwrap()
-            .len(),
-        60 * 1024
-    );
+    assert_eq!(pool.call("length", json!({"data": "z".repeat(60 * 1024)})).unwrap(), json!(60 * 1024));
+    assert_eq!(pool.call("big", json!({"n": 60 * 1024})).unwrap().as_str().unwrap().len(), 60 * 1024);
     assert_eq!(common::worker_pids(&pool), pid);
     pool.shutdown().unwrap();
 }
@@ -102,9 +77,7 @@ fn frames_over_the_limit_are_refused_on_both_sides() {
 #[test]
 fn a_megabyte_payload_round_trips() {
     let pool = common::builder(1).build().unwrap();
-    let data: String = (0..1_000_000)
-        .map(|i| char::from(b'a' + (i % 26) as u8))
-        .collect();
+    let data: String = (0..1_000_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
     let back = pool.call("echo", json!({ "data": data })).unwrap();
     assert_eq!(back["data"].as_str().unwrap(), data);
     pool.shutdown().unwrap();

@@ -19,12 +19,7 @@ fn my_workers(pool: &str) -> Vec<u32> {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
         let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if fields.get(1) == Some(&me.as_str()) && cmdline.contains(&needle) && common::alive(pid) {
             pids.push(pid);
@@ -36,27 +31,13 @@ fn my_workers(pool: &str) -> Vec<u32> {
 #[test]
 fn an_adapter_that_fails_to_import_fails_the_build_with_its_traceback() {
     let started = Instant::now();
-    let err = common::builder(3)
-        .name("broken")
-        .adapter("broken_adapter")
-        .build()
-        .unwrap_err();
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "failed fast, not by time-out"
-    );
+    let err = common::builder(3).name("broken").adapter("broken_adapter").build().unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(15), "failed fast, not by time-out");
     match &err {
-        Error::Startup {
-            message,
-            error: Some(remote),
-        } => {
+        Error::Startup { message, error: Some(remote) } => {
             assert!(message.contains("broken_adapter"), "{message}");
             assert_eq!(remote.error_type, "RuntimeError");
-            assert!(
-                remote.traceback.contains("refuses to load"),
-                "{}",
-                remote.traceback
-            );
+            assert!(remote.traceback.contains("refuses to load"), "{}", remote.traceback);
         }
         other => panic!("expected a start-up error, got {other:?}"),
     }
@@ -70,34 +51,20 @@ fn an_adapter_that_fails_to_import_fails_the_build_with_its_traceback() {
 
 #[test]
 fn a_missing_adapter_module_is_named() {
-    let err = common::builder(2)
-        .name("missing")
-        .adapter("no_such_adapter_module")
-        .build()
-        .unwrap_err();
+    let err = common::builder(2).name("missing").adapter("no_such_adapter_module").build().unwrap_err();
     match &err {
-        Error::Startup {
-            message,
-            error: Some(remote),
-        } => {
+        Error::Startup { message, error: Some(remote) } => {
             assert!(message.contains("no_such_adapter_module"), "{message}");
             assert_eq!(remote.error_type, "ModuleNotFoundError");
         }
         other => panic!("expected a start-up error, got {other:?}"),
     }
-    assert!(common::wait_until(Duration::from_secs(5), || my_workers(
-        "missing"
-    )
-    .is_empty()));
+    assert!(common::wait_until(Duration::from_secs(5), || my_workers("missing").is_empty()));
 }
 
 #[test]
 fn a_missing_interpreter_says_what_was_searched() {
-    let err = Pool::builder()
-        .size(1)
-        .python("/no/such/python3")
-        .build()
-        .unwrap_err();
+    let err = Pool::builder().size(1).python("/no/such/python3").build().unwrap_err();
     match &err {
         Error::PythonNotFound { searched } => {
             assert!(searched[0].contains("/no/such/python3"), "{searched:?}")
@@ -115,10 +82,7 @@ fn a_worker_that_never_gets_ready_times_out_the_build() {
         .startup_timeout(Duration::from_millis(500))
         .build()
         .unwrap_err();
-    assert!(
-        matches!(err, Error::Timeout(TimeoutKind::Startup)),
-        "{err:?}"
-    );
+    assert!(matches!(err, Error::Timeout(TimeoutKind::Startup)), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(
         common::wait_until(Duration::from_secs(5), || my_workers("slow").is_empty()),

@@ -13,35 +13,17 @@ fn a_hung_call_times_out_and_the_pool_regains_full_capacity() {
     let before = common::worker_pids(&pool);
     let started = Instant::now();
     let err = pool
-        .call_with(
-            "sleep",
-            json!({"seconds": 30}),
-            CallOptions::new().timeout(Duration::from_millis(300)),
-        )
+        .call_with("sleep", json!({"seconds": 30}), CallOptions::new().timeout(Duration::from_millis(300)))
         .unwrap_err();
     let waited = started.elapsed();
     assert!(matches!(err, Error::Timeout(TimeoutKind::Call)), "{err:?}");
-    assert!(
-        waited >= Duration::from_millis(300),
-        "returned before its deadline: {waited:?}"
-    );
-    assert!(
-        waited < Duration::from_secs(5),
-        "waited far past its deadline: {waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(300), "returned before its deadline: {waited:?}");
+    assert!(waited < Duration::from_secs(5), "waited far past its deadline: {waited:?}");
     // The worker running it was killed and replaced.
     assert!(common::wait_ready(&pool, 2, Duration::from_secs(20)));
     let after = common::worker_pids(&pool);
-    let killed: Vec<u32> = before
-        .iter()
-        .copied()
-        .filter(|p| !after.contains(p))
-        .collect();
-    assert_eq!(
-        killed.len(),
-        1,
-        "exactly one worker replaced: {before:?} -> {after:?}"
-    );
+    let killed: Vec<u32> = before.iter().copied().filter(|p| !after.contains(p)).collect();
+    assert_eq!(killed.len(), 1, "exactly one worker replaced: {before:?} -> {after:?}");
     common::assert_gone(&killed, Duration::from_secs(5));
     // Full capacity again: two calls run at once on two different workers.
     std::thread::scope(|s| {
@@ -57,18 +39,12 @@ fn a_hung_call_times_out_and_the_pool_regains_full_capacity() {
 
 #[test]
 fn a_call_that_waits_too_long_in_the_queue_gets_a_queue_timeout() {
-    let pool = common::builder(1)
-        .queue_timeout(Duration::from_millis(200))
-        .build()
-        .unwrap();
+    let pool = common::builder(1).queue_timeout(Duration::from_millis(200)).build().unwrap();
     std::thread::scope(|s| {
         let busy = s.spawn(|| pool.call("sleep", json!({"seconds": 1.0})));
-        assert!(common::wait_until(Duration::from_secs(5), || pool
-            .stats()
-            .unwrap()
-            .workers[0]
-            .in_flight
-            == 1));
+        assert!(
+            common::wait_until(Duration::from_secs(5), || pool.stats().unwrap().workers[0].in_flight == 1)
+        );
         let started = Instant::now();
         let err = pool.call("add", json!([1, 2])).unwrap_err();
         assert!(matches!(err, Error::Timeout(TimeoutKind::Queue)), "{err:?}");
@@ -85,18 +61,11 @@ fn the_whole_deadline_covers_the_queue_too() {
     let pool = common::builder(1).build().unwrap();
     std::thread::scope(|s| {
         let busy = s.spawn(|| pool.call("sleep", json!({"seconds": 1.0})));
-        assert!(common::wait_until(Duration::from_secs(5), || pool
-            .stats()
-            .unwrap()
-            .workers[0]
-            .in_flight
-            == 1));
+        assert!(
+            common::wait_until(Duration::from_secs(5), || pool.stats().unwrap().workers[0].in_flight == 1)
+        );
         let err = pool
-            .call_with(
-                "add",
-                json!([1, 2]),
-                CallOptions::new().timeout(Duration::from_millis(150)),
-            )
+            .call_with("add", json!([1, 2]), CallOptions::new().timeout(Duration::from_millis(150)))
             .unwrap_err();
         assert!(matches!(err, Error::Timeout(TimeoutKind::Queue)), "{err:?}");
         assert!(busy.join().unwrap().is_ok());
@@ -109,25 +78,15 @@ fn a_full_queue_refuses_at_once() {
     let pool = common::builder(1).max_queue(1).build().unwrap();
     std::thread::scope(|s| {
         let busy = s.spawn(|| pool.call("sleep", json!({"seconds": 0.8})));
-        assert!(common::wait_until(Duration::from_secs(5), || pool
-            .stats()
-            .unwrap()
-            .workers[0]
-            .in_flight
-            == 1));
+        assert!(
+            common::wait_until(Duration::from_secs(5), || pool.stats().unwrap().workers[0].in_flight == 1)
+        );
         let queued = s.spawn(|| pool.call("add", json!([1, 1])));
-        assert!(common::wait_until(Duration::from_secs(5), || pool
-            .stats()
-            .unwrap()
-            .queued
-            == 1));
+        assert!(common::wait_until(Duration::from_secs(5), || pool.stats().unwrap().queued == 1));
         let started = Instant::now();
         let err = pool.call("add", json!([2, 2])).unwrap_err();
         assert!(matches!(err, Error::QueueFull { max_queue: 1 }), "{err:?}");
-        assert!(
-            started.elapsed() < Duration::from_millis(500),
-            "QueueFull is immediate"
-        );
+        assert!(started.elapsed() < Duration::from_millis(500), "QueueFull is immediate");
         assert!(busy.join().unwrap().is_ok());
         assert_eq!(queued.join().unwrap().unwrap(), json!(2));
     });

@@ -6,13 +6,12 @@ argument parsing, logging, parent-death handling, moving the protocol off
 fds 0/1, importing the adapter, then ``Worker.serve``.
 """
 
-import argparse
-import logging
 import os
 import sys
 import threading
 import time
 import traceback
+from types import SimpleNamespace
 
 import snakepit
 from snakepit.protocol import (
@@ -25,7 +24,51 @@ from snakepit.protocol import (
     write_all,
 )
 
-log = logging.getLogger(__name__)
+
+class _LazyLog:
+    """``logging.getLogger(__name__)``, imported only when a message passes the level.
+
+    Importing logging costs ~5 ms of every worker start; at the default level
+    (WARNING, from SNAKEPIT_LOG_LEVEL) a healthy worker never logs, so it never
+    pays that.
+    """
+
+    _LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "WARN": 30, "ERROR": 40, "CRITICAL": 50}
+
+    def __init__(self):
+        self.level = self._LEVELS.get(os.environ.get("SNAKEPIT_LOG_LEVEL", "WARNING").strip().upper(), 30)
+        self.prefix = "[snakepit]"
+        self._logger = None
+
+    def _emit(self, level, msg, args):
+        if level < self.level:
+            return
+        if self._logger is None:
+            import logging
+
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(self.prefix.replace("%", "%%") + " %(levelname)s: %(message)s"))
+            logger = logging.getLogger(__name__)
+            logger.setLevel(self.level)
+            logger.addHandler(handler)
+            logger.propagate = False  # an adapter's logging.basicConfig must not print our lines twice
+            self._logger = logger
+        self._logger.log(level, msg, *args)
+
+    def debug(self, msg, *args):
+        self._emit(10, msg, args)
+
+    def info(self, msg, *args):
+        self._emit(20, msg, args)
+
+    def warning(self, msg, *args):
+        self._emit(30, msg, args)
+
+    def error(self, msg, *args):
+        self._emit(40, msg, args)
+
+
+log = _LazyLog()
 
 BUILTIN_COMMANDS = ("echo", "info", "ping")
 
@@ -307,26 +350,49 @@ def _rss_bytes():
 # --- process plumbing ------------------------------------------------------
 
 
+_USAGE = "usage: python -m snakepit [--adapter MODULE] [--max-frame-size BYTES] [--parent-pid PID] [--worker-id ID] [--pool NAME]"
+
+_OPTIONS = {
+    "--adapter": ("adapter", str),
+    "--max-frame-size": ("max_frame_size", int),
+    "--parent-pid": ("parent_pid", int),
+    "--worker-id": ("worker_id", str),
+    "--pool": ("pool", str),
+}
+
+
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="python -m snakepit", description="Serve snakepit commands over stdin/stdout.", allow_abbrev=False
-    )
-    parser.add_argument("--adapter", metavar="MODULE", help="module whose @snakepit.command functions are served")
-    parser.add_argument("--max-frame-size", type=_positive_int, default=DEFAULT_MAX_FRAME, metavar="BYTES")
-    parser.add_argument("--parent-pid", type=int, metavar="PID", help="exit at once if this is not the parent")
-    parser.add_argument("--worker-id", metavar="ID", help="shown in log messages")
-    parser.add_argument("--pool", metavar="NAME", help="shown in log messages")
-    return parser.parse_args(argv)
+    """Parse the worker's options (by hand: argparse costs ~2 ms of every start).
+
+    A bad command line prints the usage to stderr and exits with code 2.
+    """
+    args = {"adapter": None, "max_frame_size": DEFAULT_MAX_FRAME, "parent_pid": None, "worker_id": None, "pool": None}
+    argv = list(sys.argv[1:] if argv is None else argv)
+    while argv:
+        arg = argv.pop(0)
+        if arg in ("-h", "--help"):
+            print(_USAGE, file=sys.stderr)
+            raise SystemExit(0)
+        name, eq, value = arg.partition("=")
+        if name not in _OPTIONS:
+            _usage_error(f"unrecognized argument {arg!r}")
+        if not eq:
+            if not argv:
+                _usage_error(f"{name} needs a value")
+            value = argv.pop(0)
+        key, kind = _OPTIONS[name]
+        try:
+            args[key] = kind(value)
+        except ValueError:
+            _usage_error(f"{name}: expected an integer, got {value!r}")
+    if args["max_frame_size"] <= 0:
+        _usage_error(f"--max-frame-size: expected a positive integer, got {args['max_frame_size']}")
+    return SimpleNamespace(**args)
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _usage_error(message):
+    print(f"{_USAGE}\npython -m snakepit: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _setup_logging(pool, worker_id):
@@ -336,13 +402,7 @@ def _setup_logging(pool, worker_id):
     if worker_id:
         parts.append(f"worker={worker_id}")
     parts.append(f"pid={os.getpid()}")
-    prefix = "[" + " ".join(parts).replace("%", "%%") + "]"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(prefix + " %(levelname)s: %(message)s"))
-    level = logging.getLevelName(os.environ.get("SNAKEPIT_LOG_LEVEL", "WARNING").strip().upper())
-    log.setLevel(level if isinstance(level, int) else logging.WARNING)
-    log.addHandler(handler)
-    log.propagate = False  # an adapter's logging.basicConfig must not print our lines twice
+    log.prefix = "[" + " ".join(parts) + "]"
 
 
 def _watch_parent(parent_pid):

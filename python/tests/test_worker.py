@@ -16,7 +16,7 @@ import unittest
 import snakepit
 from snakepit import demo
 from snakepit.protocol import encode_frame, read_frame
-from snakepit.worker import BUILTIN_COMMANDS, Worker, load_worker
+from snakepit.worker import BUILTIN_COMMANDS, Worker, _parse_args, load_worker
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 15  # seconds for any single wait on a child process
@@ -562,6 +562,45 @@ class ProcessTests(unittest.TestCase):
             middle.wait(timeout=TIMEOUT)
             middle.stdin.close()
             middle.stdout.close()
+
+
+class CommandLineTests(unittest.TestCase):
+    def test_options_with_and_without_equals(self):
+        args = _parse_args(["--adapter", "m.x", "--pool=p1", "--parent-pid", "42", "--max-frame-size=2048"])
+        self.assertEqual((args.adapter, args.pool, args.parent_pid, args.max_frame_size), ("m.x", "p1", 42, 2048))
+        self.assertIsNone(args.worker_id)
+
+    def test_defaults(self):
+        args = _parse_args([])
+        self.assertIsNone(args.adapter)
+        self.assertEqual(args.max_frame_size, 64 * 1024 * 1024)
+
+    def test_bad_command_lines_exit_2(self):
+        for argv in (["--nope"], ["--parent-pid", "x"], ["--max-frame-size", "0"], ["--adapter"], ["stray"]):
+            with self.subTest(argv=argv), self.assertRaises(SystemExit) as cm:
+                with _quiet_stderr():
+                    _parse_args(argv)
+            self.assertEqual(cm.exception.code, 2)
+
+    def test_healthy_worker_does_not_import_logging(self):
+        # logging costs ~5 ms per start; it is imported only when a message is emitted.
+        code = "import sys, snakepit.worker as w; w.log.info('quiet'); print('logging' in sys.modules)"
+        env = dict(os.environ, PYTHONPATH=PYTHON_DIR, SNAKEPIT_LOG_LEVEL="WARNING")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(out.stdout.strip(), "False", out.stderr)
+        env["SNAKEPIT_LOG_LEVEL"] = "DEBUG"
+        code = "import sys, snakepit.worker as w; w.log.info('loud'); print('logging' in sys.modules)"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(out.stdout.strip(), "True", out.stderr)
+        self.assertIn("loud", out.stderr)
+
+
+class _quiet_stderr:
+    def __enter__(self):
+        self.saved, sys.stderr = sys.stderr, io.StringIO()
+
+    def __exit__(self, *exc):
+        sys.stderr = self.saved
 
 
 def _readline_with_timeout(stream):

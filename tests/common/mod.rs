@@ -8,9 +8,7 @@ use snakepit::{Pool, PoolBuilder};
 
 /// The folder holding the test adapters.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
 }
 
 /// A builder for `size` workers on `basic_adapter`, with start-up bounded for tests.
@@ -24,24 +22,14 @@ pub fn builder(size: usize) -> PoolBuilder {
 
 /// The pids of the pool's live workers.
 pub fn worker_pids(pool: &Pool) -> Vec<u32> {
-    pool.stats()
-        .expect("stats")
-        .workers
-        .iter()
-        .map(|w| w.pid)
-        .collect()
+    pool.stats().expect("stats").workers.iter().map(|w| w.pid).collect()
 }
 
 /// Whether `pid` is a live (not reaped) snakepit worker or one of its children.
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // A zombie has exited; only its parent's reaping is missing.
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -70,7 +58,5 @@ pub fn assert_gone(pids: &[u32], timeout: Duration) {
 
 /// Waits until the pool has `n` ready workers, bounded by `timeout`.
 pub fn wait_ready(pool: &Pool, n: usize, timeout: Duration) -> bool {
-    wait_until(timeout, || {
-        pool.stats().map(|s| s.ready_workers == n).unwrap_or(false)
-    })
+    wait_until(timeout, || pool.stats().map(|s| s.ready_workers == n).unwrap_or(false))
 }
