@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::events::{Event, EventHandler};
 use crate::protocol::DEFAULT_MAX_FRAME;
+use crate::reaper::Policy;
 
 /// Every setting of one pool. Built with [`Pool::builder`](crate::Pool::builder); read back
 /// with the getters (for example from [`Pool::config`](crate::Pool::config)).
@@ -24,6 +26,12 @@ pub struct PoolConfig {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) restart_backoff: (Duration, Duration),
     pub(crate) degraded_after: u32,
+    pub(crate) policy: Policy,
+    pub(crate) max_concurrent_recycles: usize,
+    pub(crate) health_interval: Option<Duration>,
+    pub(crate) health_timeout: Duration,
+    pub(crate) reaper_interval: Duration,
+    pub(crate) on_event: Option<EventHandler>,
 }
 
 impl Default for PoolConfig {
@@ -43,6 +51,12 @@ impl Default for PoolConfig {
             shutdown_timeout: Duration::from_secs(5),
             restart_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
             degraded_after: 3,
+            policy: Policy::default(),
+            max_concurrent_recycles: 1,
+            health_interval: None,
+            health_timeout: Duration::from_secs(5),
+            reaper_interval: Duration::from_secs(1),
+            on_event: None,
         }
     }
 }
@@ -104,6 +118,42 @@ impl PoolConfig {
     pub fn degraded_after(&self) -> u32 {
         self.degraded_after
     }
+    /// The maximum age of a worker before it is recycled, if any.
+    pub fn ttl(&self) -> Option<Duration> {
+        self.policy.ttl
+    }
+    /// How many calls a worker serves before it is recycled, if limited.
+    pub fn max_requests(&self) -> Option<u64> {
+        self.policy.max_requests
+    }
+    /// The resident memory of a worker's process tree above which it is recycled, if any.
+    pub fn max_memory(&self) -> Option<u64> {
+        self.policy.max_memory
+    }
+    /// The memory above which a worker is killed at once instead of drained, if any.
+    pub fn max_memory_hard(&self) -> Option<u64> {
+        self.policy.max_memory_hard
+    }
+    /// The largest fraction added to each recycling limit, drawn per worker.
+    pub fn jitter(&self) -> f64 {
+        self.policy.jitter
+    }
+    /// How many workers of the pool may be recycled at once.
+    pub fn max_concurrent_recycles(&self) -> usize {
+        self.max_concurrent_recycles
+    }
+    /// How often an idle worker is pinged, if health checks are on.
+    pub fn health_interval(&self) -> Option<Duration> {
+        self.health_interval
+    }
+    /// How long a pinged worker has to answer.
+    pub fn health_timeout(&self) -> Duration {
+        self.health_timeout
+    }
+    /// How often the reaper looks at the workers.
+    pub fn reaper_interval(&self) -> Duration {
+        self.reaper_interval
+    }
 
     /// Checks every setting; the first problem names its setting.
     pub(crate) fn validate(&self) -> Result<()> {
@@ -156,6 +206,39 @@ impl PoolConfig {
         }
         if self.degraded_after == 0 {
             return Err(Error::config("degraded_after", "must be at least 1"));
+        }
+        let p = &self.policy;
+        if p.ttl.is_some_and(|d| d.is_zero()) {
+            return Err(Error::config("ttl", "must be greater than zero"));
+        }
+        if p.max_requests == Some(0) {
+            return Err(Error::config("max_requests", "must be at least 1"));
+        }
+        if p.max_memory == Some(0) {
+            return Err(Error::config("max_memory", "must be greater than zero"));
+        }
+        if p.max_memory_hard == Some(0) {
+            return Err(Error::config("max_memory_hard", "must be greater than zero"));
+        }
+        if let (Some(soft), Some(hard)) = (p.max_memory, p.max_memory_hard) {
+            if hard < soft {
+                return Err(Error::config("max_memory_hard", "is below max_memory"));
+            }
+        }
+        if !(0.0..=1.0).contains(&p.jitter) {
+            return Err(Error::config("jitter", format!("must be between 0 and 1, found {}", p.jitter)));
+        }
+        if self.max_concurrent_recycles == 0 {
+            return Err(Error::config("max_concurrent_recycles", "must be at least 1"));
+        }
+        for (setting, d) in [
+            ("health_interval", self.health_interval.unwrap_or(Duration::MAX)),
+            ("health_timeout", self.health_timeout),
+            ("reaper_interval", self.reaper_interval),
+        ] {
+            if d.is_zero() {
+                return Err(Error::config(setting, "must be greater than zero"));
+            }
         }
         Ok(())
     }
@@ -249,6 +332,66 @@ impl PoolBuilder {
         self.config.degraded_after = failures;
         self
     }
+    /// Recycles a worker once it is this old (plus its jitter), after draining its calls.
+    /// Defaults to off.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config.policy.ttl = Some(ttl);
+        self
+    }
+    /// Recycles a worker after this many calls (plus its jitter); it is never given more.
+    /// Defaults to off.
+    pub fn max_requests(mut self, calls: u64) -> Self {
+        self.config.policy.max_requests = Some(calls);
+        self
+    }
+    /// Recycles a worker, after draining it, once the resident memory of its whole process tree
+    /// (read from `/proc` by the pool) passes this many bytes (plus its jitter). Defaults to off.
+    pub fn max_memory(mut self, bytes: u64) -> Self {
+        self.config.policy.max_memory = Some(bytes);
+        self
+    }
+    /// Kills a worker at once, failing its calls, when its process tree's memory passes this
+    /// many bytes. Defaults to off.
+    pub fn max_memory_hard(mut self, bytes: u64) -> Self {
+        self.config.policy.max_memory_hard = Some(bytes);
+        self
+    }
+    /// The largest fraction (0 to 1) added to `ttl`, `max_requests` and `max_memory`, drawn
+    /// once per worker, so workers started together do not recycle together. Defaults to 0.1.
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.config.policy.jitter = fraction;
+        self
+    }
+    /// How many workers may be recycled at once. Defaults to 1.
+    pub fn max_concurrent_recycles(mut self, n: usize) -> Self {
+        self.config.max_concurrent_recycles = n;
+        self
+    }
+    /// Pings each idle worker this often; one that does not answer within `health_timeout` is
+    /// killed and replaced. Defaults to off.
+    pub fn health_interval(mut self, interval: Duration) -> Self {
+        self.config.health_interval = Some(interval);
+        self
+    }
+    /// How long a pinged worker has to answer. Defaults to 5 s.
+    pub fn health_timeout(mut self, timeout: Duration) -> Self {
+        self.config.health_timeout = timeout;
+        self
+    }
+    /// How often the reaper checks ages and memory. Defaults to 1 s.
+    pub fn reaper_interval(mut self, interval: Duration) -> Self {
+        self.config.reaper_interval = interval;
+        self
+    }
+    /// Receives every [`Event`] of the pool. The callback runs on the pool's own event thread
+    /// (`sp-evt-<pool>`), one event at a time in order, never on a caller's thread or the
+    /// dispatcher's; a slow callback delays only later events. If it falls more than 4096
+    /// events behind, further events are dropped and counted in `stats().events_dropped`.
+    /// Defaults to none.
+    pub fn on_event(mut self, callback: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.config.on_event = Some(EventHandler::new(callback));
+        self
+    }
     /// The settings as they stand.
     pub fn config(&self) -> &PoolConfig {
         &self.config
@@ -292,5 +435,14 @@ mod tests {
             "restart_backoff"
         );
         assert_eq!(err_setting(b().degraded_after(0)), "degraded_after");
+        assert_eq!(err_setting(b().ttl(Duration::ZERO)), "ttl");
+        assert_eq!(err_setting(b().max_requests(0)), "max_requests");
+        assert_eq!(err_setting(b().max_memory(0)), "max_memory");
+        assert_eq!(err_setting(b().max_memory(100).max_memory_hard(50)), "max_memory_hard");
+        assert_eq!(err_setting(b().jitter(1.5)), "jitter");
+        assert_eq!(err_setting(b().jitter(f64::NAN)), "jitter");
+        assert_eq!(err_setting(b().max_concurrent_recycles(0)), "max_concurrent_recycles");
+        assert_eq!(err_setting(b().health_interval(Duration::ZERO)), "health_interval");
+        assert_eq!(err_setting(b().reaper_interval(Duration::ZERO)), "reaper_interval");
     }
 }

@@ -82,6 +82,11 @@ pub enum Error {
     },
     /// The call's arguments are not a JSON object, array or null.
     InvalidArgs(String),
+    /// No ready worker has this id (it may have been recycled or died).
+    UnknownWorker {
+        /// The id asked for.
+        worker: u64,
+    },
     /// An I/O error outside a worker (for example, writing the embedded package).
     Io(io::Error),
     /// Arguments could not be serialised or a result could not be deserialised.
@@ -195,6 +200,7 @@ impl fmt::Display for Error {
                 write!(f, "unknown command `{command}`: known commands are {}", known.join(", "))
             }
             Error::InvalidArgs(m) => write!(f, "invalid arguments: {m}"),
+            Error::UnknownWorker { worker } => write!(f, "unknown worker: no ready worker {worker}"),
             Error::Io(e) => write!(f, "i/o: {e}"),
             Error::Json(e) => write!(f, "json: {e}"),
         }
@@ -261,6 +267,7 @@ impl Error {
                 Error::UnknownCommand { command: command.clone(), known: known.clone() }
             }
             Error::InvalidArgs(m) => Error::InvalidArgs(m.clone()),
+            Error::UnknownWorker { worker } => Error::UnknownWorker { worker: *worker },
             Error::Io(e) => Error::Io(io::Error::new(e.kind(), e.to_string())),
             Error::Json(e) => Error::Io(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         }

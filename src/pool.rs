@@ -13,11 +13,12 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::{PoolBuilder, PoolConfig};
-use crate::dispatcher::{Call, Dispatcher, Request};
+use crate::dispatcher::{Call, Dispatcher, Request, STOP_ESCALATION};
 use crate::error::{Error, Result, TimeoutKind};
+use crate::events::Emitter;
 use crate::stats::PoolStats;
 use crate::worker::SpawnSpec;
-use crate::{embed, protocol, python};
+use crate::{embed, protocol, python, reaper};
 
 /// How much longer than its own limits the pool waits for the dispatcher before giving up on
 /// it (it enforces those limits itself; this only guards against a wedged thread).
@@ -52,7 +53,7 @@ pub struct Pool {
     config: Arc<PoolConfig>,
     requests: Sender<Request>,
     next_id: AtomicU64,
-    dispatcher: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Threads>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -69,33 +70,46 @@ impl PoolBuilder {
         let config = Arc::new(self.config);
         config.validate()?;
         let spec = spawn_spec(&config)?;
+        let spawn_err = |what: &str| {
+            let what = what.to_string();
+            move |source| Error::Spawn { program: what, source }
+        };
+        let (emitter, events) =
+            Emitter::start(&config.name, config.on_event.clone()).map_err(spawn_err("event thread"))?;
+        let mut threads = Threads { events, ..Threads::default() };
         let (requests, requests_rx) = unbounded();
         let (started_tx, started_rx) = bounded(1);
-        let dispatcher = Dispatcher::new(config.clone(), spec, requests_rx, started_tx);
-        let name: String = format!("sp-disp-{}", config.name).chars().take(15).collect();
-        let handle = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || dispatcher.run())
-            .map_err(|source| Error::Spawn { program: "dispatcher thread".into(), source })?;
-        let started = started_rx.recv_timeout(config.startup_timeout + DISPATCHER_SLACK);
-        match started {
-            Ok(Ok(())) => Ok(Pool {
-                config,
-                requests,
-                next_id: AtomicU64::new(1),
-                dispatcher: Mutex::new(Some(handle)),
-            }),
-            Ok(Err(e)) => {
-                // The dispatcher has killed the workers; it ends once they are reaped.
-                let _ = handle.join();
-                Err(e)
-            }
-            Err(_) => {
-                drop(requests); // the dispatcher winds down when it sees the pool is gone
-                Err(Error::Timeout(TimeoutKind::Startup))
-            }
+        let dispatcher = Dispatcher::new(config.clone(), spec, requests_rx, emitter, started_tx);
+        threads.dispatcher = Some(
+            std::thread::Builder::new()
+                .name(thread_name("sp-disp-", &config.name))
+                .spawn(move || dispatcher.run())
+                .map_err(spawn_err("dispatcher thread"))?,
+        );
+        let pool = Pool { config, requests, next_id: AtomicU64::new(1), threads: Mutex::new(threads) };
+        match started_rx.recv_timeout(pool.config.startup_timeout + DISPATCHER_SLACK) {
+            Ok(Ok(())) => {}
+            // The dispatcher has killed the workers; dropping the pool joins its threads.
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Error::Timeout(TimeoutKind::Startup)),
         }
+        pool.start_reaper()?;
+        Ok(pool)
     }
+}
+
+fn thread_name(prefix: &str, pool: &str) -> String {
+    // Linux keeps 15 bytes of a thread's name.
+    format!("{prefix}{pool}").chars().take(15).collect()
+}
+
+/// The pool's threads besides the workers' own, joined at shutdown.
+#[derive(Default)]
+struct Threads {
+    dispatcher: Option<JoinHandle<()>>,
+    /// The reaper and the channel whose closing stops it.
+    reaper: Option<(JoinHandle<()>, Sender<()>)>,
+    events: Option<JoinHandle<()>>,
 }
 
 /// Resolves the interpreter and the embedded package, and assembles the workers' command.
@@ -219,43 +233,118 @@ impl Pool {
         rx.recv_timeout(DISPATCHER_SLACK).map_err(|_| Error::ShuttingDown)
     }
 
+    /// Replaces worker `id` (see [`WorkerStats::id`](crate::WorkerStats::id)) with a fresh
+    /// one, make before break: the replacement starts and must be ready before the worker stops
+    /// taking calls; its calls in flight then finish. Returns once the replacement is ready
+    /// and the worker is draining. `UnknownWorker` if no ready worker has that id; the start-up
+    /// error if the replacement cannot start (the worker then keeps serving).
+    pub fn recycle_worker(&self, id: u64) -> Result<()> {
+        let (tx, rx) = bounded(1);
+        self.requests
+            .send(Request::RecycleWorker { worker: id, reply: tx })
+            .map_err(|_| Error::ShuttingDown)?;
+        let bound = self.config.startup_timeout + DISPATCHER_SLACK;
+        rx.recv_timeout(bound).unwrap_or(Err(Error::Timeout(TimeoutKind::Startup)))
+    }
+
+    /// A rolling restart (e.g. after deploying new Python code): recycles every worker that is
+    /// ready now, one at a time, each make before break. Returns the first error.
+    pub fn recycle_all(&self) -> Result<()> {
+        let ids: Vec<u64> = self
+            .stats()?
+            .workers
+            .iter()
+            .filter(|w| w.state == crate::WorkerState::Ready)
+            .map(|w| w.id)
+            .collect();
+        for id in ids {
+            match self.recycle_worker(id) {
+                // It died or was recycled meanwhile: it is already fresh.
+                Ok(()) | Err(Error::UnknownWorker { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn start_reaper(&self) -> Result<()> {
+        let p = &self.config.policy;
+        if p.ttl.is_none() && p.max_memory.is_none() && p.max_memory_hard.is_none() {
+            return Ok(()); // max_requests alone is enforced by the dispatcher at each call
+        }
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let (policy, interval) = (p.clone(), self.config.reaper_interval);
+        let (ask, order) = (self.requests.clone(), self.requests.clone());
+        let handle = std::thread::Builder::new()
+            .name(thread_name("sp-reap-", &self.config.name))
+            .spawn(move || {
+                reaper::run(
+                    policy,
+                    interval,
+                    |tx| ask.send(Request::Facts(tx)).is_ok(),
+                    |o| order.send(Request::Recycle(o)).is_ok(),
+                    stop_rx,
+                )
+            })
+            .map_err(|source| Error::Spawn { program: "reaper thread".into(), source })?;
+        self.threads.lock().reaper = Some((handle, stop_tx));
+        Ok(())
+    }
+
     /// Stops the pool: new calls are refused, queued calls fail with `ShuttingDown`, in-flight
     /// calls get `shutdown_timeout` to finish (then fail with `Timeout(Shutdown)`), workers are
     /// sent `shutdown` and EOF, then SIGTERM and SIGKILL to their process groups if they do not
     /// exit, and every thread is joined. Returns `Err(Timeout(Shutdown))` if calls were cut or
     /// workers had to be forced. Calling it again does nothing.
     pub fn shutdown(&self) -> Result<()> {
-        let Some(handle) = self.dispatcher.lock().take() else {
-            return Ok(());
-        };
-        let (tx, rx) = bounded(1);
-        if self.requests.send(Request::Shutdown(tx)).is_err() {
+        let mut threads = std::mem::take(&mut *self.threads.lock());
+        if let Some((handle, stop)) = threads.reaper.take() {
+            drop(stop);
             let _ = handle.join();
-            return Ok(());
         }
-        let bound = self.config.shutdown_timeout + 3 * crate::dispatcher::STOP_ESCALATION + DISPATCHER_SLACK;
-        match rx.recv_timeout(bound) {
-            Ok(report) => {
-                let _ = handle.join();
-                if report.calls_cut > 0 || report.forced > 0 {
+        let Some(dispatcher) = threads.dispatcher.take() else { return Ok(()) };
+        let (tx, rx) = bounded(1);
+        let mut result = Ok(());
+        if self.requests.send(Request::Shutdown(tx)).is_ok() {
+            let bound = self.config.shutdown_timeout + 3 * STOP_ESCALATION + DISPATCHER_SLACK;
+            match rx.recv_timeout(bound) {
+                Ok(report) if report.calls_cut > 0 || report.forced > 0 => {
                     log::warn!(
                         "[{}] shutdown: {} calls cut at the end of the grace period, {} workers forced",
                         self.config.name,
                         report.calls_cut,
                         report.forced
                     );
+                    result = Err(Error::Timeout(TimeoutKind::Shutdown));
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    log::error!(
+                        "[{}] shutdown: the dispatcher did not finish within {bound:?}",
+                        self.config.name
+                    );
                     return Err(Error::Timeout(TimeoutKind::Shutdown));
                 }
-                Ok(())
-            }
-            Err(_) => {
-                log::error!(
-                    "[{}] shutdown: the dispatcher did not finish within {bound:?}",
-                    self.config.name
-                );
-                Err(Error::Timeout(TimeoutKind::Shutdown))
             }
         }
+        let _ = dispatcher.join();
+        if let Some(events) = threads.events.take() {
+            // The event thread delivers what is queued, then ends; a callback stuck for good
+            // is left behind rather than hanging the shutdown.
+            let end = Instant::now() + DISPATCHER_SLACK;
+            while !events.is_finished() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if events.is_finished() {
+                let _ = events.join();
+            } else {
+                log::error!(
+                    "[{}] shutdown: the on_event callback did not return; left running",
+                    self.config.name
+                );
+            }
+        }
+        result
     }
 }
 

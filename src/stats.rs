@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::reaper::RecycleReason;
+
 /// A snapshot of one pool, taken by the dispatcher at one instant.
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
@@ -29,10 +31,15 @@ pub struct PoolStats {
     pub timeouts: u64,
     /// Workers that died while ready or busy, without being asked to stop.
     pub crashes: u64,
-    /// Workers started after the pool's initial start (replacements).
+    /// Workers started after the pool's initial start to replace ones that died or failed to
+    /// start (replacements for recycled workers are counted in `recycles`).
     pub restarts: u64,
+    /// Workers recycled, by reason.
+    pub recycles: Recycles,
     /// Start-up failures in a row now (0 when the last start succeeded).
     pub startup_failures: u32,
+    /// Events dropped because the `on_event` callback fell too far behind.
+    pub events_dropped: u64,
     /// Time calls waited for a worker, over the most recent calls.
     pub queue_wait: Latency,
     /// Time calls spent on a worker, over the most recent calls.
@@ -63,6 +70,45 @@ pub struct WorkerStats {
     pub age_ms: u64,
     /// Its resident memory from `/proc`, if readable.
     pub rss_bytes: Option<u64>,
+    /// Its `max_requests` after jitter, if the pool sets one.
+    pub max_requests: Option<u64>,
+    /// Time until its `ttl` (after jitter) is reached, if the pool sets one.
+    pub recycle_in_ms: Option<u64>,
+    /// Why it is being replaced, while its replacement starts.
+    pub recycling: Option<RecycleReason>,
+}
+
+/// Recycled workers, by reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Recycles {
+    /// Reached their `ttl`.
+    pub ttl: u64,
+    /// Served their `max_requests`.
+    pub max_requests: u64,
+    /// Passed `max_memory` (or `max_memory_hard`).
+    pub memory: u64,
+    /// Failed a health check.
+    pub health_check: u64,
+    /// Asked for with `recycle_worker` or `recycle_all`.
+    pub manual: u64,
+}
+
+impl Recycles {
+    pub(crate) fn add(&mut self, reason: RecycleReason) {
+        match reason {
+            RecycleReason::Ttl => self.ttl += 1,
+            RecycleReason::MaxRequests => self.max_requests += 1,
+            RecycleReason::Memory => self.memory += 1,
+            RecycleReason::HealthCheck => self.health_check += 1,
+            RecycleReason::Manual => self.manual += 1,
+        }
+    }
+
+    /// All recycles.
+    pub fn total(&self) -> u64 {
+        self.ttl + self.max_requests + self.memory + self.health_check + self.manual
+    }
 }
 
 /// A worker's state.
@@ -74,6 +120,8 @@ pub enum WorkerState {
     Starting,
     /// Taking calls.
     Ready,
+    /// Recycled: finishing its calls, taking no new ones.
+    Draining,
     /// Asked to stop or being killed; takes no new calls.
     Stopping,
 }

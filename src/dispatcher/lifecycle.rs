@@ -1,0 +1,504 @@
+//! Workers' lives: start, ready, exit, restarts with backoff, degradation, recycling (make
+//! before break) and idle health checks.
+
+use std::cmp::Reverse;
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+
+use super::{Dispatcher, Origin, Phase, Recycle, Slot, Timer};
+use crate::error::{Error, ExitKind, Result, TimeoutKind};
+use crate::events::Event;
+use crate::protocol::{self, Msg, WorkerInfo, PROTOCOL_VERSION};
+use crate::reaper::{self, RecycleReason};
+use crate::stats::WorkerState;
+use crate::worker::{Worker, WorkerId};
+
+impl Dispatcher {
+    pub(super) fn spawn_worker(&mut self, origin: Origin) -> Result<WorkerId> {
+        let id = self.next_worker;
+        self.next_worker += 1;
+        let worker = Worker::spawn(id, &self.spec, self.events_tx.clone())?;
+        let now = Instant::now();
+        self.timers.push(Reverse((now + self.cfg.startup_timeout, Timer::Startup(id))));
+        // Each worker draws its own jitter, so workers started together part ways.
+        let seed = u64::from(worker.pid) ^ id.rotate_left(32) ^ now.elapsed().as_nanos() as u64;
+        let limits = self.cfg.policy.limits(seed ^ self.spawn_salt());
+        self.slots.push(Slot {
+            worker,
+            state: WorkerState::Starting,
+            capacity: 1,
+            in_flight: Vec::new(),
+            served: 0,
+            errors: 0,
+            spawned: now,
+            origin,
+            limits,
+            recycle: None,
+            retry_recycle: None,
+            ping: None,
+            broken: None,
+            escalation: super::shutdown::RUNNING,
+        });
+        Ok(id)
+    }
+
+    /// A per-process random-ish value, so pools in different processes draw different jitter.
+    fn spawn_salt(&self) -> u64 {
+        let t =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        (t as u64) ^ u64::from(std::process::id()).rotate_left(17)
+    }
+
+    /// Keeps the pool at its size: spawns replacements once any backoff has passed. A worker
+    /// being drained or stopped no longer counts; a replacement being started for a recycle
+    /// does, so recycling never starts an extra worker here.
+    pub(super) fn maintain(&mut self) {
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let live = self
+            .slots
+            .iter()
+            .filter(|s| matches!(s.state, WorkerState::Starting | WorkerState::Ready))
+            .filter(|s| s.recycle.is_none())
+            .count();
+        // A worker whose replacement failed earlier is tried again once its backoff is over.
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            let s = &self.slots[i];
+            if s.state == WorkerState::Ready
+                && s.recycle.is_none()
+                && s.retry_recycle.is_some_and(|t| now >= t)
+            {
+                self.slots[i].retry_recycle = None;
+                self.check_due(i, now);
+            }
+        }
+        for _ in live..self.cfg.size {
+            if Instant::now() < self.next_spawn {
+                self.timers.push(Reverse((self.next_spawn, Timer::Wake)));
+                return;
+            }
+            self.counters.restarts += 1;
+            if let Err(e) = self.spawn_worker(Origin::Restart) {
+                self.note_startup_failure(&e);
+            }
+        }
+    }
+
+    pub(super) fn on_ready(&mut self, i: usize, info: WorkerInfo) {
+        let s = &mut self.slots[i];
+        match s.state {
+            WorkerState::Starting => {}
+            WorkerState::Ready => return self.protocol_violation(i, "sent `ready` twice".into()),
+            _ => return, // killed while starting (shutdown)
+        }
+        if info.protocol_version != PROTOCOL_VERSION {
+            let message = format!(
+                "worker speaks protocol {}, the library speaks {PROTOCOL_VERSION}",
+                info.protocol_version
+            );
+            return self.startup_failed(i, Error::Startup { message, error: None });
+        }
+        s.state = WorkerState::Ready;
+        let (id, pid, startup, origin) = (s.worker.id, s.worker.pid, s.spawned.elapsed(), s.origin);
+        log::debug!(
+            "[{}] worker {id} (pid {pid}) ready in {startup:?} (python {})",
+            self.cfg.name,
+            info.python_version
+        );
+        self.startup_failures = 0;
+        self.commands = Some(info.commands.into_iter().collect());
+        if self.emitter.enabled() {
+            let pool = self.cfg.name.clone();
+            self.emitter.emit(Event::WorkerStarted { pool: pool.clone(), worker: id, pid, startup });
+            if origin == Origin::Restart {
+                self.emitter.emit(Event::WorkerRestarted { pool, worker: id, pid });
+            }
+        }
+        if self.degraded_announced {
+            self.degraded_announced = false;
+            log::info!("[{}] pool recovered: worker {id} started", self.cfg.name);
+            if self.emitter.enabled() {
+                self.emitter.emit(Event::PoolRecovered { pool: self.cfg.name.clone() });
+            }
+        }
+        if let Some(interval) = self.cfg.health_interval {
+            self.timers.push(Reverse((Instant::now() + interval, Timer::Health(id))));
+        }
+        if let Phase::Starting(reply) = &self.phase {
+            let all_ready = self.slots.iter().all(|s| s.state == WorkerState::Ready);
+            if all_ready && self.slots.len() == self.cfg.size {
+                let _ = reply.send(Ok(()));
+                self.phase = Phase::Running;
+                log::info!("[{}] pool started with {} workers", self.cfg.name, self.cfg.size);
+            }
+        }
+        if let Origin::Replaces(old) = origin {
+            if let Some(o) = self.slot_index(old) {
+                self.try_finish_recycle(o);
+            }
+        }
+        self.dispatch_queued();
+    }
+
+    pub(super) fn on_exit(&mut self, id: WorkerId, exit: ExitKind) {
+        let Some(i) = self.slot_index(id) else { return };
+        let mut s = self.slots.remove(i);
+        let stderr = s.worker.stderr_tail();
+        let pid = s.worker.pid;
+        let lost = s.in_flight.len();
+        match s.state {
+            WorkerState::Starting => {
+                let last = stderr.last().cloned().unwrap_or_default();
+                let message = format!("worker exited before it was ready ({exit}): {last}");
+                self.startup_error(s.origin, Error::Startup { message, error: None });
+            }
+            _ if s.escalation == super::shutdown::RUNNING => {
+                // Nobody asked it to stop.
+                self.counters.crashes += 1;
+                log::warn!("[{}] worker {id} (pid {pid}) died: {exit}; {lost} calls lost", self.cfg.name);
+                if self.emitter.enabled() {
+                    let pool = self.cfg.name.clone();
+                    self.emitter.emit(Event::WorkerDied { pool, worker: id, pid, exit, calls_lost: lost });
+                }
+            }
+            _ => log::debug!("[{}] worker {id} (pid {pid}) exited: {exit}", self.cfg.name),
+        }
+        // A worker being recycled that dies anyway: its replacement is on the way.
+        if let Some(r) = s.recycle.take() {
+            for w in r.waiters {
+                let _ = w.send(Ok(()));
+            }
+        }
+        // A ready replacement that dies before its old worker was retired: the old one keeps
+        // serving and will be recycled again later.
+        if let Origin::Replaces(old) = s.origin {
+            if let Some(o) = self.slot_index(old) {
+                if self.slots[o].recycle.as_ref().is_some_and(|r| r.replacement == id) {
+                    self.slots[o].recycle = None;
+                }
+            }
+        }
+        let broken = s.broken.take();
+        self.slots.insert(i, s);
+        for call in std::mem::take(&mut self.slots[i].in_flight) {
+            let err = match &broken {
+                Some(e) => e.duplicate(),
+                None => Error::WorkerDied { pid, exit, stderr: stderr.clone() },
+            };
+            self.answer_in_flight(i, call, err);
+        }
+        self.slots.remove(i).worker.join();
+        self.dispatch_queued();
+    }
+
+    pub(super) fn startup_timer(&mut self, wid: WorkerId) {
+        let Some(i) = self.slot_index(wid) else { return };
+        if self.slots[i].state != WorkerState::Starting {
+            return;
+        }
+        let message = format!("worker {wid} sent no `ready` within {:?}", self.cfg.startup_timeout);
+        log::warn!("[{}] {message}", self.cfg.name);
+        let err = match self.phase {
+            Phase::Starting(_) => Error::Timeout(TimeoutKind::Startup),
+            _ => Error::Startup { message, error: None },
+        };
+        self.startup_failed(i, err);
+    }
+
+    /// A worker failed before `ready`: kill it and count the failure.
+    pub(super) fn startup_failed(&mut self, i: usize, err: Error) {
+        // Killed, its exit is not counted again (it is no longer `Starting` then).
+        self.kill(i);
+        self.startup_error(self.slots[i].origin, err);
+    }
+
+    /// During `build()` a start-up failure fails the build; later it counts towards backoff
+    /// and degradation, and a failed replacement leaves the old worker serving.
+    fn startup_error(&mut self, origin: Origin, err: Error) {
+        match self.phase {
+            Phase::Starting(_) => self.fail_start(err),
+            Phase::Running => {
+                if let Origin::Replaces(old) = origin {
+                    self.recycle_failed(old, &err);
+                }
+                self.note_startup_failure(&err);
+            }
+            Phase::ShuttingDown { .. } => {}
+        }
+    }
+
+    pub(super) fn note_startup_failure(&mut self, err: &Error) {
+        self.startup_failures += 1;
+        self.last_startup_error = Some(err.to_string());
+        let (first, max) = self.cfg.restart_backoff;
+        let shift = (self.startup_failures - 1).min(20);
+        let delay = first.saturating_mul(1 << shift).min(max);
+        self.next_spawn = Instant::now() + delay;
+        self.timers.push(Reverse((self.next_spawn, Timer::Wake)));
+        log::warn!(
+            "[{}] worker failed to start ({} in a row, next try in {delay:?}): {err}",
+            self.cfg.name,
+            self.startup_failures
+        );
+        if self.emitter.enabled() {
+            self.emitter.emit(Event::WorkerStartFailed {
+                pool: self.cfg.name.clone(),
+                error: err.to_string(),
+                attempt: self.startup_failures,
+                retry_in: delay,
+            });
+        }
+        if self.is_degraded() {
+            let last_error = self.last_startup_error.clone().unwrap_or_default();
+            if !self.degraded_announced {
+                self.degraded_announced = true;
+                log::error!("[{}] pool degraded: no worker ready; failing calls fast", self.cfg.name);
+                if self.emitter.enabled() {
+                    let pool = self.cfg.name.clone();
+                    self.emitter.emit(Event::PoolDegraded { pool, last_error: last_error.clone() });
+                }
+            }
+            self.fail_queued(|| Error::Degraded { last_error: last_error.clone() });
+        }
+    }
+
+    pub(super) fn is_degraded(&self) -> bool {
+        self.startup_failures >= self.cfg.degraded_after
+            && !self.slots.iter().any(|s| s.state == WorkerState::Ready)
+    }
+
+    /// `build()` fails: report the error, stop every worker, and wind down.
+    pub(super) fn fail_start(&mut self, err: Error) {
+        let Phase::Starting(reply) = std::mem::replace(
+            &mut self.phase,
+            Phase::ShuttingDown {
+                grace_end: Instant::now(),
+                reply: None,
+                report: super::ShutdownReport::default(),
+            },
+        ) else {
+            return;
+        };
+        log::error!("[{}] pool failed to start: {err}", self.cfg.name);
+        let _ = reply.send(Err(err));
+        for i in 0..self.slots.len() {
+            self.kill(i);
+        }
+    }
+
+    // ---- recycling ------------------------------------------------------------------------
+
+    /// Checks a worker against its limits (all but memory, which the reaper reads).
+    pub(super) fn check_due(&mut self, i: usize, now: Instant) {
+        if let Some(reason) = reaper::should_recycle(&self.slots[i].facts(), now) {
+            self.recycle(i, reason, None, false, None);
+        }
+    }
+
+    /// Starts recycling worker `i`: make before break. `kill` (health check, hard memory
+    /// ceiling) kills it at once instead, and the pool restarts a worker in its place.
+    pub(super) fn recycle(
+        &mut self,
+        i: usize,
+        reason: RecycleReason,
+        rss: Option<u64>,
+        kill: bool,
+        waiter: Option<Sender<Result<()>>>,
+    ) {
+        if !matches!(self.phase, Phase::Running) {
+            if let Some(w) = waiter {
+                let _ = w.send(Err(Error::ShuttingDown));
+            }
+            return;
+        }
+        if kill {
+            if self.slots[i].escalation == super::shutdown::RUNNING {
+                self.retired(i, reason, rss);
+                self.kill(i);
+            }
+            return;
+        }
+        let s = &mut self.slots[i];
+        if s.state != WorkerState::Ready {
+            return;
+        }
+        if let Some(r) = &mut s.recycle {
+            r.waiters.extend(waiter);
+            return;
+        }
+        if waiter.is_none() {
+            // Automatic recycles wait for their turn and for any backoff after a failed one.
+            let now = Instant::now();
+            if s.retry_recycle.is_some_and(|t| now < t) {
+                return;
+            }
+            let busy = self.slots.iter().filter(|s| s.recycle.is_some()).count();
+            if busy >= self.cfg.max_concurrent_recycles {
+                return;
+            }
+        }
+        let old = self.slots[i].worker.id;
+        match self.spawn_worker(Origin::Replaces(old)) {
+            Ok(replacement) => {
+                log::debug!(
+                    "[{}] recycling worker {old} ({reason}): replacement {replacement} starting",
+                    self.cfg.name
+                );
+                let waiters = waiter.into_iter().collect();
+                self.slots[i].recycle = Some(Recycle { reason, replacement, rss, waiters });
+            }
+            Err(e) => {
+                if let Some(w) = waiter {
+                    let _ = w.send(Err(e.duplicate()));
+                }
+                self.recycle_failed(old, &e);
+                self.note_startup_failure(&e);
+            }
+        }
+    }
+
+    /// Retires worker `i` if its replacement is ready: it takes no new calls, finishes the ones
+    /// it has, and is then stopped. A worker recycled for `max_requests` serves until it is
+    /// spent, even with its replacement ready.
+    pub(super) fn try_finish_recycle(&mut self, i: usize) {
+        let s = &self.slots[i];
+        let Some(r) = &s.recycle else { return };
+        if s.state != WorkerState::Ready {
+            return;
+        }
+        let replacement_ready =
+            self.slot_index(r.replacement).is_some_and(|j| self.slots[j].state == WorkerState::Ready);
+        if !replacement_ready || (r.reason == RecycleReason::MaxRequests && !s.spent()) {
+            return;
+        }
+        let r = self.slots[i].recycle.take().expect("checked");
+        self.retired(i, r.reason, r.rss);
+        for w in r.waiters {
+            let _ = w.send(Ok(()));
+        }
+        self.slots[i].state = WorkerState::Draining;
+        if self.slots[i].in_flight.is_empty() {
+            self.stop(i);
+        }
+        // Let the next worker that is due take its turn.
+        let now = Instant::now();
+        for j in 0..self.slots.len() {
+            if self.slots[j].state == WorkerState::Ready && self.slots[j].recycle.is_none() {
+                self.check_due(j, now);
+            }
+        }
+    }
+
+    /// Counts, logs and announces a recycled worker.
+    fn retired(&mut self, i: usize, reason: RecycleReason, rss: Option<u64>) {
+        let s = &self.slots[i];
+        let age = s.spawned.elapsed();
+        log::info!(
+            "[{}] worker {} (pid {}) recycled: {reason} (age {age:?}, {} calls)",
+            self.cfg.name,
+            s.worker.id,
+            s.worker.pid,
+            s.served
+        );
+        self.counters.recycles.add(reason);
+        if self.emitter.enabled() {
+            self.emitter.emit(Event::WorkerRecycled {
+                pool: self.cfg.name.clone(),
+                worker: s.worker.id,
+                pid: s.worker.pid,
+                reason,
+                age,
+                calls_served: s.served,
+                rss_bytes: rss,
+            });
+        }
+    }
+
+    /// The replacement for `old` could not start: `old` keeps serving; try again later.
+    fn recycle_failed(&mut self, old: WorkerId, err: &Error) {
+        let Some(o) = self.slot_index(old) else { return };
+        let retry = self.cfg.restart_backoff.0.saturating_mul(1 << self.startup_failures.min(10));
+        let retry = retry.min(self.cfg.restart_backoff.1);
+        let s = &mut self.slots[o];
+        log::warn!(
+            "[{}] replacement for worker {old} failed to start; it keeps serving, retry in {retry:?}: {err}",
+            self.cfg.name
+        );
+        s.retry_recycle = Some(Instant::now() + retry);
+        if let Some(r) = s.recycle.take() {
+            for w in r.waiters {
+                let _ = w.send(Err(err.duplicate()));
+            }
+        }
+        self.timers.push(Reverse((Instant::now() + retry, Timer::Wake)));
+    }
+
+    /// After a call: a draining worker that is now idle is stopped; a spent one may retire.
+    pub(super) fn after_call(&mut self, i: usize) {
+        let s = &self.slots[i];
+        let idle = s.in_flight.is_empty();
+        if idle && (s.state == WorkerState::Draining || matches!(self.phase, Phase::ShuttingDown { .. })) {
+            return self.stop(i);
+        }
+        if s.recycle.is_some() {
+            self.try_finish_recycle(i);
+        } else if s.retry_recycle.is_some() && s.state == WorkerState::Ready {
+            self.check_due(i, Instant::now());
+        }
+    }
+
+    // ---- health checks ------------------------------------------------------------------
+
+    pub(super) fn health_timer(&mut self, wid: WorkerId, now: Instant) {
+        let Some(interval) = self.cfg.health_interval else { return };
+        let Some(i) = self.slot_index(wid) else { return };
+        let s = &mut self.slots[i];
+        if s.state != WorkerState::Ready || s.ping.is_some() {
+            return;
+        }
+        if !s.in_flight.is_empty() {
+            // Only idle workers are pinged: a busy process worker cannot answer until its
+            // call returns, and the call's own deadline covers that case.
+            self.timers.push(Reverse((now + interval, Timer::Health(wid))));
+            return;
+        }
+        self.next_ping += 1;
+        let ping = self.next_ping;
+        let Ok(frame) = protocol::encode_frame(&Msg::Ping { id: ping }, self.cfg.max_frame_size) else {
+            return;
+        };
+        s.ping = Some(ping);
+        s.worker.send(frame);
+        self.timers.push(Reverse((now + self.cfg.health_timeout, Timer::HealthDeadline(wid, ping))));
+    }
+
+    pub(super) fn on_pong(&mut self, i: usize, id: u64) {
+        let s = &mut self.slots[i];
+        if s.ping != Some(id) {
+            return;
+        }
+        s.ping = None;
+        if let Some(interval) = self.cfg.health_interval {
+            let wid = s.worker.id;
+            self.timers.push(Reverse((Instant::now() + interval, Timer::Health(wid))));
+        }
+        self.dispatch_queued();
+    }
+
+    pub(super) fn health_deadline(&mut self, wid: WorkerId, ping: u64) {
+        let Some(i) = self.slot_index(wid) else { return };
+        if self.slots[i].ping != Some(ping) {
+            return;
+        }
+        log::warn!(
+            "[{}] worker {wid} (pid {}) did not answer a ping within {:?}; killing it",
+            self.cfg.name,
+            self.slots[i].worker.pid,
+            self.cfg.health_timeout
+        );
+        self.recycle(i, RecycleReason::HealthCheck, None, true, None);
+    }
+}

@@ -1,0 +1,236 @@
+//! Recycling by request count, age, memory and by hand: make before break, no call lost, no
+//! capacity lost, nothing left behind.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::json;
+use snakepit::{Error, Event, Pool, RecycleReason, WorkerState};
+
+/// Waits until the pool has exactly `size` ready workers and nothing starting or draining.
+fn settled(pool: &Pool) -> bool {
+    common::wait_until(Duration::from_secs(20), || {
+        let s = pool.stats().unwrap();
+        s.workers.len() == s.size && s.workers.iter().all(|w| w.state == WorkerState::Ready)
+    })
+}
+
+fn pid_of(v: &serde_json::Value) -> u32 {
+    v.as_u64().unwrap() as u32
+}
+
+#[test]
+fn max_requests_is_exact_and_no_call_is_lost() {
+    let pool = common::builder(2).max_requests(50).jitter(0.0).build().unwrap();
+    let served: Mutex<HashMap<u32, u64>> = Mutex::new(HashMap::new());
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for _ in 0..250 {
+                    let pid = pid_of(&pool.call("pid", json!({})).expect("no call fails"));
+                    *served.lock().unwrap().entry(pid).or_default() += 1;
+                }
+            });
+        }
+    });
+    let served = served.into_inner().unwrap();
+    assert_eq!(served.values().sum::<u64>(), 2000);
+    assert!(served.values().all(|&n| n <= 50), "a worker served more than 50: {served:?}");
+    assert!(settled(&pool));
+    let stats = pool.stats().unwrap();
+    let live: HashSet<u32> = stats.workers.iter().map(|w| w.pid).collect();
+    let retired: Vec<u32> = served.keys().copied().filter(|p| !live.contains(p)).collect();
+    // Every retired worker served exactly its limit, and each was counted as a recycle.
+    assert!(retired.iter().all(|p| served[p] == 50), "{served:?}");
+    assert_eq!(stats.recycles.max_requests, retired.len() as u64);
+    assert!(retired.len() >= 36, "2000 calls / 50 per worker, minus the live ones: {}", retired.len());
+    assert_eq!((stats.calls_failed, stats.crashes, stats.restarts), (0, 0, 0));
+    pool.shutdown().unwrap();
+    let all: Vec<u32> = served.keys().copied().collect();
+    common::assert_gone(&all, Duration::from_secs(5));
+}
+
+#[test]
+fn max_requests_with_jitter_stays_within_limit_plus_jitter() {
+    let pool = common::builder(2).max_requests(20).jitter(0.5).build().unwrap();
+    let mut served: HashMap<u32, u64> = HashMap::new();
+    for _ in 0..400 {
+        *served.entry(pid_of(&pool.call("pid", json!({})).unwrap())).or_default() += 1;
+    }
+    assert!(served.values().all(|&n| n < 30), "limit 20 plus at most 50%: {served:?}");
+    // Jitter spreads the limits: the retired workers did not all serve the same number.
+    let counts: HashSet<u64> = served.values().copied().collect();
+    assert!(counts.len() > 1, "{served:?}");
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn ttl_recycles_under_load_without_failures_or_lost_capacity() {
+    let pool = common::builder(2)
+        .ttl(Duration::from_millis(300))
+        .reaper_interval(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let first = common::worker_pids(&pool);
+    let stop = AtomicBool::new(false);
+    let low_water = Mutex::new(usize::MAX);
+    let pids: Mutex<HashSet<u32>> = Mutex::new(HashSet::new());
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = pool.call("tag", json!({"value": 1, "delay": 0.005})).expect("no call fails");
+                    pids.lock().unwrap().insert(pid_of(&r["pid"]));
+                }
+            });
+        }
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let ready = pool.stats().unwrap().ready_workers;
+                let mut low = low_water.lock().unwrap();
+                *low = (*low).min(ready);
+                drop(low);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(2500));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let stats = pool.stats().unwrap();
+    assert_eq!(stats.calls_failed, 0);
+    assert!(stats.recycles.ttl >= 2, "{:?}", stats.recycles);
+    assert!(*low_water.lock().unwrap() >= 2, "ready workers dropped below the pool size");
+    let pids = pids.into_inner().unwrap();
+    assert!(pids.len() > 2, "workers were replaced: {pids:?}");
+    assert!(first.iter().any(|p| !common::worker_pids(&pool).contains(p)));
+    pool.shutdown().unwrap();
+    common::assert_gone(&pids.into_iter().collect::<Vec<_>>(), Duration::from_secs(5));
+}
+
+#[test]
+fn a_long_call_outlives_its_workers_ttl_then_the_worker_is_replaced() {
+    let pool = common::builder(1)
+        .ttl(Duration::from_millis(200))
+        .reaper_interval(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let old = common::worker_pids(&pool)[0];
+    let r = pool.call("tag", json!({"value": "long", "delay": 1.0})).unwrap();
+    assert_eq!((r["value"].as_str(), pid_of(&r["pid"])), (Some("long"), old), "the call completed normally");
+    assert!(common::wait_until(Duration::from_secs(10), || !common::worker_pids(&pool).contains(&old)));
+    common::assert_gone(&[old], Duration::from_secs(5));
+    assert!(pool.stats().unwrap().recycles.ttl >= 1);
+    let new = pid_of(&pool.call("pid", json!({})).unwrap());
+    assert_ne!(new, old);
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn max_memory_recycles_a_worker_whose_process_tree_grows() {
+    let events = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let pool = common::builder(1)
+        .max_memory(80 << 20)
+        .jitter(0.0)
+        .reaper_interval(Duration::from_millis(50))
+        .on_event(move |e| sink.lock().unwrap().push(e.clone()))
+        .build()
+        .unwrap();
+    // The worker stays small; a child it started holds the memory.
+    let old = common::worker_pids(&pool)[0];
+    let child = pool.call("hog_child", json!({"mb": 120})).unwrap().as_u64().unwrap() as u32;
+    assert!(common::wait_until(Duration::from_secs(20), || pool.stats().unwrap().recycles.memory >= 1));
+    assert!(common::wait_until(Duration::from_secs(10), || !common::worker_pids(&pool).contains(&old)));
+    // Recycling killed the old worker's whole group, child included.
+    common::assert_gone(&[old, child], Duration::from_secs(5));
+    assert_ne!(pid_of(&pool.call("pid", json!({})).unwrap()), old);
+    let recycled = events.lock().unwrap().iter().find_map(|e| match e {
+        Event::WorkerRecycled { reason: RecycleReason::Memory, pid, rss_bytes, .. } => {
+            Some((*pid, *rss_bytes))
+        }
+        _ => None,
+    });
+    let (pid, rss) = recycled.expect("a WorkerRecycled event with reason Memory");
+    assert_eq!(pid, old);
+    assert!(rss.unwrap() > 80 << 20, "{rss:?}");
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn the_hard_memory_ceiling_kills_at_once() {
+    let pool = common::builder(1)
+        .max_memory_hard(80 << 20)
+        .reaper_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let old = common::worker_pids(&pool)[0];
+    assert_eq!(pool.call("hog", json!({"mb": 120})).unwrap(), json!(120));
+    assert!(common::wait_until(Duration::from_secs(20), || pool.stats().unwrap().recycles.memory == 1));
+    common::assert_gone(&[old], Duration::from_secs(5));
+    assert!(common::wait_ready(&pool, 1, Duration::from_secs(20)));
+    assert_ne!(pid_of(&pool.call("pid", json!({})).unwrap()), old);
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn recycle_all_is_a_rolling_restart_that_loses_no_call() {
+    let pool = common::builder(2).build().unwrap();
+    let before = common::worker_pids(&pool);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                pool.call("add", json!([n, 1])).expect("no call fails during a rolling restart");
+                n += 1;
+            }
+            n
+        });
+        pool.recycle_all().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        assert!(load.join().unwrap() > 0);
+    });
+    assert!(settled(&pool));
+    let after = common::worker_pids(&pool);
+    assert!(after.iter().all(|p| !before.contains(p)), "{before:?} -> {after:?}");
+    let stats = pool.stats().unwrap();
+    assert_eq!((stats.recycles.manual, stats.calls_failed), (2, 0));
+    common::assert_gone(&before, Duration::from_secs(5));
+    assert!(matches!(pool.recycle_worker(9999), Err(Error::UnknownWorker { worker: 9999 })));
+    pool.shutdown().unwrap();
+    common::assert_gone(&after, Duration::from_secs(5));
+}
+
+#[test]
+fn a_replacement_that_cannot_start_leaves_the_old_worker_serving() {
+    let flag = std::env::temp_dir().join(format!("snakepit-norepl-{}", std::process::id()));
+    let _ = std::fs::remove_file(&flag);
+    let pool = Pool::builder()
+        .size(1)
+        .python_path(common::fixtures())
+        .adapter("flaky_adapter")
+        .env("FLAKY_FLAG", flag.to_str().unwrap())
+        .restart_backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let old = common::worker_pids(&pool)[0];
+    std::fs::write(&flag, b"fail").unwrap();
+    let id = pool.stats().unwrap().workers[0].id;
+    match pool.recycle_worker(id).unwrap_err() {
+        Error::Startup { message, .. } => assert!(message.contains("flag file"), "{message}"),
+        other => panic!("expected the replacement's start-up error, got {other:?}"),
+    }
+    assert_eq!(pid_of(&pool.call("pid", json!({})).unwrap()), old, "the old worker still serves");
+    let stats = pool.stats().unwrap();
+    assert_eq!((stats.ready_workers, stats.recycles.manual, stats.degraded), (1, 0, false));
+    // Once a start can succeed again, the same worker can be recycled.
+    std::fs::remove_file(&flag).unwrap();
+    pool.recycle_worker(id).unwrap();
+    assert_ne!(pid_of(&pool.call("pid", json!({})).unwrap()), old);
+    pool.shutdown().unwrap();
+    common::assert_gone(&[old], Duration::from_secs(5));
+}
