@@ -158,6 +158,8 @@ fn main() -> BoxResult<()> {
     sequential(py, &mut figs)?;
     eprintln!("bench: a2/b2 throughput ...");
     throughput(py, &mut figs)?;
+    eprintln!("bench: d recycling ...");
+    recycling(&mut figs)?;
     eprintln!("bench: b3 start-up ...");
     startup(py, &mut figs)?;
     eprintln!("bench: c peers (concurrent.futures, multiprocessing, subprocess) ...");
@@ -211,6 +213,18 @@ fn rows(f: &Figures) -> Vec<Row> {
             Some(Target::AtMost(1.3)),
         ),
         Row::new("1 MB echo through pool(1)", f.get("b1.1mb"), f.get("a1.1mb"), None),
+        Row::new(
+            "d1 max_requests(100), tiny echo, pool(2)",
+            f.get("d1.on"),
+            f.get("d1.off"),
+            Some(Target::AtLeast(0.9)),
+        ),
+        Row::new(
+            "d2 max_requests(100), 2 ms calls, pool(2)",
+            f.get("d2.on"),
+            f.get("d2.off"),
+            Some(Target::AtLeast(0.9)),
+        ),
     ]
 }
 
@@ -446,7 +460,7 @@ fn throughput(py: &Path, figs: &mut Figures) -> BoxResult<()> {
     let mut raws = [RawEcho::spawn(py)?, RawEcho::spawn(py)?];
     let pool = Pool::builder().name("bench-b2").size(2).build()?;
     raw_rate(&mut raws, THROUGHPUT_WARMUP)?;
-    pool_rate(&pool, THROUGHPUT_WARMUP)?;
+    pool_rate(&pool, THROUGHPUT_WARMUP, &ECHO)?;
     let raw_pids: Vec<u32> = raws.iter().map(|r| r.child.id()).collect();
     let pool_pids = worker_pids(&pool)?;
     let (mut cpu_a, mut cpu_b) = (CpuTally::default(), CpuTally::default());
@@ -457,7 +471,7 @@ fn throughput(py: &Path, figs: &mut Figures) -> BoxResult<()> {
         cpu_a.add(before, &raw_pids, calls);
         a.push(calls as f64 / secs);
         let before = Cpu::now(&pool_pids);
-        let (calls, secs) = pool_rate(&pool, THROUGHPUT_RUN)?;
+        let (calls, secs) = pool_rate(&pool, THROUGHPUT_RUN, &ECHO)?;
         cpu_b.add(before, &pool_pids, calls);
         b.push(calls as f64 / secs);
     }
@@ -530,8 +544,19 @@ fn raw_rate(raws: &mut [RawEcho], run: Duration) -> BoxResult<(u64, f64)> {
     Ok((total, elapsed))
 }
 
-/// Calls through `pool` from [`CALLERS`] threads, for `run`: (calls, seconds).
-fn pool_rate(pool: &Pool, run: Duration) -> BoxResult<(u64, f64)> {
+/// A command and its arguments, for [`pool_rate`].
+struct Work {
+    command: &'static str,
+    args: fn() -> serde_json::Value,
+}
+
+const ECHO: Work = Work { command: "echo", args: || json!({"x": 1}) };
+/// The demo adapter's `slow`: 2 ms of sleep per call, an I/O-ish workload.
+const SLOW_2MS: Work = Work { command: "slow", args: || json!({"seconds": 0.002}) };
+
+/// Calls `work` through `pool` from [`CALLERS`] threads, for `run`: (calls, seconds). Any
+/// failed call fails the bench.
+fn pool_rate(pool: &Pool, run: Duration, work: &Work) -> BoxResult<(u64, f64)> {
     let start = Instant::now();
     let end = start + run;
     let counts: Vec<Result<u64, String>> = thread::scope(|s| {
@@ -540,7 +565,7 @@ fn pool_rate(pool: &Pool, run: Duration) -> BoxResult<(u64, f64)> {
                 s.spawn(move || {
                     let mut n = 0u64;
                     while Instant::now() < end {
-                        pool.call("echo", json!({"x": 1})).map_err(|e| e.to_string())?;
+                        pool.call(work.command, (work.args)()).map_err(|e| e.to_string())?;
                         n += 1;
                     }
                     Ok(n)
@@ -552,6 +577,40 @@ fn pool_rate(pool: &Pool, run: Duration) -> BoxResult<(u64, f64)> {
     let elapsed = start.elapsed().as_secs_f64();
     let total: u64 = counts.into_iter().collect::<Result<Vec<u64>, String>>()?.iter().sum();
     Ok((total, elapsed))
+}
+
+// ---- d: recycling ------------------------------------------------------------------------------
+
+/// Throughput with `max_requests(100)` against the same pool without recycling, A B A B, for a
+/// tiny echo and for 2 ms calls.
+fn recycling(figs: &mut Figures) -> BoxResult<()> {
+    for (key, work, label) in [("d1", &ECHO, "tiny echo"), ("d2", &SLOW_2MS, "2 ms calls")] {
+        let plain = Pool::builder().name("bench-d-off").size(2).adapter("snakepit.demo").build()?;
+        let recycled =
+            Pool::builder().name("bench-d-on").size(2).adapter("snakepit.demo").max_requests(100).build()?;
+        pool_rate(&plain, THROUGHPUT_WARMUP, work)?;
+        pool_rate(&recycled, THROUGHPUT_WARMUP, work)?;
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            let (calls, secs) = pool_rate(&plain, THROUGHPUT_RUN, work)?;
+            off.push(calls as f64 / secs);
+            let (calls, secs) = pool_rate(&recycled, THROUGHPUT_RUN, work)?;
+            on.push(calls as f64 / secs);
+        }
+        let stats = recycled.stats()?;
+        let how = format!(
+            "`size(2)` pool on `snakepit.demo`, {CALLERS} caller threads, {label}; runs alternate with \
+             the other pool; {} recycles, {} failed calls in all",
+            stats.recycles.max_requests, stats.calls_failed
+        );
+        let (k_off, k_on): (&'static str, &'static str) =
+            if key == "d1" { ("d1.off", "d1.on") } else { ("d2.off", "d2.on") };
+        figs.add(k_off, &format!("no recycling, {label}"), &off, Unit::Rate, how.clone());
+        figs.add(k_on, &format!("max_requests(100), {label}"), &on, Unit::Rate, how);
+        plain.shutdown()?;
+        recycled.shutdown()?;
+    }
+    Ok(())
 }
 
 // ---- b3: start-up ------------------------------------------------------------------------------

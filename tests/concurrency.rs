@@ -59,3 +59,14 @@ fn calls_queue_in_fifo_order_when_every_worker_is_busy() {
     assert_eq!(pool.call("recorded", json!({})).unwrap(), json!([0, 1, 2, 3, 4]));
     pool.shutdown().unwrap();
 }
+
+#[test]
+fn a_sequential_caller_never_sees_a_busy_pool() {
+    // With no queue at all, a caller that waits for each reply before the next call must never
+    // be refused: the worker is free the moment the reply arrives.
+    let pool = common::builder(1).max_queue(0).build().unwrap();
+    for i in 0..500 {
+        assert_eq!(pool.call("add", json!([i, 1])).unwrap(), json!(i + 1));
+    }
+    pool.shutdown().unwrap();
+}

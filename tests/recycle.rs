@@ -240,3 +240,29 @@ fn a_replacement_that_cannot_start_leaves_the_old_worker_serving() {
     pool.shutdown().unwrap();
     common::assert_gone(&[old], Duration::from_secs(5));
 }
+
+#[test]
+fn max_concurrent_recycles_bounds_how_many_are_replaced_at_once() {
+    let pool = common::builder(3)
+        .ttl(Duration::from_millis(200))
+        .jitter(0.0)
+        .max_concurrent_recycles(1)
+        .reaper_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let mut most = 0;
+    let mut samples = 0;
+    let end = std::time::Instant::now() + Duration::from_millis(2000);
+    while std::time::Instant::now() < end {
+        let s = pool.stats().unwrap();
+        // All three reach their ttl together; only one at a time is being replaced.
+        most = most.max(s.workers.iter().filter(|w| w.recycling.is_some()).count());
+        assert!(s.ready_workers >= 3, "capacity never drops: {:?}", s.workers);
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(samples > 100);
+    assert_eq!(most, 1, "one recycle at a time");
+    assert!(pool.stats().unwrap().recycles.ttl >= 3);
+    pool.shutdown().unwrap();
+}

@@ -33,7 +33,17 @@ impl Dispatcher {
         }
         let id = call.id;
         if self.queued == 0 {
-            if let Some(i) = self.pick_worker() {
+            let mut free = self.pick_worker();
+            if free.is_none() {
+                // A worker may have finished a call whose completion is still waiting in the
+                // event queue (a caller can get its reply and call again before the dispatcher
+                // hears of it): hear it first, so a sequential caller never sees a busy pool.
+                while let Ok(ev) = self.events.try_recv() {
+                    self.on_event(ev);
+                }
+                free = self.pick_worker();
+            }
+            if let Some(i) = free {
                 let dispatched = call.enqueued;
                 self.calls.insert(id, Pending { call, reply: Some(reply), worker: None, dispatched });
                 return self.start_call(id, i);

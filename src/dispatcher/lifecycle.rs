@@ -395,6 +395,8 @@ impl Dispatcher {
     /// Counts, logs and announces a recycled worker.
     fn retired(&mut self, i: usize, reason: RecycleReason, rss: Option<u64>) {
         let s = &self.slots[i];
+        // The reaper read the whole tree for memory recycles; otherwise the worker's own.
+        let rss = rss.or_else(|| crate::stats::rss_bytes(s.worker.pid));
         let age = s.spawned.elapsed();
         log::info!(
             "[{}] worker {} (pid {}) recycled: {reason} (age {age:?}, {} calls)",
