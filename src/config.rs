@@ -8,6 +8,9 @@ use crate::events::{Event, EventHandler};
 use crate::protocol::DEFAULT_MAX_FRAME;
 use crate::reaper::Policy;
 
+/// The longest any duration setting may be.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Every setting of one pool. Built with [`Pool::builder`](crate::Pool::builder); read back
 /// with the getters (for example from [`Pool::config`](crate::Pool::config)).
 #[derive(Debug, Clone)]
@@ -32,6 +35,8 @@ pub struct PoolConfig {
     pub(crate) health_timeout: Duration,
     pub(crate) reaper_interval: Duration,
     pub(crate) on_event: Option<EventHandler>,
+    pub(crate) args: Vec<String>,
+    pub(crate) launcher: Vec<String>,
 }
 
 impl Default for PoolConfig {
@@ -57,6 +62,8 @@ impl Default for PoolConfig {
             health_timeout: Duration::from_secs(5),
             reaper_interval: Duration::from_secs(1),
             on_event: None,
+            args: Vec::new(),
+            launcher: Vec::new(),
         }
     }
 }
@@ -154,6 +161,14 @@ impl PoolConfig {
     pub fn reaper_interval(&self) -> Duration {
         self.reaper_interval
     }
+    /// Extra arguments for the adapter.
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+    /// The command prefix the workers run under; empty for none.
+    pub fn launcher(&self) -> &[String] {
+        &self.launcher
+    }
 
     /// Checks every setting; the first problem names its setting.
     pub(crate) fn validate(&self) -> Result<()> {
@@ -228,6 +243,12 @@ impl PoolConfig {
         if !(0.0..=1.0).contains(&p.jitter) {
             return Err(Error::config("jitter", format!("must be between 0 and 1, found {}", p.jitter)));
         }
+        if !self.launcher.is_empty() && self.launcher[0].is_empty() {
+            return Err(Error::config("launcher", "the program (first element) is empty"));
+        }
+        if self.args.iter().chain(&self.launcher).any(|a| a.contains('\0')) {
+            return Err(Error::config("args", "an argument contains a NUL byte"));
+        }
         if self.max_concurrent_recycles == 0 {
             return Err(Error::config("max_concurrent_recycles", "must be at least 1"));
         }
@@ -238,6 +259,23 @@ impl PoolConfig {
         ] {
             if d.is_zero() {
                 return Err(Error::config(setting, "must be greater than zero"));
+            }
+        }
+        // Deadlines are instants in the future; a year is far beyond any sensible setting and
+        // keeps `now + setting` from overflowing.
+        for (setting, d) in [
+            ("startup_timeout", Some(self.startup_timeout)),
+            ("request_timeout", Some(self.request_timeout)),
+            ("queue_timeout", self.queue_timeout),
+            ("shutdown_timeout", Some(self.shutdown_timeout)),
+            ("restart_backoff", Some(self.restart_backoff.1)),
+            ("ttl", p.ttl),
+            ("health_interval", self.health_interval),
+            ("health_timeout", Some(self.health_timeout)),
+            ("reaper_interval", Some(self.reaper_interval)),
+        ] {
+            if d.is_some_and(|d| d > MAX_DURATION) {
+                return Err(Error::config(setting, "must be at most a year"));
             }
         }
         Ok(())
@@ -392,6 +430,23 @@ impl PoolBuilder {
         self.config.on_event = Some(EventHandler::new(callback));
         self
     }
+    /// Extra arguments for the adapter, after the worker's own: the adapter reads them as
+    /// `snakepit.ARGS`. Defaults to none.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.config.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+    /// A command prefix the workers run under: `launcher... python -m snakepit ...`, e.g.
+    /// `["nice", "-n", "10"]`, `["taskset", "-c", "1"]`, or `["ssh", "host"]` for a worker on
+    /// another machine (the protocol is only stdin/stdout). With a launcher the interpreter is
+    /// not resolved locally (`python` is passed as given, default `python3`) and the worker
+    /// does not check that its parent is this process; over `ssh`, the `snakepit` package and
+    /// the adapter must be importable on the far side, and `env` does not travel. Defaults to
+    /// none.
+    pub fn launcher<I: IntoIterator<Item = S>, S: Into<String>>(mut self, command: I) -> Self {
+        self.config.launcher = command.into_iter().map(Into::into).collect();
+        self
+    }
     /// The settings as they stand.
     pub fn config(&self) -> &PoolConfig {
         &self.config
@@ -444,5 +499,8 @@ mod tests {
         assert_eq!(err_setting(b().max_concurrent_recycles(0)), "max_concurrent_recycles");
         assert_eq!(err_setting(b().health_interval(Duration::ZERO)), "health_interval");
         assert_eq!(err_setting(b().reaper_interval(Duration::ZERO)), "reaper_interval");
+        assert_eq!(err_setting(b().startup_timeout(Duration::MAX)), "startup_timeout");
+        assert_eq!(err_setting(b().shutdown_timeout(Duration::MAX)), "shutdown_timeout");
+        assert_eq!(err_setting(b().ttl(Duration::MAX)), "ttl");
     }
 }

@@ -82,6 +82,19 @@ pub enum Error {
     },
     /// The call's arguments are not a JSON object, array or null.
     InvalidArgs(String),
+    /// A configuration file has problems; each names its place, e.g.
+    /// `pools[1].max_requests: expected a positive integer, found -3`.
+    ConfigFile {
+        /// Every problem found, in file order.
+        problems: Vec<String>,
+    },
+    /// A pool set has no pool of this name.
+    UnknownPool {
+        /// The name asked for.
+        name: String,
+        /// The names that exist.
+        known: Vec<String>,
+    },
     /// No ready worker has this id (it may have been recycled or died).
     UnknownWorker {
         /// The id asked for.
@@ -200,6 +213,16 @@ impl fmt::Display for Error {
                 write!(f, "unknown command `{command}`: known commands are {}", known.join(", "))
             }
             Error::InvalidArgs(m) => write!(f, "invalid arguments: {m}"),
+            Error::ConfigFile { problems } => {
+                write!(f, "invalid configuration ({} problems):", problems.len())?;
+                for p in problems {
+                    write!(f, "\n  {p}")?;
+                }
+                Ok(())
+            }
+            Error::UnknownPool { name, known } => {
+                write!(f, "unknown pool `{name}`: the pools are {}", known.join(", "))
+            }
             Error::UnknownWorker { worker } => write!(f, "unknown worker: no ready worker {worker}"),
             Error::Io(e) => write!(f, "i/o: {e}"),
             Error::Json(e) => write!(f, "json: {e}"),
@@ -268,6 +291,10 @@ impl Error {
             }
             Error::InvalidArgs(m) => Error::InvalidArgs(m.clone()),
             Error::UnknownWorker { worker } => Error::UnknownWorker { worker: *worker },
+            Error::ConfigFile { problems } => Error::ConfigFile { problems: problems.clone() },
+            Error::UnknownPool { name, known } => {
+                Error::UnknownPool { name: name.clone(), known: known.clone() }
+            }
             Error::Io(e) => Error::Io(io::Error::new(e.kind(), e.to_string())),
             Error::Json(e) => Error::Io(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         }

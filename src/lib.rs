@@ -49,11 +49,13 @@
 #![warn(missing_docs)]
 
 mod config;
+mod config_file;
 mod dispatcher;
 mod embed;
 mod error;
 mod events;
 mod pool;
+mod pool_set;
 mod protocol;
 pub mod python;
 mod reaper;
@@ -62,9 +64,11 @@ mod sys;
 mod worker;
 
 pub use config::{PoolBuilder, PoolConfig};
+pub use config_file::{Config, POOL_KEYS};
 pub use error::{Error, ExitKind, RemoteError, Result, TimeoutKind};
 pub use events::Event;
 pub use pool::{CallOptions, Pool};
+pub use pool_set::{PoolSet, PoolSetBuilder, DEFAULT_POOL};
 pub use protocol::WorkerInfo;
 pub use reaper::RecycleReason;
 pub use stats::{Latency, PoolStats, Recycles, WorkerState, WorkerStats};

@@ -114,9 +114,15 @@ struct Threads {
 
 /// Resolves the interpreter and the embedded package, and assembles the workers' command.
 fn spawn_spec(config: &PoolConfig) -> Result<SpawnSpec> {
-    let python = python::resolve(config.python.as_deref())?;
     let package = embed::package_dir()?;
-    embed::precompile(&python, &package);
+    let python = if config.launcher.is_empty() {
+        let python = python::resolve(config.python.as_deref())?;
+        embed::precompile(&python, &package);
+        python.executable
+    } else {
+        // The interpreter runs wherever the launcher puts it: pass it on as given.
+        config.python.clone().unwrap_or_else(|| std::path::PathBuf::from("python3"))
+    };
     // The embedded package goes first so the worker always speaks this library's protocol;
     // then the pool's folders, then a PYTHONPATH from the pool's env or inherited.
     let mut parts = vec![package];
@@ -135,11 +141,13 @@ fn spawn_spec(config: &PoolConfig) -> Result<SpawnSpec> {
         .map_err(|e| Error::config("python_path", format!("cannot join folders into PYTHONPATH: {e}")))?;
     Ok(SpawnSpec {
         pool: config.name.clone(),
-        python: python.executable,
+        python,
         adapter: config.adapter.clone(),
         env: config.env.iter().filter(|(k, _)| k != "PYTHONPATH").cloned().collect(),
         python_path,
         max_frame: config.max_frame_size,
+        args: config.args.clone(),
+        launcher: config.launcher.clone(),
     })
 }
 
@@ -184,6 +192,9 @@ impl Pool {
                 "args must be a JSON object, array or null, found {}",
                 kind_of(&args)
             )));
+        }
+        if depth(&args) > MAX_ARGS_DEPTH {
+            return Err(Error::InvalidArgs(format!("args nest deeper than {MAX_ARGS_DEPTH} levels")));
         }
         let timeout = options.timeout.unwrap_or(self.config.request_timeout);
         if timeout.is_zero() {
@@ -356,6 +367,24 @@ impl Drop for Pool {
     }
 }
 
+/// How deep a call's arguments may nest: well within what both sides' JSON decoders take.
+const MAX_ARGS_DEPTH: usize = 100;
+
+/// The nesting depth of a JSON value (a scalar is 0), without recursion.
+fn depth(v: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, d)) = stack.pop() {
+        deepest = deepest.max(d);
+        match v {
+            Value::Array(items) => stack.extend(items.iter().map(|x| (x, d + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|x| (x, d + 1))),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -370,6 +399,17 @@ fn kind_of(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn depth_counts_nesting() {
+        assert_eq!(depth(&serde_json::json!(1)), 0);
+        assert_eq!(depth(&serde_json::json!({"a": [1, {"b": []}]})), 3);
+        let mut deep = serde_json::json!(0);
+        for _ in 0..1000 {
+            deep = serde_json::json!([deep]);
+        }
+        assert_eq!(depth(&deep), 1000);
+    }
 
     #[test]
     fn pool_is_send_and_sync() {

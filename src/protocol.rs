@@ -135,6 +135,20 @@ pub(crate) fn decode(payload: &[u8]) -> io::Result<Msg> {
     })
 }
 
+/// The call id of a `result` or `error` frame, read from its start without decoding the rest.
+/// The worker writes `type` then `id` first, so a reply whose body cannot be decoded can still
+/// be matched to its call.
+pub(crate) fn reply_id(payload: &[u8]) -> Option<u64> {
+    let rest = [&br#"{"type":"result","id":"#[..], &br#"{"type":"error","id":"#[..]]
+        .iter()
+        .find_map(|prefix| payload.strip_prefix(*prefix))?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || rest.get(digits) != Some(&b',') {
+        return None;
+    }
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
 /// Reads and decodes one message; `Ok(None)` on a clean end of stream between frames. (The
 /// worker's reader uses the two steps with one reused buffer instead.)
 #[cfg(test)]
@@ -313,6 +327,18 @@ mod tests {
             assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{payload:?}");
             assert!(err.to_string().contains(needle), "{payload:?}: {err}");
         }
+    }
+
+    #[test]
+    fn reply_ids_are_found_without_decoding_the_body() {
+        let deep = format!(r#"{{"type":"result","id":42,"value":{}{}}}"#, "[".repeat(500), "]".repeat(500));
+        assert!(decode(deep.as_bytes()).is_err(), "deeper than the decoder allows");
+        assert_eq!(reply_id(deep.as_bytes()), Some(42));
+        assert_eq!(reply_id(br#"{"type":"error","id":7,"error":{}}"#), Some(7));
+        assert_eq!(reply_id(br#"{"type":"pong","id":7}"#), None);
+        assert_eq!(reply_id(br#"{"type":"result","id":"7","value":1}"#), None);
+        assert_eq!(reply_id(br#"{"type":"result","id":7"#), None);
+        assert_eq!(reply_id(b""), None);
     }
 
     #[test]

@@ -36,6 +36,11 @@ use crate::sys;
 /// A worker's number within its pool (not its pid).
 pub(crate) type WorkerId = u64;
 
+/// The worker's entry point. `-c` puts the current directory first on `sys.path`; it is
+/// removed before anything is imported.
+const BOOTSTRAP: &str =
+    "import sys; sys.path.pop(0); from snakepit.worker import main; sys.exit(main(sys.argv[1:]))";
+
 /// How many lines of a worker's stderr are kept for error reports.
 const STDERR_LINES: usize = 20;
 /// The longest stderr line kept (the rest is cut).
@@ -69,6 +74,9 @@ pub(crate) struct SpawnSpec {
     pub(crate) env: Vec<(String, String)>,
     pub(crate) python_path: OsString,
     pub(crate) max_frame: usize,
+    pub(crate) args: Vec<String>,
+    /// A command prefix; empty for none.
+    pub(crate) launcher: Vec<String>,
 }
 
 /// A running worker process and its threads.
@@ -92,29 +100,42 @@ impl Worker {
     /// long as the worker (the dispatcher): Linux delivers the worker's parent-death signal
     /// when the thread that spawned it exits.
     pub(crate) fn spawn(id: WorkerId, spec: &SpawnSpec, events: Sender<WorkerEvent>) -> Result<Worker> {
-        let mut cmd = Command::new(&spec.python);
-        cmd.args(["-m", "snakepit"]);
+        let mut cmd = match spec.launcher.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(&spec.python);
+                cmd
+            }
+            None => Command::new(&spec.python),
+        };
+        // Like `python -m snakepit`, but without the current directory on `sys.path`, where a
+        // folder named `snakepit` would shadow the embedded package.
+        cmd.args(["-c", BOOTSTRAP]);
         if let Some(adapter) = &spec.adapter {
             cmd.args(["--adapter", adapter]);
         }
+        if spec.launcher.is_empty() {
+            // Under a launcher (ssh, a container's exec) the worker's parent is not us.
+            cmd.arg("--parent-pid").arg(std::process::id().to_string());
+        }
         cmd.arg("--max-frame-size")
             .arg(spec.max_frame.to_string())
-            .arg("--parent-pid")
-            .arg(std::process::id().to_string())
             .arg("--worker-id")
             .arg(id.to_string())
             .arg("--pool")
-            .arg(&spec.pool)
-            .env("PYTHONPATH", &spec.python_path)
+            .arg(&spec.pool);
+        if !spec.args.is_empty() {
+            cmd.arg("--").args(&spec.args);
+        }
+        cmd.env("PYTHONPATH", &spec.python_path)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Each worker leads its own process group, so signals reach its children too.
             .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| Error::Spawn { program: spec.python.display().to_string(), source })?;
+        let program = spec.launcher.first().cloned().unwrap_or_else(|| spec.python.display().to_string());
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn { program, source })?;
         let pid = child.id();
         log::debug!("[{}] worker {id} spawned (pid {pid})", spec.pool);
 
@@ -245,11 +266,22 @@ impl Worker {
         self.stderr_tail.lock().iter().cloned().collect()
     }
 
-    /// Joins the worker's threads. Call after its `Exited` event, when they have finished or
-    /// are about to.
-    pub(crate) fn join(mut self) {
+    /// Lets the worker's threads end: closes stdin and stops the writer. Call after its
+    /// `Exited` event; then join once [`finished`](Worker::finished).
+    pub(crate) fn release(&mut self) {
         self.close_stdin();
         self.doorbell = None;
+    }
+
+    /// Whether every thread of the worker has ended (joining will not block). A grandchild that
+    /// escaped the process group and still holds stderr keeps the stderr reader alive.
+    pub(crate) fn finished(&self) -> bool {
+        self.threads.iter().all(|t| t.is_finished())
+    }
+
+    /// Joins the worker's threads; blocks unless [`finished`](Worker::finished).
+    pub(crate) fn join(mut self) {
+        self.release();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -297,13 +329,25 @@ fn read_stdout(stdout: ChildStdout, max: usize, waiting: &Waiting, reaper: Reape
     let mut r = BufReader::with_capacity(64 * 1024, stdout);
     let mut buf = Vec::new();
     loop {
-        let outcome = protocol::read_frame_bytes(&mut r, &mut buf, max).and_then(|more| {
-            if more {
-                protocol::decode(&buf).map(Some)
-            } else {
-                Ok(None)
-            }
-        });
+        let outcome = match protocol::read_frame_bytes(&mut r, &mut buf, max) {
+            Ok(true) => match protocol::decode(&buf) {
+                Ok(msg) => Ok(Some(msg)),
+                // A well-framed reply that cannot be decoded (say, nested deeper than the
+                // decoder allows) fails only its own call; the stream is still in step.
+                Err(e) => match protocol::reply_id(&buf) {
+                    Some(call) => {
+                        let err = Error::Protocol(format!("the reply could not be decoded: {e}"));
+                        if !deliver(waiting, &reaper.events, id, call, Err(err)) {
+                            break;
+                        }
+                        continue;
+                    }
+                    None => Err(e),
+                },
+            },
+            Ok(false) => Ok(None),
+            Err(e) => Err(e),
+        };
         match outcome {
             Ok(Some(msg)) => {
                 log::trace!("worker {id} -> {msg:?}");

@@ -102,6 +102,43 @@ fn calls_waiting_behind_a_crash_are_served_by_the_replacement() {
     pool.shutdown().unwrap();
 }
 
+#[test]
+fn a_worker_that_forked_before_dying_is_still_reported_dead() {
+    // The forked child keeps running with copies of the worker's fds; the pool must still see
+    // the worker die instead of waiting for the call's deadline.
+    let pool = common::builder(1).request_timeout(Duration::from_secs(20)).build().unwrap();
+    let started = std::time::Instant::now();
+    match pool.call("fork_then_exit", json!({"code": 7})).unwrap_err() {
+        Error::WorkerDied { exit, .. } => assert_eq!(exit, ExitKind::Code(7)),
+        other => panic!("expected WorkerDied, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "not by the 20 s deadline");
+    assert_eq!(pool.call("add", json!([1, 1])).unwrap(), json!(2));
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn a_child_that_escaped_the_group_does_not_stall_the_pool() {
+    let dir = std::env::temp_dir().join(format!("snakepit-escape-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pid_file = dir.join("child.pid");
+    let pool = common::builder(2).build().unwrap();
+    let err = pool.call("escape_then_exit", json!({"pid_file": pid_file, "seconds": 30})).unwrap_err();
+    assert!(matches!(err, Error::WorkerDied { .. }), "{err:?}");
+    let child: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    // The escaped child holds the dead worker's stderr open; calls and stats still flow.
+    for i in 0..20 {
+        assert_eq!(pool.call("add", json!([i, 1])).unwrap(), json!(i + 1));
+    }
+    assert!(common::wait_ready(&pool, 2, Duration::from_secs(20)));
+    let started = std::time::Instant::now();
+    pool.shutdown().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "shutdown is bounded: {:?}", started.elapsed());
+    unsafe_free_kill(child);
+    common::assert_gone(&[child], Duration::from_secs(5));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// SIGKILL through the `kill` command, so the tests need no unsafe code.
 fn unsafe_free_kill(pid: u32) {
     let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();

@@ -17,7 +17,10 @@ fn parent_program() {
         return; // only meaningful as the child program of the test below
     }
     let pool = common::builder(2).build().unwrap();
-    let pids: Vec<String> = common::worker_pids(&pool).iter().map(u32::to_string).collect();
+    let mut pids: Vec<String> = common::worker_pids(&pool).iter().map(u32::to_string).collect();
+    // A child process of a worker: it must die with the workers.
+    let child = pool.call("spawn_child", serde_json::json!({"seconds": 60})).unwrap();
+    pids.push(child.to_string());
     println!("PIDS {}", pids.join(" "));
     // Also busy one worker in a long call: it must exit even while busy.
     std::thread::spawn(move || {
@@ -54,7 +57,7 @@ fn workers_exit_when_their_parent_is_killed() {
             panic!("the parent program never reported its workers");
         }
     };
-    assert_eq!(pids.len(), 2);
+    assert_eq!(pids.len(), 3, "two workers and a worker's child");
     assert!(pids.iter().all(|&p| common::alive(p)));
     // Let the long call reach its worker, then kill the parent without any chance to clean up.
     std::thread::sleep(Duration::from_millis(300));

@@ -55,6 +55,33 @@ fn print_and_writes_to_fd_1_do_not_corrupt_the_stream() {
 }
 
 #[test]
+fn an_exception_message_that_is_not_valid_utf8_still_comes_back() {
+    let pool = common::builder(1).build().unwrap();
+    let e = python_error(pool.call("surrogate", json!({})).unwrap_err());
+    assert_eq!(e.error_type, "ValueError");
+    assert!(e.message.starts_with("bad ") && e.message.contains("udcff"), "{}", e.message);
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn nesting_too_deep_fails_only_the_call() {
+    let pool = common::builder(1).build().unwrap();
+    let pid = common::worker_pids(&pool);
+    // A result deeper than the host's decoder takes: that call fails, the worker stays.
+    let err = pool.call("deep", json!({"levels": 300})).unwrap_err();
+    assert!(matches!(&err, Error::Protocol(m) if m.contains("could not be decoded")), "{err:?}");
+    assert_eq!(pool.call("deep", json!({"levels": 3})).unwrap(), json!([[[[]]]]));
+    // Arguments that deep are refused before they are sent.
+    let mut args = json!(0);
+    for _ in 0..150 {
+        args = json!([args]);
+    }
+    assert!(matches!(pool.call("echo", json!([args])), Err(Error::InvalidArgs(_))));
+    assert_eq!(common::worker_pids(&pool), pid);
+    pool.shutdown().unwrap();
+}
+
+#[test]
 fn frames_over_the_limit_are_refused_on_both_sides() {
     let pool = common::builder(1).max_frame_size(64 * 1024).build().unwrap();
     let pid = common::worker_pids(&pool);

@@ -74,6 +74,19 @@ fn the_whole_deadline_covers_the_queue_too() {
 }
 
 #[test]
+fn a_call_already_past_its_deadline_costs_no_worker() {
+    let pool = common::builder(1).build().unwrap();
+    let pid = common::worker_pids(&pool);
+    for _ in 0..20 {
+        let err = pool.call_with("add", json!([1, 2]), CallOptions::new().timeout(Duration::from_nanos(1)));
+        assert!(matches!(err, Err(Error::Timeout(TimeoutKind::Queue))), "{err:?}");
+    }
+    assert_eq!(common::worker_pids(&pool), pid, "no worker was killed for it");
+    assert_eq!(pool.stats().unwrap().restarts, 0);
+    pool.shutdown().unwrap();
+}
+
+#[test]
 fn a_full_queue_refuses_at_once() {
     let pool = common::builder(1).max_queue(1).build().unwrap();
     std::thread::scope(|s| {

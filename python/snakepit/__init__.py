@@ -20,6 +20,9 @@ every worker imports it before anything else.
 
 __version__ = "0.1.0"
 
+#: The pool's `args` setting: extra arguments for the adapter, set before it is imported.
+ARGS = []
+
 __all__ = ["command", "registry", "is_thread_safe", "__version__"]
 
 # Command name -> function, filled in by @command while adapters import.

@@ -77,7 +77,8 @@ EXIT_ORPHANED = 1  # the parent died (or was already gone at start-up)
 EXIT_PROTOCOL = 2
 EXIT_STARTUP = 3
 
-_SIGKILL = 9  # the same number on every POSIX system; saves importing signal
+_SIGKILL = 9  # the same numbers on every POSIX system; saves importing signal at start-up
+_SIGTERM = 15
 _PR_SET_PDEATHSIG = 1
 _WATCHDOG_INTERVAL = 0.5
 
@@ -226,6 +227,7 @@ def main(argv=None):
         log.warning("parent process %s is already gone; exiting", args.parent_pid)
         return EXIT_ORPHANED
     reader, write = _take_over_stdio()
+    snakepit.ARGS[:] = args.adapter_args
 
     worker, failure = load_worker(args.adapter, args.max_frame_size)
     if failure is not None:
@@ -265,7 +267,7 @@ def _request_id(msg):
 
 
 def _error_reply(rid, kind, message):
-    return {"type": "error", "id": rid, "error": {"type": kind, "message": message, "traceback": ""}}
+    return {"type": "error", "id": rid, "error": {"type": kind, "message": _utf8_safe(message), "traceback": ""}}
 
 
 def _error_info(exc, message=None):
@@ -280,9 +282,19 @@ def _error_info(exc, message=None):
         tb = tb.tb_next
     return {
         "type": _type_name(type(exc)),
-        "message": _text(exc) if message is None else message,
-        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
+        "message": _utf8_safe(_text(exc) if message is None else message),
+        "traceback": _utf8_safe("".join(traceback.format_exception(type(exc), exc, tb))),
     }
+
+
+def _utf8_safe(text):
+    """``text`` with anything UTF-8 cannot carry (lone surrogates) escaped, so an error
+    report can always be sent."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _type_name(cls):
@@ -350,7 +362,7 @@ def _rss_bytes():
 # --- process plumbing ------------------------------------------------------
 
 
-_USAGE = "usage: python -m snakepit [--adapter MODULE] [--max-frame-size BYTES] [--parent-pid PID] [--worker-id ID] [--pool NAME]"
+_USAGE = "usage: python -m snakepit [--adapter MODULE] [--max-frame-size BYTES] [--parent-pid PID] [--worker-id ID] [--pool NAME] [-- ADAPTER_ARGS...]"
 
 _OPTIONS = {
     "--adapter": ("adapter", str),
@@ -366,10 +378,20 @@ def _parse_args(argv):
 
     A bad command line prints the usage to stderr and exits with code 2.
     """
-    args = {"adapter": None, "max_frame_size": DEFAULT_MAX_FRAME, "parent_pid": None, "worker_id": None, "pool": None}
+    args = {
+        "adapter": None,
+        "max_frame_size": DEFAULT_MAX_FRAME,
+        "parent_pid": None,
+        "worker_id": None,
+        "pool": None,
+        "adapter_args": [],
+    }
     argv = list(sys.argv[1:] if argv is None else argv)
     while argv:
         arg = argv.pop(0)
+        if arg == "--":  # the rest is for the adapter (snakepit.ARGS)
+            args["adapter_args"] = argv
+            break
         if arg in ("-h", "--help"):
             print(_USAGE, file=sys.stderr)
             raise SystemExit(0)
@@ -419,26 +441,37 @@ def _watch_parent(parent_pid):
 
 
 def _set_parent_death_signal():
-    """prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills us when the parent exits."""
+    """prctl(PR_SET_PDEATHSIG, SIGTERM): the kernel signals us when the parent exits.
+
+    SIGTERM, not SIGKILL, so the handler can take the adapter's child processes
+    down with the worker (its whole process group). If the main thread is stuck
+    in C code and the handler cannot run, the watchdog thread does the same.
+    """
     try:
         import ctypes
+        import signal
 
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
+        signal.signal(_SIGTERM, _die_with_group)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, _SIGTERM, 0, 0, 0)
     except Exception:
         pass  # best effort; the watchdog still notices
+
+
+def _die_with_group(*_):
+    """Exit at once, killing the worker's process group if it leads one."""
+    try:
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), _SIGKILL)
+    except (AttributeError, OSError):  # no process groups (Windows) or no permission
+        pass
+    os._exit(EXIT_ORPHANED)
 
 
 def _watchdog(ppid):
     while os.getppid() == ppid:
         time.sleep(_WATCHDOG_INTERVAL)
     log.warning("parent process %s died; exiting", ppid)
-    try:
-        if os.getpgid(0) == os.getpid():
-            # We lead our process group: take the adapter's children with us.
-            os.killpg(os.getpid(), _SIGKILL)
-    except (AttributeError, OSError):  # no process groups (Windows) or no permission
-        pass
-    os._exit(EXIT_ORPHANED)
+    _die_with_group()
 
 
 def _take_over_stdio():
@@ -458,6 +491,23 @@ def _take_over_stdio():
 
     reader = os.fdopen(proto_in, "rb", buffering=65536)
     lock = threading.Lock()  # one frame at a time, even with several writer threads
+
+    # A plain fork() (multiprocessing's default on Linux) copies every fd: a forked child
+    # would keep the protocol pipes open after the worker dies, so the host would never see
+    # the worker's output end. The child closes its copies first thing.
+    # (Pointed at /dev/null rather than closed, so the fd numbers stay valid for the objects
+    # that still hold them.)
+    def close_protocol_fds():
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (proto_in, proto_out):
+                os.dup2(null, fd, inheritable=False)
+            os.close(null)
+        except OSError:
+            pass
+
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=close_protocol_fds)
 
     def write(data):
         with lock:

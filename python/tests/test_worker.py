@@ -570,8 +570,14 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual((args.adapter, args.pool, args.parent_pid, args.max_frame_size), ("m.x", "p1", 42, 2048))
         self.assertIsNone(args.worker_id)
 
+    def test_adapter_args_follow_a_double_dash(self):
+        args = _parse_args(["--pool", "p", "--", "--model", "small", "--pool"])
+        self.assertEqual(args.pool, "p")
+        self.assertEqual(args.adapter_args, ["--model", "small", "--pool"])
+
     def test_defaults(self):
         args = _parse_args([])
+        self.assertEqual(args.adapter_args, [])
         self.assertIsNone(args.adapter)
         self.assertEqual(args.max_frame_size, 64 * 1024 * 1024)
 

@@ -78,6 +78,16 @@ impl Dispatcher {
     fn start_call(&mut self, id: u64, slot: usize) {
         let now = Instant::now();
         let Some(p) = self.calls.get_mut(&id) else { return };
+        if now >= p.call.queue_deadline {
+            // Its time ran out before a worker took it (the caller has already given up):
+            // answer it as a queue time-out rather than spend, and then kill, a worker on it.
+            let reply = p.reply.take();
+            self.calls.remove(&id);
+            if let Some(reply) = reply {
+                self.answer(reply, Err(Error::Timeout(TimeoutKind::Queue)));
+            }
+            return;
+        }
         let s = &mut self.slots[slot];
         p.worker = Some(s.worker.id);
         p.dispatched = now;

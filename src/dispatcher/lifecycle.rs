@@ -77,7 +77,11 @@ impl Dispatcher {
         }
         for _ in live..self.cfg.size {
             if Instant::now() < self.next_spawn {
-                self.timers.push(Reverse((self.next_spawn, Timer::Wake)));
+                // One wake-up per backoff, not one per loop pass.
+                if self.spawn_wake != Some(self.next_spawn) {
+                    self.spawn_wake = Some(self.next_spawn);
+                    self.timers.push(Reverse((self.next_spawn, Timer::Wake)));
+                }
                 return;
             }
             self.counters.restarts += 1;
@@ -149,6 +153,14 @@ impl Dispatcher {
         let stderr = s.worker.stderr_tail();
         let pid = s.worker.pid;
         let lost = s.in_flight.len();
+        if matches!(self.phase, Phase::Starting(_)) && s.state != WorkerState::Starting {
+            // A worker lost while `build()` waits for the others: the build fails with why.
+            let err = match &s.broken {
+                Some(e) => e.duplicate(),
+                None => Error::WorkerDied { pid, exit, stderr: stderr.clone() },
+            };
+            self.fail_start(err);
+        }
         match s.state {
             WorkerState::Starting => {
                 let last = stderr.last().cloned().unwrap_or_default();
@@ -190,7 +202,10 @@ impl Dispatcher {
             };
             self.answer_in_flight(i, call, err);
         }
-        self.slots.remove(i).worker.join();
+        // Its threads end on their own now; the dispatcher never waits for them here.
+        let mut worker = self.slots.remove(i).worker;
+        worker.release();
+        self.exited.push(worker);
         self.dispatch_queued();
     }
 

@@ -202,6 +202,10 @@ pub(crate) struct Dispatcher {
     last_startup_error: Option<String>,
     degraded_announced: bool,
     next_spawn: Instant,
+    /// The wake-up already scheduled for `next_spawn`.
+    spawn_wake: Option<Instant>,
+    /// Workers that have exited, until their threads have ended and are joined.
+    exited: Vec<Worker>,
 }
 
 impl Dispatcher {
@@ -234,6 +238,8 @@ impl Dispatcher {
             last_startup_error: None,
             degraded_announced: false,
             next_spawn: Instant::now(),
+            spawn_wake: None,
+            exited: Vec::new(),
         }
     }
 
@@ -278,8 +284,19 @@ impl Dispatcher {
                 self.on_event(ev);
             }
             self.fire_timers();
+            self.join_exited();
         }
         self.finish();
+    }
+
+    /// Joins the threads of exited workers that have ended.
+    fn join_exited(&mut self) {
+        if self.exited.iter().any(Worker::finished) {
+            let (done, waiting): (Vec<Worker>, Vec<Worker>) =
+                std::mem::take(&mut self.exited).into_iter().partition(Worker::finished);
+            done.into_iter().for_each(Worker::join);
+            self.exited = waiting;
+        }
     }
 
     fn on_request(&mut self, req: Request) {

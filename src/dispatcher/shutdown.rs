@@ -42,6 +42,21 @@ impl Dispatcher {
 
     pub(super) fn finish(&mut self) {
         self.emitter.close();
+        // The last workers' threads end within moments of their exit, unless a grandchild that
+        // escaped the process group holds a pipe: then they are left to end on their own.
+        let end = Instant::now() + STOP_ESCALATION;
+        while !self.exited.is_empty() && Instant::now() < end {
+            self.join_exited();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.join_exited();
+        if !self.exited.is_empty() {
+            log::warn!(
+                "[{}] {} exited workers' output threads are still held open (by an escaped child?); not waiting",
+                self.cfg.name,
+                self.exited.len()
+            );
+        }
         if let Phase::ShuttingDown { reply, report, .. } = &mut self.phase {
             let report = std::mem::take(report);
             log::info!("[{}] pool stopped", self.cfg.name);
@@ -129,17 +144,27 @@ impl Dispatcher {
         if now < grace_end {
             return;
         }
-        let mut cut = 0;
+        let (mut cut, mut forced) = (0, 0);
         for i in 0..self.slots.len() {
-            for call in std::mem::take(&mut self.slots[i].in_flight) {
+            let calls = std::mem::take(&mut self.slots[i].in_flight);
+            if calls.is_empty() {
+                self.stop(i);
+                continue;
+            }
+            for call in calls {
                 if self.answer_in_flight(i, call, Error::Timeout(TimeoutKind::Shutdown)) {
                     cut += 1;
                 }
             }
-            self.stop(i);
+            // Still busy with the calls just cut: it cannot take a `shutdown` frame now.
+            if self.slots[i].escalation < KILLED {
+                forced += 1;
+                self.kill(i);
+            }
         }
         if let Phase::ShuttingDown { report, .. } = &mut self.phase {
             report.calls_cut += cut;
+            report.forced += forced;
         }
     }
 }

@@ -1,0 +1,555 @@
+//! The JSON configuration file: several named pools with shared defaults, or the small legacy
+//! single-pool form. Everything is validated before any process starts, and every problem is
+//! reported at once with its place in the file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::config::PoolBuilder;
+use crate::error::{Error, Result};
+
+/// Every key a pool takes, with its default and meaning. The README's table is checked
+/// against this list by a test, so the two cannot drift apart.
+pub const POOL_KEYS: &[(&str, &str, &str)] = &[
+    ("name", "\"default\"", "the pool's name; calls are routed by it"),
+    ("size", "number of CPUs", "worker processes kept running (1 to 1024)"),
+    ("profile", "\"process\"", "\"process\": one call at a time per worker"),
+    ("adapter", "none", "the module whose `@snakepit.command` functions are served"),
+    ("python", "`$SNAKEPIT_PYTHON`, else `python3`", "the interpreter"),
+    ("python_path", "[]", "folders put on the workers' `PYTHONPATH`"),
+    ("args", "[]", "extra arguments for the adapter, as `snakepit.ARGS` in the worker"),
+    ("env", "{}", "environment variables for the workers"),
+    ("launcher", "none", "a command prefix the workers run under, e.g. `[\"nice\", \"-n\", \"10\"]`"),
+    ("startup_timeout", "\"30s\"", "spawn to `ready`, per worker"),
+    ("request_timeout", "\"30s\"", "a call's whole deadline: queue wait plus execution"),
+    ("queue_timeout", "the whole deadline", "the longest a call may wait for a worker"),
+    ("shutdown_timeout", "\"5s\"", "grace period for in-flight calls at shutdown"),
+    ("max_queue", "1024", "calls that may wait; more get `QueueFull`"),
+    ("max_frame_size", "\"64MiB\"", "the largest frame either side may send"),
+    ("ttl", "off", "recycle a worker once it is this old (plus jitter)"),
+    ("max_requests", "off", "recycle a worker after this many calls (plus jitter)"),
+    ("max_memory", "off", "recycle a worker whose process tree's RSS passes this size"),
+    ("max_memory_hard", "off", "kill a worker whose process tree's RSS passes this size"),
+    ("jitter", "0.1", "the largest fraction added to each recycling limit, per worker"),
+    ("max_concurrent_recycles", "1", "workers recycled at the same time"),
+    ("health_interval", "off", "ping idle workers this often"),
+    ("health_timeout", "\"5s\"", "how long a pinged worker has to answer"),
+    ("reaper_interval", "\"1s\"", "how often ages and memory are checked"),
+    ("degraded_after", "3", "start-up failures in a row before a pool with no ready worker fails calls fast"),
+];
+
+/// The keys the file itself takes at the top level, besides the legacy single-pool keys.
+const TOP_KEYS: &[&str] = &["defaults", "pools"];
+
+/// A validated configuration: the pools it describes, ready to start with
+/// [`PoolSet::from_config`](crate::PoolSet::from_config).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pools: Vec<PoolBuilder>,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Config> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
+            problems: vec![format!("{}: cannot read: {e}", path.display())],
+        })?;
+        Config::from_json_str(&text)
+    }
+
+    /// Parses and validates a configuration from JSON text.
+    pub fn from_json_str(text: &str) -> Result<Config> {
+        let root: Value = serde_json::from_str(text)
+            .map_err(|e| Error::ConfigFile { problems: vec![format!("not valid JSON: {e}")] })?;
+        let mut problems = Vec::new();
+        let pools = parse_root(&root, &mut problems);
+        if problems.is_empty() {
+            Ok(Config { pools })
+        } else {
+            Err(Error::ConfigFile { problems })
+        }
+    }
+
+    /// The pools' names, in file order.
+    pub fn pool_names(&self) -> Vec<String> {
+        self.pools.iter().map(|p| p.config.name.clone()).collect()
+    }
+
+    /// The pools as builders, to adjust before starting them.
+    pub fn builders(&self) -> Vec<PoolBuilder> {
+        self.pools.clone()
+    }
+}
+
+fn parse_root(root: &Value, problems: &mut Vec<String>) -> Vec<PoolBuilder> {
+    let Some(obj) = root.as_object() else {
+        problems.push(format!("(top level): expected an object, found {}", kind(root)));
+        return Vec::new();
+    };
+    if !obj.contains_key("pools") {
+        return parse_legacy(obj, problems);
+    }
+    for key in obj.keys() {
+        if !TOP_KEYS.contains(&key.as_str()) {
+            let hint = if POOL_KEYS.iter().any(|(k, _, _)| k == key) {
+                " (pool settings go in a pool, or in `defaults` for every pool)".to_string()
+            } else {
+                suggest(key, TOP_KEYS.iter().copied())
+            };
+            problems.push(format!("{key}: unknown key{hint}"));
+        }
+    }
+    let defaults = match obj.get("defaults") {
+        None => Map::new(),
+        Some(Value::Object(d)) => {
+            if d.contains_key("name") {
+                problems.push("defaults.name: a name cannot be a default; name each pool".into());
+            }
+            d.clone()
+        }
+        Some(other) => {
+            problems.push(format!("defaults: expected an object, found {}", kind(other)));
+            Map::new()
+        }
+    };
+    let pools = match &obj["pools"] {
+        Value::Array(pools) if pools.is_empty() => {
+            problems.push("pools: expected at least one pool, found none".into());
+            return Vec::new();
+        }
+        Value::Array(pools) => pools,
+        other => {
+            problems.push(format!("pools: expected an array of pools, found {}", kind(other)));
+            return Vec::new();
+        }
+    };
+    let mut builders = Vec::new();
+    let mut names: Vec<(String, usize)> = Vec::new();
+    for (i, pool) in pools.iter().enumerate() {
+        let at = format!("pools[{i}]");
+        let Some(pool) = pool.as_object() else {
+            problems.push(format!("{at}: expected an object, found {}", kind(pool)));
+            continue;
+        };
+        if !pool.contains_key("name") {
+            problems.push(format!("{at}.name: every pool in `pools` needs a name"));
+        }
+        // The pool's own keys override the defaults.
+        let mut merged = defaults.clone();
+        merged.extend(pool.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let builder =
+            parse_pool(&merged, &at, |k| if pool.contains_key(k) { &at } else { "defaults" }, problems);
+        let name = builder.config.name.clone();
+        if let Some((_, first)) = names.iter().find(|(n, _)| *n == name) {
+            problems.push(format!("{at}.name: {name:?} is already the name of pools[{first}]"));
+        }
+        names.push((name, i));
+        builders.push(builder);
+    }
+    builders
+}
+
+/// The small single-pool form: pool keys at the top level (`pool_size` for `size`).
+fn parse_legacy(obj: &Map<String, Value>, problems: &mut Vec<String>) -> Vec<PoolBuilder> {
+    let mut pool = Map::new();
+    for (k, v) in obj {
+        let key = if k == "pool_size" { "size" } else { k.as_str() };
+        if key == "size" && pool.contains_key("size") {
+            problems.push("pool_size: give `pool_size` or `size`, not both".into());
+        }
+        pool.insert(key.to_string(), v.clone());
+    }
+    vec![parse_pool(&pool, "", |_| "", problems)]
+}
+
+/// Reads one pool's keys into a builder, recording every problem. `origin(key)` says where a
+/// key came from (the pool or `defaults`), for the problem's path.
+fn parse_pool<'a>(
+    pool: &Map<String, Value>,
+    at: &str,
+    origin: impl Fn(&str) -> &'a str,
+    problems: &mut Vec<String>,
+) -> PoolBuilder {
+    let mut b = PoolBuilder::default();
+    for (key, value) in pool {
+        let place = origin(key);
+        let path = if place.is_empty() { key.clone() } else { format!("{place}.{key}") };
+        let mut bad =
+            |expected: &str| problems.push(format!("{path}: expected {expected}, found {}", show(value)));
+        let dur = |v: &Value| parse_duration(v);
+        b = match key.as_str() {
+            "name" => match value.as_str() {
+                Some(s) => b.name(s),
+                None => {
+                    bad("a string");
+                    b
+                }
+            },
+            "size" => match positive(value) {
+                Some(n) => b.size(n as usize),
+                None => {
+                    bad("a positive integer");
+                    b
+                }
+            },
+            "profile" => match value.as_str() {
+                Some("process") => b,
+                Some("thread") => {
+                    problems.push(format!(
+                        "{path}: the \"thread\" profile is not available yet; use \"process\""
+                    ));
+                    b
+                }
+                _ => {
+                    bad("\"process\"");
+                    b
+                }
+            },
+            "adapter" => match value.as_str() {
+                Some(s) => b.adapter(s),
+                None => {
+                    bad("a module name");
+                    b
+                }
+            },
+            "python" => match value.as_str() {
+                Some(s) if !s.is_empty() => b.python(s),
+                _ => {
+                    bad("a path or command name");
+                    b
+                }
+            },
+            "python_path" => match strings(value) {
+                Some(dirs) => dirs.into_iter().fold(b, |b, d| b.python_path(PathBuf::from(d))),
+                None => {
+                    bad("an array of folder names");
+                    b
+                }
+            },
+            "args" => match strings(value) {
+                Some(args) => b.args(args),
+                None => {
+                    bad("an array of strings");
+                    b
+                }
+            },
+            "env" => match value.as_object() {
+                Some(env) if env.values().all(Value::is_string) => {
+                    env.iter().fold(b, |b, (k, v)| b.env(k, v.as_str().unwrap_or_default()))
+                }
+                _ => {
+                    bad("an object of strings");
+                    b
+                }
+            },
+            "launcher" => match strings(value) {
+                Some(cmd) if !cmd.is_empty() && !cmd[0].is_empty() => b.launcher(cmd),
+                Some(_) => {
+                    problems
+                        .push(format!("{path}: a launcher needs at least a program, found an empty list"));
+                    b
+                }
+                None => {
+                    bad("an array of strings, the program first");
+                    b
+                }
+            },
+            "startup_timeout" | "request_timeout" | "queue_timeout" | "shutdown_timeout" | "ttl"
+            | "health_interval" | "health_timeout" | "reaper_interval" => match dur(value) {
+                Some(d) if !d.is_zero() => match key.as_str() {
+                    "startup_timeout" => b.startup_timeout(d),
+                    "request_timeout" => b.request_timeout(d),
+                    "queue_timeout" => b.queue_timeout(d),
+                    "shutdown_timeout" => b.shutdown_timeout(d),
+                    "ttl" => b.ttl(d),
+                    "health_interval" => b.health_interval(d),
+                    "health_timeout" => b.health_timeout(d),
+                    _ => b.reaper_interval(d),
+                },
+                _ => {
+                    bad("a duration above zero such as \"500ms\", \"30s\", \"5m\", \"1h\" or milliseconds");
+                    b
+                }
+            },
+            "max_queue" => match value.as_u64() {
+                Some(n) => b.max_queue(n as usize),
+                None => {
+                    bad("a non-negative integer");
+                    b
+                }
+            },
+            "max_requests" | "max_concurrent_recycles" | "degraded_after" => match positive(value) {
+                Some(n) => match key.as_str() {
+                    "max_requests" => b.max_requests(n),
+                    "max_concurrent_recycles" => b.max_concurrent_recycles(n as usize),
+                    _ => b.degraded_after(n.min(u64::from(u32::MAX)) as u32),
+                },
+                None => {
+                    bad("a positive integer");
+                    b
+                }
+            },
+            "max_frame_size" | "max_memory" | "max_memory_hard" => match parse_size(value) {
+                Some(n) if n > 0 => match key.as_str() {
+                    "max_frame_size" => b.max_frame_size(n as usize),
+                    "max_memory" => b.max_memory(n),
+                    _ => b.max_memory_hard(n),
+                },
+                _ => {
+                    bad("a size above zero such as \"512MB\" or bytes");
+                    b
+                }
+            },
+            "jitter" => match value.as_f64() {
+                Some(j) if (0.0..=1.0).contains(&j) => b.jitter(j),
+                _ => {
+                    bad("a fraction between 0 and 1");
+                    b
+                }
+            },
+            _ => {
+                let hint = suggest(key, POOL_KEYS.iter().map(|(k, _, _)| *k));
+                problems.push(format!("{path}: unknown key{hint}"));
+                b
+            }
+        };
+    }
+    // Whatever the per-key checks let through, the builder's own validation still sees.
+    if let Err(Error::Config { setting, message }) = b.config.validate() {
+        let path = if at.is_empty() { setting } else { format!("{at}.{setting}") };
+        problems.push(format!("{path}: {message}"));
+    }
+    b
+}
+
+fn positive(v: &Value) -> Option<u64> {
+    v.as_u64().filter(|&n| n > 0)
+}
+
+fn strings(v: &Value) -> Option<Vec<String>> {
+    v.as_array()?.iter().map(|s| s.as_str().map(str::to_string)).collect()
+}
+
+/// `"500ms"`, `"30s"`, `"5m"`, `"1h"`, or a number of milliseconds.
+pub(crate) fn parse_duration(v: &Value) -> Option<Duration> {
+    if let Some(ms) = v.as_u64() {
+        return Some(Duration::from_millis(ms));
+    }
+    let s = v.as_str()?.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = s.split_at(split);
+    let n: f64 = number.parse().ok()?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+/// `"512MB"`, `"2GiB"`, `"64KB"` (binary multiples: MB = 1024² bytes), or a number of bytes.
+pub(crate) fn parse_size(v: &Value) -> Option<u64> {
+    if let Some(n) = v.as_u64() {
+        return Some(n);
+    }
+    let s = v.as_str()?.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: f64 = number.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "KB" | "KIB" | "K" => 1 << 10,
+        "MB" | "MIB" | "M" => 1 << 20,
+        "GB" | "GIB" | "G" => 1 << 30,
+        _ => return None,
+    };
+    let bytes = n * mult as f64;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+/// " (did you mean `x`?)" for a near miss, else the known keys.
+fn suggest<'a>(key: &str, known: impl Iterator<Item = &'a str> + Clone) -> String {
+    let best = known.clone().map(|k| (edit_distance(key, k), k)).min();
+    match best {
+        Some((d, k)) if d <= 2 || (key.len() > 3 && k.contains(key)) => format!(" (did you mean `{k}`?)"),
+        _ => format!("; known keys: {}", known.collect::<Vec<_>>().join(", ")),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A value as it appears in the file, shortened.
+fn show(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 60 {
+        format!("{}...", &s[..s.char_indices().nth(57).map_or(s.len(), |(i, _)| i)])
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(json: &str) -> Vec<String> {
+        match Config::from_json_str(json) {
+            Err(Error::ConfigFile { problems }) => problems,
+            Ok(_) => Vec::new(),
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        let d = |s: Value| parse_duration(&s);
+        assert_eq!(d("500ms".into()), Some(Duration::from_millis(500)));
+        assert_eq!(d("30s".into()), Some(Duration::from_secs(30)));
+        assert_eq!(d("5m".into()), Some(Duration::from_secs(300)));
+        assert_eq!(d("1h".into()), Some(Duration::from_secs(3600)));
+        assert_eq!(d("1.5s".into()), Some(Duration::from_millis(1500)));
+        assert_eq!(d(250.into()), Some(Duration::from_millis(250)));
+        for bad in [Value::from("5"), "5 parsecs".into(), "s".into(), (-3).into(), true.into(), "-1s".into()]
+        {
+            assert_eq!(parse_duration(&bad), None, "{bad}");
+        }
+        let z = |s: Value| parse_size(&s);
+        assert_eq!(z("512MB".into()), Some(512 << 20));
+        assert_eq!(z("2GiB".into()), Some(2 << 30));
+        assert_eq!(z("64KB".into()), Some(64 << 10));
+        assert_eq!(z("100".into()), Some(100));
+        assert_eq!(z(4096.into()), Some(4096));
+        assert_eq!(z("12 parsecs".into()), None);
+        assert_eq!(z((-1).into()), None);
+    }
+
+    #[test]
+    fn a_full_file_with_defaults() {
+        let c = Config::from_json_str(
+            r#"{
+              "defaults": {"request_timeout": "10s", "env": {"A": "1"}},
+              "pools": [
+                {"name": "embed", "size": 2, "adapter": "m.embed", "max_requests": 500, "ttl": "1h"},
+                {"name": "text", "size": 8, "request_timeout": 500, "max_memory": "512MB",
+                 "launcher": ["nice", "-n", "5"], "args": ["--model", "small"]}
+              ]
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(c.pool_names(), vec!["embed", "text"]);
+        let pools = c.builders();
+        let (a, b) = (&pools[0].config, &pools[1].config);
+        assert_eq!((a.size(), a.adapter(), a.max_requests()), (2, Some("m.embed"), Some(500)));
+        assert_eq!(a.request_timeout(), Duration::from_secs(10), "from defaults");
+        assert_eq!(b.request_timeout(), Duration::from_millis(500), "the pool's own value wins");
+        assert_eq!(a.ttl(), Some(Duration::from_secs(3600)));
+        assert_eq!(b.max_memory(), Some(512 << 20));
+        assert_eq!(a.env(), &[("A".to_string(), "1".to_string())]);
+        assert_eq!(b.launcher(), &["nice", "-n", "5"]);
+        assert_eq!(b.args(), &["--model", "small"]);
+    }
+
+    #[test]
+    fn the_legacy_form_is_one_pool_named_default() {
+        let c =
+            Config::from_json_str(r#"{"pool_size": 3, "adapter": "snakepit.demo", "ttl": "5m"}"#).unwrap();
+        assert_eq!(c.pool_names(), vec!["default"]);
+        let p = &c.builders()[0].config;
+        assert_eq!(
+            (p.size(), p.adapter(), p.ttl()),
+            (3, Some("snakepit.demo"), Some(Duration::from_secs(300)))
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_place() {
+        let got = problems(
+            r#"{
+              "defaults": {"max_reqests": 10},
+              "pools": [
+                {"name": "a", "size": 0},
+                {"name": "b", "max_requests": -3, "launcher": []},
+                {"name": "a", "ttl": "soon", "env": {"X": 1}},
+                {"size": 2, "jitter": 2},
+                "not a pool"
+              ],
+              "extra": true
+            }"#,
+        );
+        let expect = [
+            "extra: unknown key",
+            "defaults.max_reqests: unknown key (did you mean `max_requests`?)",
+            "pools[0].size: expected a positive integer, found 0",
+            "pools[1].max_requests: expected a positive integer, found -3",
+            "pools[1].launcher: a launcher needs at least a program, found an empty list",
+            "pools[2].name: \"a\" is already the name of pools[0]",
+            "pools[2].ttl: expected a duration",
+            "pools[2].env: expected an object of strings, found {\"X\":1}",
+            "pools[3].name: every pool in `pools` needs a name",
+            "pools[3].jitter: expected a fraction between 0 and 1, found 2",
+            "pools[4]: expected an object, found a string",
+        ];
+        for e in expect {
+            assert!(got.iter().any(|p| p.starts_with(e)), "missing {e:?} in {got:#?}");
+        }
+    }
+
+    #[test]
+    fn typos_are_never_ignored() {
+        let got = problems(r#"{"pool_size": 2, "adaptor": "x"}"#);
+        assert_eq!(got, vec!["adaptor: unknown key (did you mean `adapter`?)"]);
+        let got = problems(r#"{"pools": [{"name": "a", "zzz": 1}]}"#);
+        assert!(got[0].starts_with("pools[0].zzz: unknown key; known keys: name, size"), "{got:?}");
+        let got = problems(r#"{"pools": [{"name": "a"}], "size": 3}"#);
+        assert!(got[0].contains("go in a pool, or in `defaults`"), "{got:?}");
+    }
+
+    #[test]
+    fn bad_documents() {
+        assert!(problems("[1]")[0].contains("expected an object"));
+        assert!(problems("{nope")[0].starts_with("not valid JSON"));
+        assert!(problems(r#"{"pools": []}"#)[0].contains("at least one pool"));
+        assert!(
+            problems(r#"{"pools": [{"name": "a", "profile": "thread"}]}"#)[0].contains("not available yet")
+        );
+        let missing = Config::from_path("/no/such/file.json").unwrap_err();
+        assert!(missing.to_string().contains("/no/such/file.json"), "{missing}");
+    }
+
+    #[test]
+    fn the_builders_own_checks_still_apply() {
+        let got = problems(r#"{"pools": [{"name": "bad name!"}]}"#);
+        assert!(got[0].starts_with("pools[0].name: "), "{got:?}");
+        let got = problems(r#"{"pools": [{"name": "a", "max_memory": "1GB", "max_memory_hard": "1MB"}]}"#);
+        assert!(got[0].starts_with("pools[0].max_memory_hard: "), "{got:?}");
+    }
+}
