@@ -318,7 +318,7 @@ impl PoolBuilder {
         self.config.env.push((key.into(), value.into()));
         self
     }
-    /// Puts a folder on the workers' `PYTHONPATH` (ahead of the embedded package), e.g. where
+    /// Puts a folder on the workers' `PYTHONPATH` (after the embedded package), e.g. where
     /// your adapter lives. Defaults to none.
     pub fn python_path(mut self, dir: impl Into<PathBuf>) -> Self {
         self.config.python_path.push(dir.into());
