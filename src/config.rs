@@ -11,6 +11,21 @@ use crate::reaper::Policy;
 /// The longest any duration setting may be.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// How a pool's workers run calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Profile {
+    /// One call at a time per worker process. The right choice for CPU-bound Python on an
+    /// interpreter with a GIL, and for code that is not thread-safe.
+    #[default]
+    Process,
+    /// Up to `threads_per_worker` calls at once in each worker process, on a thread pool. The
+    /// right choice for I/O-bound commands on any Python, and for CPU-bound ones on a
+    /// free-threaded Python (3.13t and later). Commands must be declared thread-safe.
+    Thread,
+}
+
 /// Every setting of one pool. Built with [`Pool::builder`](crate::Pool::builder); read back
 /// with the getters (for example from [`Pool::config`](crate::Pool::config)).
 #[derive(Debug, Clone)]
@@ -37,6 +52,10 @@ pub struct PoolConfig {
     pub(crate) on_event: Option<EventHandler>,
     pub(crate) args: Vec<String>,
     pub(crate) launcher: Vec<String>,
+    pub(crate) profile: Profile,
+    pub(crate) threads_per_worker: usize,
+    pub(crate) allow_unsafe_threads: bool,
+    pub(crate) kill_on_timeout: bool,
 }
 
 impl Default for PoolConfig {
@@ -64,6 +83,10 @@ impl Default for PoolConfig {
             on_event: None,
             args: Vec::new(),
             launcher: Vec::new(),
+            profile: Profile::Process,
+            threads_per_worker: 8,
+            allow_unsafe_threads: false,
+            kill_on_timeout: false,
         }
     }
 }
@@ -169,6 +192,29 @@ impl PoolConfig {
     pub fn launcher(&self) -> &[String] {
         &self.launcher
     }
+    /// How workers run calls.
+    pub fn profile(&self) -> Profile {
+        self.profile
+    }
+    /// Calls each worker runs at once in the thread profile.
+    pub fn threads_per_worker(&self) -> usize {
+        self.threads_per_worker
+    }
+    /// Whether the thread profile may run commands not declared thread-safe.
+    pub fn allow_unsafe_threads(&self) -> bool {
+        self.allow_unsafe_threads
+    }
+    /// Whether a call past its deadline kills its worker (always in the process profile).
+    pub fn kills_on_timeout(&self) -> bool {
+        self.profile == Profile::Process || self.kill_on_timeout
+    }
+    /// How many calls one worker runs at once: 1, or `threads_per_worker` in the thread profile.
+    pub fn capacity(&self) -> usize {
+        match self.profile {
+            Profile::Process => 1,
+            Profile::Thread => self.threads_per_worker,
+        }
+    }
 
     /// Checks every setting; the first problem names its setting.
     pub(crate) fn validate(&self) -> Result<()> {
@@ -248,6 +294,12 @@ impl PoolConfig {
         }
         if self.args.iter().chain(&self.launcher).any(|a| a.contains('\0')) {
             return Err(Error::config("args", "an argument contains a NUL byte"));
+        }
+        if self.threads_per_worker == 0 || self.threads_per_worker > 1024 {
+            return Err(Error::config(
+                "threads_per_worker",
+                format!("must be between 1 and 1024, found {}", self.threads_per_worker),
+            ));
         }
         if self.max_concurrent_recycles == 0 {
             return Err(Error::config("max_concurrent_recycles", "must be at least 1"));
@@ -445,6 +497,32 @@ impl PoolBuilder {
     /// none.
     pub fn launcher<I: IntoIterator<Item = S>, S: Into<String>>(mut self, command: I) -> Self {
         self.config.launcher = command.into_iter().map(Into::into).collect();
+        self
+    }
+    /// How workers run calls: [`Profile::Process`] (one call at a time per process) or
+    /// [`Profile::Thread`] (`threads_per_worker` at once per process). Defaults to `Process`.
+    pub fn profile(mut self, profile: Profile) -> Self {
+        self.config.profile = profile;
+        self
+    }
+    /// Calls each worker runs at once in the thread profile (1 to 1024). Defaults to 8.
+    pub fn threads_per_worker(mut self, threads: usize) -> Self {
+        self.config.threads_per_worker = threads;
+        self
+    }
+    /// Lets the thread profile run commands not declared thread-safe (with
+    /// `@snakepit.command(thread_safe=True)` or `SNAKEPIT_THREAD_SAFE = True` in the adapter);
+    /// otherwise such an adapter fails at start-up, naming them. Defaults to false.
+    pub fn allow_unsafe_threads(mut self, allow: bool) -> Self {
+        self.config.allow_unsafe_threads = allow;
+        self
+    }
+    /// In the thread profile, kill a worker whose call overran its deadline (its other calls
+    /// then fail with `WorkerDied { collateral: true }`) instead of leaving that call's thread
+    /// busy until the Python function returns. The process profile always kills. Defaults to
+    /// false.
+    pub fn kill_on_timeout(mut self, kill: bool) -> Self {
+        self.config.kill_on_timeout = kill;
         self
     }
     /// The settings as they stand.

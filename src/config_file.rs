@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::config::PoolBuilder;
+use crate::config::{PoolBuilder, Profile};
 use crate::error::{Error, Result};
 
 /// Every key a pool takes, with its default and meaning. The README's table is checked
@@ -15,7 +15,18 @@ use crate::error::{Error, Result};
 pub const POOL_KEYS: &[(&str, &str, &str)] = &[
     ("name", "\"default\"", "the pool's name; calls are routed by it"),
     ("size", "number of CPUs", "worker processes kept running (1 to 1024)"),
-    ("profile", "\"process\"", "\"process\": one call at a time per worker"),
+    (
+        "profile",
+        "\"process\"",
+        "\"process\": one call at a time per worker; \"thread\": `threads_per_worker` at once",
+    ),
+    ("threads_per_worker", "8", "calls each worker runs at once in the thread profile"),
+    ("allow_unsafe_threads", "false", "let the thread profile run commands not declared thread-safe"),
+    (
+        "kill_on_timeout",
+        "false",
+        "thread profile: kill a worker whose call overran (its other calls fail too)",
+    ),
     ("adapter", "none", "the module whose `@snakepit.command` functions are served"),
     ("python", "`$SNAKEPIT_PYTHON`, else `python3`", "the interpreter"),
     ("python_path", "[]", "folders put on the workers' `PYTHONPATH`"),
@@ -196,15 +207,18 @@ fn parse_pool<'a>(
                 }
             },
             "profile" => match value.as_str() {
-                Some("process") => b,
-                Some("thread") => {
-                    problems.push(format!(
-                        "{path}: the \"thread\" profile is not available yet; use \"process\""
-                    ));
+                Some("process") => b.profile(Profile::Process),
+                Some("thread") => b.profile(Profile::Thread),
+                _ => {
+                    bad("\"process\" or \"thread\"");
                     b
                 }
-                _ => {
-                    bad("\"process\"");
+            },
+            "allow_unsafe_threads" | "kill_on_timeout" => match value.as_bool() {
+                Some(flag) if key == "allow_unsafe_threads" => b.allow_unsafe_threads(flag),
+                Some(flag) => b.kill_on_timeout(flag),
+                None => {
+                    bad("true or false");
                     b
                 }
             },
@@ -281,17 +295,20 @@ fn parse_pool<'a>(
                     b
                 }
             },
-            "max_requests" | "max_concurrent_recycles" | "degraded_after" => match positive(value) {
-                Some(n) => match key.as_str() {
-                    "max_requests" => b.max_requests(n),
-                    "max_concurrent_recycles" => b.max_concurrent_recycles(n as usize),
-                    _ => b.degraded_after(n.min(u64::from(u32::MAX)) as u32),
-                },
-                None => {
-                    bad("a positive integer");
-                    b
+            "max_requests" | "max_concurrent_recycles" | "degraded_after" | "threads_per_worker" => {
+                match positive(value) {
+                    Some(n) => match key.as_str() {
+                        "max_requests" => b.max_requests(n),
+                        "threads_per_worker" => b.threads_per_worker(n as usize),
+                        "max_concurrent_recycles" => b.max_concurrent_recycles(n as usize),
+                        _ => b.degraded_after(n.min(u64::from(u32::MAX)) as u32),
+                    },
+                    None => {
+                        bad("a positive integer");
+                        b
+                    }
                 }
-            },
+            }
             "max_frame_size" | "max_memory" | "max_memory_hard" => match parse_size(value) {
                 Some(n) if n > 0 => match key.as_str() {
                     "max_frame_size" => b.max_frame_size(n as usize),
@@ -538,9 +555,13 @@ mod tests {
         assert!(problems("[1]")[0].contains("expected an object"));
         assert!(problems("{nope")[0].starts_with("not valid JSON"));
         assert!(problems(r#"{"pools": []}"#)[0].contains("at least one pool"));
-        assert!(
-            problems(r#"{"pools": [{"name": "a", "profile": "thread"}]}"#)[0].contains("not available yet")
+        let got = problems(r#"{"pools": [{"name": "a", "profile": "threads"}]}"#);
+        assert!(got[0].contains("\"process\" or \"thread\""), "{got:?}");
+        let c = Config::from_json_str(
+            r#"{"pools": [{"name": "a", "profile": "thread", "threads_per_worker": 4}]}"#,
         );
+        let p = c.unwrap().builders().remove(0).config;
+        assert_eq!((p.profile(), p.capacity()), (Profile::Thread, 4));
         let missing = Config::from_path("/no/such/file.json").unwrap_err();
         assert!(missing.to_string().contains("/no/such/file.json"), "{missing}");
     }

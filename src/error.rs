@@ -60,6 +60,9 @@ pub enum Error {
         exit: ExitKind,
         /// The last lines the worker wrote to stderr.
         stderr: Vec<String>,
+        /// True when this call did nothing wrong: the worker was killed because another call
+        /// it was running at the same time (thread profile) overran its deadline.
+        collateral: bool,
     },
     /// The pool's queue is full; the call was not queued.
     QueueFull {
@@ -195,8 +198,11 @@ impl fmt::Display for Error {
             }
             Error::Timeout(kind) => write!(f, "timed out: {kind}"),
             Error::Python(e) => write!(f, "python exception: {e}"),
-            Error::WorkerDied { pid, exit, stderr } => {
+            Error::WorkerDied { pid, exit, stderr, collateral } => {
                 write!(f, "worker died: pid {pid}, {exit}")?;
+                if *collateral {
+                    f.write_str(", killed for another call's time-out")?;
+                }
                 if let Some(last) = stderr.last() {
                     write!(f, " (last stderr line: {last})")?;
                 }
@@ -280,8 +286,8 @@ impl Error {
             Error::FrameTooLarge { size, max } => Error::FrameTooLarge { size: *size, max: *max },
             Error::Timeout(k) => Error::Timeout(*k),
             Error::Python(e) => Error::Python(e.clone()),
-            Error::WorkerDied { pid, exit, stderr } => {
-                Error::WorkerDied { pid: *pid, exit: *exit, stderr: stderr.clone() }
+            Error::WorkerDied { pid, exit, stderr, collateral } => {
+                Error::WorkerDied { pid: *pid, exit: *exit, stderr: stderr.clone(), collateral: *collateral }
             }
             Error::QueueFull { max_queue } => Error::QueueFull { max_queue: *max_queue },
             Error::Degraded { last_error } => Error::Degraded { last_error: last_error.clone() },
@@ -307,7 +313,12 @@ mod tests {
 
     #[test]
     fn display_is_context_then_detail() {
-        let e = Error::WorkerDied { pid: 42, exit: ExitKind::Signal(9), stderr: vec!["boom".into()] };
+        let e = Error::WorkerDied {
+            pid: 42,
+            exit: ExitKind::Signal(9),
+            stderr: vec!["boom".into()],
+            collateral: false,
+        };
         assert_eq!(e.to_string(), "worker died: pid 42, signal 9 (last stderr line: boom)");
         assert_eq!(Error::Timeout(TimeoutKind::Queue).to_string(), "timed out: waiting in the queue");
         let e = Error::config("size", "must be at least 1");

@@ -63,7 +63,7 @@ mod stats;
 mod sys;
 mod worker;
 
-pub use config::{PoolBuilder, PoolConfig};
+pub use config::{PoolBuilder, PoolConfig, Profile};
 pub use config_file::{Config, POOL_KEYS};
 pub use error::{Error, ExitKind, RemoteError, Result, TimeoutKind};
 pub use events::Event;

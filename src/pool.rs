@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::{PoolBuilder, PoolConfig};
+use crate::config::{PoolBuilder, PoolConfig, Profile};
 use crate::dispatcher::{Call, Dispatcher, Request, STOP_ESCALATION};
 use crate::error::{Error, Result, TimeoutKind};
 use crate::events::Emitter;
@@ -143,12 +143,31 @@ fn spawn_spec(config: &PoolConfig) -> Result<SpawnSpec> {
         pool: config.name.clone(),
         python,
         adapter: config.adapter.clone(),
-        env: config.env.iter().filter(|(k, _)| k != "PYTHONPATH").cloned().collect(),
+        env: default_env(config)
+            .chain(config.env.iter().filter(|(k, _)| k != "PYTHONPATH").cloned())
+            .collect(),
         python_path,
         max_frame: config.max_frame_size,
         args: config.args.clone(),
         launcher: config.launcher.clone(),
+        threads: if config.profile == Profile::Thread { config.threads_per_worker } else { 0 },
+        allow_unsafe_threads: config.allow_unsafe_threads,
     })
+}
+
+/// Variables set in every worker before the pool's own `env` (which overrides them). In the
+/// process profile, numeric libraries get one thread each: N worker processes each starting a
+/// BLAS thread per core would oversubscribe the machine N times.
+fn default_env(config: &PoolConfig) -> impl Iterator<Item = (String, String)> {
+    const ONE_THREAD: [&str; 5] = [
+        "OPENBLAS_NUM_THREADS",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "NUMEXPR_NUM_THREADS",
+        "VECLIB_MAXIMUM_THREADS",
+    ];
+    let vars: &[&str] = if config.profile == Profile::Process { &ONE_THREAD } else { &[] };
+    vars.iter().map(|k| (k.to_string(), "1".to_string()))
 }
 
 impl Pool {

@@ -35,6 +35,9 @@ pub struct WorkerInfo {
     pub protocol_version: u32,
     /// The commands the worker serves, built-ins included.
     pub commands: Vec<String>,
+    /// The commands declared `cpu_bound=True`.
+    #[serde(default)]
+    pub cpu_bound: Vec<String>,
 }
 
 /// One message, either way. Later message types (stream chunks, cancel) are added as variants.
@@ -243,6 +246,7 @@ mod tests {
                     gil_enabled: true,
                     protocol_version: PROTOCOL_VERSION,
                     commands: vec!["echo".into(), "ping".into()],
+                    cpu_bound: vec![],
                 },
             },
         ]

@@ -77,6 +77,9 @@ pub(crate) struct SpawnSpec {
     pub(crate) args: Vec<String>,
     /// A command prefix; empty for none.
     pub(crate) launcher: Vec<String>,
+    /// Threads per worker in the thread profile; 0 in the process profile.
+    pub(crate) threads: usize,
+    pub(crate) allow_unsafe_threads: bool,
 }
 
 /// A running worker process and its threads.
@@ -124,6 +127,12 @@ impl Worker {
             .arg(id.to_string())
             .arg("--pool")
             .arg(&spec.pool);
+        if spec.threads > 0 {
+            cmd.arg("--threads").arg(spec.threads.to_string());
+            if spec.allow_unsafe_threads {
+                cmd.arg("--allow-unsafe-threads");
+            }
+        }
         if !spec.args.is_empty() {
             cmd.arg("--").args(&spec.args);
         }

@@ -32,6 +32,7 @@ fn every_documented_key_is_accepted_by_the_parser() {
             "launcher" => "[\"nice\"]",
             "env" => "{}",
             "jitter" => "0.5",
+            "allow_unsafe_threads" | "kill_on_timeout" => "true",
             "max_frame_size" => "\"1MB\"",
             "max_memory" | "max_memory_hard" => "\"2GB\"",
             k if k.ends_with("timeout") || k.ends_with("interval") || k == "ttl" => "\"1s\"",

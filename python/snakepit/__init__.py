@@ -23,19 +23,23 @@ __version__ = "0.1.0"
 #: The pool's `args` setting: extra arguments for the adapter, set before it is imported.
 ARGS = []
 
-__all__ = ["command", "registry", "is_thread_safe", "__version__"]
+__all__ = ["command", "registry", "is_thread_safe", "is_cpu_bound", "ARGS", "__version__"]
 
 # Command name -> function, filled in by @command while adapters import.
 _registry = {}
-# Names of commands declared thread_safe=True (read by a later thread profile).
+# Names of commands declared thread_safe=True: the thread profile runs only these (unless the
+# adapter module sets SNAKEPIT_THREAD_SAFE = True or the pool allows unsafe threads).
 _thread_safe = set()
+# Names of commands declared cpu_bound=True: a thread-profile pool on an interpreter whose GIL
+# is on warns about them (threads would not run them in parallel).
+_cpu_bound = set()
 
 
-def command(func=None, *, name=None, thread_safe=False):
+def command(func=None, *, name=None, thread_safe=False, cpu_bound=False):
     """Register ``func`` as a command the host can call.
 
     Usable bare (``@command``) or with options
-    (``@command(name="other", thread_safe=True)``). The function is returned
+    (``@command(name="other", thread_safe=True, cpu_bound=True)``). The function is returned
     unchanged. Registering a second, different function under a name that is
     already taken raises ValueError, so two adapters cannot silently shadow
     each other; registering the same function twice is harmless.
@@ -51,10 +55,11 @@ def command(func=None, *, name=None, thread_safe=False):
         if existing is not None and existing is not f:
             raise ValueError(f"command {key!r} is already registered by {_describe(existing)}")
         _registry[key] = f
-        if thread_safe:
-            _thread_safe.add(key)
-        else:
-            _thread_safe.discard(key)
+        for flag, names in ((thread_safe, _thread_safe), (cpu_bound, _cpu_bound)):
+            if flag:
+                names.add(key)
+            else:
+                names.discard(key)
         return f
 
     if func is None:
@@ -70,6 +75,11 @@ def registry():
 def is_thread_safe(name):
     """Whether the command ``name`` was registered with ``thread_safe=True``."""
     return name in _thread_safe
+
+
+def is_cpu_bound(name):
+    """Whether the command ``name`` was registered with ``cpu_bound=True``."""
+    return name in _cpu_bound
 
 
 def _describe(f):

@@ -118,6 +118,41 @@ class Worker:
             if data is not None:
                 write(data)
 
+    def serve_threaded(self, reader, write, threads):
+        """Like serve(), but calls run on ``threads`` threads at once, replies written as they
+        finish (out of order, matched by id). Pings are answered by this reading loop, even
+        while every thread is busy. At EOF or shutdown the calls already taken finish first.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        def run(msg):
+            try:
+                data = self.respond(msg)
+            except BaseException as exc:  # SystemExit from a command ends the worker, as in serve()
+                log.error("command %r ended the worker: %r", msg.get("command"), exc)
+                os._exit(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
+            try:
+                write(data)
+            except OSError:
+                pass  # the host is gone; the reading loop sees EOF
+
+        limit = self.max_frame_size
+        executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="snakepit-call")
+        try:
+            while True:
+                msg = read_frame(reader, limit)
+                if msg is None or msg["type"] == "shutdown":
+                    return
+                if msg["type"] == "call":
+                    _request_id(msg)  # a call without an integer id is a protocol error, here
+                    executor.submit(run, msg)
+                    continue
+                data = self.respond(msg)
+                if data is not None:
+                    write(data)
+        finally:
+            executor.shutdown(wait=True)
+
     def respond(self, msg):
         """Handle ``msg`` and return its encoded reply frame, or None.
 
@@ -187,6 +222,7 @@ class Worker:
         info = _runtime_info()
         info["protocol_version"] = PROTOCOL_VERSION
         info["commands"] = self.names
+        info["cpu_bound"] = sorted(c for c in self.names if snakepit.is_cpu_bound(c))
         return info
 
     def info(self):
@@ -198,11 +234,12 @@ class Worker:
         return info
 
 
-def load_worker(adapter, max_frame_size=DEFAULT_MAX_FRAME):
+def load_worker(adapter, max_frame_size=DEFAULT_MAX_FRAME, threads=0, allow_unsafe_threads=False):
     """Import the adapter module and build its Worker.
 
     Returns ``(worker, None)``, or ``(None, startup_error_message)`` when the
-    adapter cannot be imported or registers a built-in command name.
+    adapter cannot be imported, registers a built-in command name, or (with
+    ``threads``) has commands not declared thread-safe.
     """
     if adapter:
         try:
@@ -212,8 +249,21 @@ def load_worker(adapter, max_frame_size=DEFAULT_MAX_FRAME):
         except BaseException as exc:  # even SyntaxError, or a SystemExit at the adapter's top level
             error = _error_info(exc, f"adapter {adapter!r} failed to import: {_text(exc)}")
             return None, {"type": "startup_error", "error": error}
+    commands = snakepit.registry() if adapter else {}
+    if threads and not allow_unsafe_threads and adapter:
+        module_safe = getattr(sys.modules.get(adapter), "SNAKEPIT_THREAD_SAFE", False) is True
+        undeclared = sorted(c for c in commands if not module_safe and not snakepit.is_thread_safe(c))
+        if undeclared:
+            message = (
+                f"adapter {adapter!r} has commands not declared thread-safe, which the thread profile "
+                f"would run {threads} at a time: {', '.join(undeclared)}. Declare them with "
+                "@snakepit.command(thread_safe=True), or set SNAKEPIT_THREAD_SAFE = True in the adapter "
+                "module, or allow_unsafe_threads in the pool"
+            )
+            error = {"type": "ThreadSafetyError", "message": message, "traceback": ""}
+            return None, {"type": "startup_error", "error": error}
     try:
-        return Worker(snakepit.registry() if adapter else {}, max_frame_size, adapter), None
+        return Worker(commands, max_frame_size, adapter), None
     except ValueError as exc:
         error = {"type": "ValueError", "message": f"adapter {adapter!r} is not usable: {exc}", "traceback": ""}
         return None, {"type": "startup_error", "error": error}
@@ -229,7 +279,7 @@ def main(argv=None):
     reader, write = _take_over_stdio()
     snakepit.ARGS[:] = args.adapter_args
 
-    worker, failure = load_worker(args.adapter, args.max_frame_size)
+    worker, failure = load_worker(args.adapter, args.max_frame_size, args.threads, args.allow_unsafe_threads)
     if failure is not None:
         log.error("%s", failure["error"]["message"])
         write(encode_frame(failure, args.max_frame_size))
@@ -238,7 +288,10 @@ def main(argv=None):
     log.info("ready, serving %d commands", len(worker.names))
 
     try:
-        worker.serve(reader, write)
+        if args.threads:
+            worker.serve_threaded(reader, write, args.threads)
+        else:
+            worker.serve(reader, write)
     except ProtocolError as exc:
         log.error("protocol violation, exiting: %s", exc)
         return EXIT_PROTOCOL
@@ -362,7 +415,7 @@ def _rss_bytes():
 # --- process plumbing ------------------------------------------------------
 
 
-_USAGE = "usage: python -m snakepit [--adapter MODULE] [--max-frame-size BYTES] [--parent-pid PID] [--worker-id ID] [--pool NAME] [-- ADAPTER_ARGS...]"
+_USAGE = "usage: python -m snakepit [--adapter MODULE] [--max-frame-size BYTES] [--parent-pid PID] [--worker-id ID] [--pool NAME] [--threads N [--allow-unsafe-threads]] [-- ADAPTER_ARGS...]"
 
 _OPTIONS = {
     "--adapter": ("adapter", str),
@@ -370,6 +423,7 @@ _OPTIONS = {
     "--parent-pid": ("parent_pid", int),
     "--worker-id": ("worker_id", str),
     "--pool": ("pool", str),
+    "--threads": ("threads", int),
 }
 
 
@@ -385,6 +439,8 @@ def _parse_args(argv):
         "worker_id": None,
         "pool": None,
         "adapter_args": [],
+        "threads": 0,
+        "allow_unsafe_threads": False,
     }
     argv = list(sys.argv[1:] if argv is None else argv)
     while argv:
@@ -395,6 +451,9 @@ def _parse_args(argv):
         if arg in ("-h", "--help"):
             print(_USAGE, file=sys.stderr)
             raise SystemExit(0)
+        if arg == "--allow-unsafe-threads":
+            args["allow_unsafe_threads"] = True
+            continue
         name, eq, value = arg.partition("=")
         if name not in _OPTIONS:
             _usage_error(f"unrecognized argument {arg!r}")
@@ -407,6 +466,8 @@ def _parse_args(argv):
             args[key] = kind(value)
         except ValueError:
             _usage_error(f"{name}: expected an integer, got {value!r}")
+    if args["threads"] < 0:
+        _usage_error(f"--threads: expected a non-negative integer, got {args['threads']}")
     if args["max_frame_size"] <= 0:
         _usage_error(f"--max-frame-size: expected a positive integer, got {args['max_frame_size']}")
     return SimpleNamespace(**args)

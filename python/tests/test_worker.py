@@ -601,6 +601,60 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn("loud", out.stderr)
 
 
+class ThreadProfileTests(unittest.TestCase):
+    def test_calls_run_at_once_and_replies_come_out_of_order(self):
+        import time as _time
+
+        def nap(seconds, tag):
+            _time.sleep(seconds)
+            return tag
+
+        worker = Worker({"nap": nap})
+        frames = b"".join(
+            encode_frame({"type": "call", "id": i, "command": "nap", "args": {"seconds": d, "tag": i}}, 1 << 20)
+            for i, d in ((1, 0.3), (2, 0.01), (3, 0.2))
+        ) + encode_frame({"type": "ping", "id": 9}, 1 << 20)
+        out = []
+        lock = threading.Lock()
+
+        def write(data):
+            with lock:
+                out.append(data)
+
+        started = _time.monotonic()
+        worker.serve_threaded(io.BytesIO(frames), write, threads=4)
+        elapsed = _time.monotonic() - started
+        replies = [read_frame(io.BytesIO(f), 1 << 20) for f in out]
+        order = [r["id"] for r in replies]
+        # The ping is answered by the reading loop at once; the short nap beats the long ones.
+        self.assertEqual(order[0], 9)
+        self.assertEqual(order[1:], [2, 3, 1])
+        self.assertTrue(all(r["value"] == r["id"] for r in replies[1:]))
+        self.assertLess(elapsed, 0.5, "the naps overlapped")
+
+    def test_undeclared_commands_refuse_the_thread_profile(self):
+        mod = "tests.thread_unsafe_adapter"
+        path = os.path.join(PYTHON_DIR, "tests", "thread_unsafe_adapter.py")
+        with open(path, "w") as f:
+            f.write("import snakepit\n\n@snakepit.command\ndef risky():\n    return 1\n\n"
+                    "@snakepit.command(thread_safe=True)\ndef fine():\n    return 2\n")
+        try:
+            worker, failure = load_worker(mod, threads=4)
+            self.assertIsNone(worker)
+            self.assertEqual(failure["error"]["type"], "ThreadSafetyError")
+            self.assertIn("risky", failure["error"]["message"])
+            self.assertNotIn("fine,", failure["error"]["message"])
+            worker, failure = load_worker(mod, threads=4, allow_unsafe_threads=True)
+            self.assertIsNone(failure)
+            worker, failure = load_worker(mod)  # the process profile does not care
+            self.assertIsNone(failure)
+        finally:
+            os.remove(path)
+            sys.modules.pop(mod, None)
+            for name in ("risky", "fine"):
+                snakepit._registry.pop(name, None)
+
+
 class _quiet_stderr:
     def __enter__(self):
         self.saved, sys.stderr = sys.stderr, io.StringIO()

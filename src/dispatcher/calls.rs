@@ -204,14 +204,25 @@ impl Dispatcher {
                 let command = p.call.command.clone();
                 let Some(i) = self.slot_index(wid) else { return };
                 // If the reader has just delivered the reply, the call was in time after all.
-                if self.answer_in_flight(i, id, Error::Timeout(TimeoutKind::Call)) {
+                if !self.answer_in_flight(i, id, Error::Timeout(TimeoutKind::Call)) {
+                    return;
+                }
+                if self.cfg.kills_on_timeout() {
                     log::warn!(
                         "[{}] call {id} `{command}` timed out on worker {wid}; killing the worker",
                         self.cfg.name
                     );
                     // A busy Python process cannot be interrupted; its capacity comes back
-                    // with the replacement.
+                    // with the replacement. Calls it runs alongside fail as collateral.
+                    self.slots[i].collateral = true;
                     self.kill(i);
+                } else {
+                    // Thread profile: its co-tenants keep running; the call's thread (and its
+                    // slot) stays busy until the Python function returns.
+                    log::warn!(
+                        "[{}] call {id} `{command}` timed out on worker {wid}; its thread stays busy until it returns",
+                        self.cfg.name
+                    );
                 }
             }
             _ => {}

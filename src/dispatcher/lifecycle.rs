@@ -27,7 +27,7 @@ impl Dispatcher {
         self.slots.push(Slot {
             worker,
             state: WorkerState::Starting,
-            capacity: 1,
+            capacity: self.cfg.capacity(),
             in_flight: Vec::new(),
             served: 0,
             errors: 0,
@@ -39,6 +39,7 @@ impl Dispatcher {
             ping: None,
             broken: None,
             escalation: super::shutdown::RUNNING,
+            collateral: false,
         });
         Ok(id)
     }
@@ -113,6 +114,15 @@ impl Dispatcher {
             info.python_version
         );
         self.startup_failures = 0;
+        if self.cfg.capacity() > 1 && info.gil_enabled && !info.cpu_bound.is_empty() && !self.warned_gil {
+            self.warned_gil = true;
+            log::warn!(
+                "[{}] thread profile on a Python whose GIL is on: CPU-bound commands ({}) will not run in \
+                 parallel; use the process profile for them, or a free-threaded Python (3.13t or later)",
+                self.cfg.name,
+                info.cpu_bound.join(", ")
+            );
+        }
         self.commands = Some(info.commands.into_iter().collect());
         if self.emitter.enabled() {
             let pool = self.cfg.name.clone();
@@ -157,7 +167,7 @@ impl Dispatcher {
             // A worker lost while `build()` waits for the others: the build fails with why.
             let err = match &s.broken {
                 Some(e) => e.duplicate(),
-                None => Error::WorkerDied { pid, exit, stderr: stderr.clone() },
+                None => Error::WorkerDied { pid, exit, stderr: stderr.clone(), collateral: false },
             };
             self.fail_start(err);
         }
@@ -194,11 +204,12 @@ impl Dispatcher {
             }
         }
         let broken = s.broken.take();
+        let collateral = s.collateral;
         self.slots.insert(i, s);
         for call in std::mem::take(&mut self.slots[i].in_flight) {
             let err = match &broken {
                 Some(e) => e.duplicate(),
-                None => Error::WorkerDied { pid, exit, stderr: stderr.clone() },
+                None => Error::WorkerDied { pid, exit, stderr: stderr.clone(), collateral },
             };
             self.answer_in_flight(i, call, err);
         }
@@ -476,9 +487,10 @@ impl Dispatcher {
         if s.state != WorkerState::Ready || s.ping.is_some() {
             return;
         }
-        if !s.in_flight.is_empty() {
-            // Only idle workers are pinged: a busy process worker cannot answer until its
-            // call returns, and the call's own deadline covers that case.
+        if !s.in_flight.is_empty() && s.capacity == 1 {
+            // Only idle process workers are pinged: a busy one cannot answer until its call
+            // returns, and the call's own deadline covers that case. A thread worker's reading
+            // loop answers even while every thread is busy.
             self.timers.push(Reverse((now + interval, Timer::Health(wid))));
             return;
         }

@@ -124,6 +124,8 @@ struct Slot {
     broken: Option<Error>,
     /// How far stopping it has gone: RUNNING, ASKED, TERMINATED or KILLED.
     escalation: u8,
+    /// Killed because one of its calls overran its deadline: its other calls are collateral.
+    collateral: bool,
 }
 
 impl Slot {
@@ -141,7 +143,8 @@ impl Slot {
     fn has_room(&self) -> bool {
         self.state == WorkerState::Ready
             && self.in_flight.len() < self.capacity
-            && self.ping.is_none()
+            // A process worker answers a ping only between calls; a thread worker at once.
+            && (self.ping.is_none() || self.capacity > 1)
             && !self.spent()
     }
 
@@ -206,6 +209,8 @@ pub(crate) struct Dispatcher {
     spawn_wake: Option<Instant>,
     /// Workers that have exited, until their threads have ended and are joined.
     exited: Vec<Worker>,
+    /// The CPU-bound-on-a-GIL warning has been logged.
+    warned_gil: bool,
 }
 
 impl Dispatcher {
@@ -240,6 +245,7 @@ impl Dispatcher {
             next_spawn: Instant::now(),
             spawn_wake: None,
             exited: Vec::new(),
+            warned_gil: false,
         }
     }
 
