@@ -18,9 +18,10 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::bounded;
 use serde::Serialize;
 use serde_json::{json, Value};
-use snakepit::Pool;
+use snakepit::{Pool, Profile};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -158,6 +159,8 @@ fn main() -> BoxResult<()> {
     sequential(py, &mut figs)?;
     eprintln!("bench: a2/b2 throughput ...");
     throughput(py, &mut figs)?;
+    eprintln!("bench: e thread profile ...");
+    thread_profile(py, &mut figs)?;
     eprintln!("bench: d recycling ...");
     recycling(&mut figs)?;
     eprintln!("bench: b3 start-up ...");
@@ -213,6 +216,13 @@ fn rows(f: &Figures) -> Vec<Row> {
             Some(Target::AtMost(1.3)),
         ),
         Row::new("1 MB echo through pool(1)", f.get("b1.1mb"), f.get("a1.1mb"), None),
+        Row::new(
+            "e1 thread worker, 32 in flight",
+            f.get("e1.pool"),
+            f.get("e1.raw"),
+            Some(Target::AtLeast(0.5)),
+        ),
+        Row::new("e2 I/O-bound (10 ms): thread vs process", f.get("e2.thread"), f.get("e2.process"), None),
         Row::new(
             "d1 max_requests(100), tiny echo, pool(2)",
             f.get("d1.on"),
@@ -557,10 +567,15 @@ const SLOW_2MS: Work = Work { command: "slow", args: || json!({"seconds": 0.002}
 /// Calls `work` through `pool` from [`CALLERS`] threads, for `run`: (calls, seconds). Any
 /// failed call fails the bench.
 fn pool_rate(pool: &Pool, run: Duration, work: &Work) -> BoxResult<(u64, f64)> {
+    callers_rate(pool, CALLERS, run, work)
+}
+
+/// Calls `work` through `pool` from `callers` threads, for `run`: (calls, seconds).
+fn callers_rate(pool: &Pool, callers: usize, run: Duration, work: &Work) -> BoxResult<(u64, f64)> {
     let start = Instant::now();
     let end = start + run;
     let counts: Vec<Result<u64, String>> = thread::scope(|s| {
-        let handles: Vec<_> = (0..CALLERS)
+        let handles: Vec<_> = (0..callers)
             .map(|_| {
                 s.spawn(move || {
                     let mut n = 0u64;
@@ -577,6 +592,140 @@ fn pool_rate(pool: &Pool, run: Duration, work: &Work) -> BoxResult<(u64, f64)> {
     let elapsed = start.elapsed().as_secs_f64();
     let total: u64 = counts.into_iter().collect::<Result<Vec<u64>, String>>()?.iter().sum();
     Ok((total, elapsed))
+}
+
+// ---- e: the thread profile -----------------------------------------------------------------------
+
+/// Requests kept in flight for the pipelined figures.
+const IN_FLIGHT: usize = 32;
+
+/// e1: one thread-profile worker with 32 calls in flight vs a raw loop fed 32 at a time;
+/// e2: an I/O-bound workload (10 ms sleeps) on one thread worker with 16 threads vs 2 process
+/// workers, with each side's memory.
+fn thread_profile(py: &Path, figs: &mut Figures) -> BoxResult<()> {
+    let mut raw = RawEcho::spawn(py)?;
+    let pool = Pool::builder()
+        .name("bench-e1")
+        .size(1)
+        .profile(Profile::Thread)
+        .threads_per_worker(IN_FLIGHT)
+        .build()?;
+    raw_pipelined(&mut raw, THROUGHPUT_WARMUP)?;
+    callers_rate(&pool, IN_FLIGHT, THROUGHPUT_WARMUP, &ECHO)?;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        a.push(raw_pipelined(&mut raw, THROUGHPUT_RUN)?);
+        let (calls, secs) = callers_rate(&pool, IN_FLIGHT, THROUGHPUT_RUN, &ECHO)?;
+        b.push(calls as f64 / secs);
+    }
+    pool.shutdown()?;
+    figs.add(
+        "e1.raw",
+        "raw loop, 32 requests in flight",
+        &a,
+        Unit::Rate,
+        "One raw echo loop (as a1); a Rust writer thread keeps 32 requests in flight while a reader \
+         thread takes the replies",
+    );
+    figs.add(
+        "e1.pool",
+        "thread profile, 1 worker × 32 threads, 32 callers",
+        &b,
+        Unit::Rate,
+        "`size(1).profile(Thread).threads_per_worker(32)`, 32 caller threads calling `echo`",
+    );
+
+    let io = Work { command: "slow", args: || json!({"seconds": 0.01}) };
+    let threads = Pool::builder()
+        .name("bench-e2-t")
+        .size(1)
+        .adapter("snakepit.demo")
+        .profile(Profile::Thread)
+        .threads_per_worker(16)
+        .build()?;
+    let procs = Pool::builder().name("bench-e2-p").size(2).adapter("snakepit.demo").build()?;
+    callers_rate(&threads, 16, THROUGHPUT_WARMUP, &io)?;
+    callers_rate(&procs, 16, THROUGHPUT_WARMUP, &io)?;
+    let (mut t, mut p) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let (calls, secs) = callers_rate(&threads, 16, THROUGHPUT_RUN, &io)?;
+        t.push(calls as f64 / secs);
+        let (calls, secs) = callers_rate(&procs, 16, THROUGHPUT_RUN, &io)?;
+        p.push(calls as f64 / secs);
+    }
+    let rss = |pool: &Pool| -> BoxResult<u64> {
+        Ok(pool.stats()?.workers.iter().filter_map(|w| w.rss_bytes).sum::<u64>() >> 20)
+    };
+    let (rss_t, rss_p) = (rss(&threads)?, rss(&procs)?);
+    threads.shutdown()?;
+    procs.shutdown()?;
+    figs.add(
+        "e2.thread",
+        &format!("1 thread worker × 16 threads, 10 ms calls ({rss_t} MiB RSS)"),
+        &t,
+        Unit::Rate,
+        format!("16 caller threads calling the demo's `slow(0.01)`; workers' RSS {rss_t} MiB"),
+    );
+    figs.add(
+        "e2.process",
+        &format!("2 process workers, 10 ms calls ({rss_p} MiB RSS)"),
+        &p,
+        Unit::Rate,
+        format!("the same 16 callers on a `size(2)` process pool; workers' RSS {rss_p} MiB"),
+    );
+    Ok(())
+}
+
+/// Round trips through one raw loop with [`IN_FLIGHT`] requests outstanding, for `run`.
+fn raw_pipelined(raw: &mut RawEcho, run: Duration) -> BoxResult<f64> {
+    let frame = |id: u64| -> Vec<u8> {
+        let body =
+            serde_json::to_vec(&json!({"type": "call", "id": id, "command": "echo", "args": {"x": 1}}))
+                .expect("serialisable");
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(&body);
+        f
+    };
+    let (tokens, returned) = bounded::<()>(IN_FLIGHT);
+    let stdin = raw.stdin.as_mut().ok_or("stdin is closed")?;
+    let stdout = &mut raw.stdout;
+    let start = Instant::now();
+    let end = start + run;
+    let (sent, got) = thread::scope(|s| -> BoxResult<(u64, u64)> {
+        let writer = s.spawn(move || -> Result<u64, String> {
+            let mut id = 0u64;
+            while Instant::now() < end {
+                tokens.send(()).map_err(|e| e.to_string())?;
+                id += 1;
+                stdin.write_all(&frame(id)).map_err(|e| e.to_string())?;
+            }
+            Ok(id)
+        });
+        let reader = s.spawn(move || -> Result<u64, String> {
+            let mut n = 0u64;
+            let mut buf = Vec::new();
+            loop {
+                match returned.recv_timeout(Duration::from_millis(200)) {
+                    Ok(()) => {}
+                    Err(_) if Instant::now() >= end => return Ok(n),
+                    Err(_) => continue,
+                }
+                let mut header = [0u8; 4];
+                stdout.read_exact(&mut header).map_err(|e| e.to_string())?;
+                buf.resize(u32::from_be_bytes(header) as usize, 0);
+                stdout.read_exact(&mut buf).map_err(|e| e.to_string())?;
+                let _: Value = serde_json::from_slice(&buf).map_err(|e| e.to_string())?;
+                n += 1;
+            }
+        });
+        let sent = writer.join().map_err(|_| "writer panicked")??;
+        let got = reader.join().map_err(|_| "reader panicked")??;
+        Ok((sent, got))
+    })?;
+    if sent != got {
+        return Err(format!("raw pipelined loop: sent {sent}, got {got}").into());
+    }
+    Ok(got as f64 / start.elapsed().as_secs_f64())
 }
 
 // ---- d: recycling ------------------------------------------------------------------------------

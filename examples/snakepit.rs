@@ -22,7 +22,7 @@ use serde_json::Value;
 use snakepit::{Config, Error, PoolSet, PoolSetBuilder, DEFAULT_POOL};
 
 const USAGE: &str = "usage: snakepit --config FILE \
-    (call POOL COMMAND [JSON-ARGS] | serve | batch FILE.jsonl [--concurrency N] | stats | check)";
+    (call POOL COMMAND [JSON-ARGS] | serve | batch FILE.jsonl [--concurrency N] | stats | check | doctor)";
 
 const HELP: &str = r#"Runs the Python worker pools that a JSON configuration file describes.
 
@@ -36,6 +36,10 @@ const HELP: &str = r#"Runs the Python worker pools that a JSON configuration fil
                                  stderr; exits 1 if any call failed.
   stats                          start the pools and print every pool's snapshot.
   check                          validate the configuration file; print every problem.
+  doctor                         report on the interpreter (each pool's, with --config; else
+                                 $SNAKEPIT_PYTHON or python3): version, free-threading, the
+                                 GIL, the recommended profile, and the installed libraries'
+                                 thread-safety.
 
 Options: --config FILE (required, before or after the subcommand's own arguments), --help.
 
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
         Command::Serve => serve(config, &interrupt),
         Command::Batch { file, concurrency } => batch(config, &interrupt, &file, concurrency),
         Command::Stats => stats(config, &interrupt),
+        Command::Doctor => doctor(config),
     };
     ExitCode::from(result.unwrap_or_else(|e| {
         report(&e);
@@ -115,6 +120,7 @@ enum Command {
     Batch { file: PathBuf, concurrency: usize },
     Stats,
     Check,
+    Doctor,
 }
 
 /// The arguments after the program's name; `Err` says what is wrong with them.
@@ -155,8 +161,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
         ["batch", file] => Command::Batch { file: PathBuf::from(file), concurrency: BATCH_CONCURRENCY },
         ["stats"] => Command::Stats,
         ["check"] => Command::Check,
+        ["doctor"] => return Ok(Cli { config: config.unwrap_or_default(), command: Command::Doctor }),
         [] => return Err("no subcommand".into()),
-        [sub @ ("call" | "serve" | "batch" | "stats" | "check"), ..] => {
+        [sub @ ("call" | "serve" | "batch" | "stats" | "check" | "doctor"), ..] => {
             return Err(format!("wrong number of arguments for {sub}"));
         }
         [other, ..] => return Err(format!("unknown subcommand {other:?}")),
@@ -179,6 +186,51 @@ fn check(path: &Path) -> Result<u8, Error> {
     let names = config.pool_names();
     println!("ok: {} pools ({})", names.len(), names.join(", "));
     Ok(EXIT_OK)
+}
+
+/// `doctor`: which Python, which profile fits it, and how its libraries take to threads.
+fn doctor(path: &Path) -> Result<u8, Error> {
+    // Each distinct interpreter the configuration names (with --config), else the default.
+    let mut pythons: Vec<Option<PathBuf>> = Vec::new();
+    if path.as_os_str().is_empty() {
+        pythons.push(None);
+    } else {
+        for b in Config::from_path(path)?.builders() {
+            let python = b.config().python().map(Path::to_path_buf);
+            if !pythons.contains(&python) {
+                pythons.push(python);
+            }
+        }
+    }
+    for python in pythons {
+        let info = snakepit::python::inspect(python.as_deref())?;
+        println!("python       {}", info.executable.display());
+        println!("version      {} {}", info.implementation, info.version);
+        println!("build        {}", if info.free_threaded { "free-threaded" } else { "with a GIL" });
+        println!("GIL          {}", if info.gil_enabled { "on" } else { "off" });
+        println!("recommended  profile \"{}\": {}", profile_name(info.recommended_profile), info.reason);
+        if info.libraries.is_empty() {
+            println!("libraries    none of the known ones installed");
+        }
+        for lib in &info.libraries {
+            let class = match lib.safety {
+                snakepit::ThreadSafety::Safe => "thread-safe",
+                snakepit::ThreadSafety::Conditional => "conditional",
+                snakepit::ThreadSafety::NotSafe => "not safe to share",
+                _ => "unknown",
+            };
+            println!("  {:<14} {:<10} {:<18} {}", lib.name, lib.version, class, lib.note);
+        }
+        println!();
+    }
+    Ok(EXIT_OK)
+}
+
+fn profile_name(profile: snakepit::Profile) -> &'static str {
+    match profile {
+        snakepit::Profile::Thread => "thread",
+        _ => "process",
+    }
 }
 
 /// `call`: starts only the pool named, runs one command, prints the result.

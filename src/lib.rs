@@ -48,6 +48,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod compat;
 mod config;
 mod config_file;
 mod dispatcher;
@@ -63,6 +64,7 @@ mod stats;
 mod sys;
 mod worker;
 
+pub use compat::ThreadSafety;
 pub use config::{PoolBuilder, PoolConfig, Profile};
 pub use config_file::{Config, POOL_KEYS};
 pub use error::{Error, ExitKind, RemoteError, Result, TimeoutKind};

@@ -37,6 +37,19 @@ fn check_accepts_a_good_file_without_starting_anything() {
 }
 
 #[test]
+fn doctor_reports_the_interpreter_and_its_libraries() {
+    let out = run_cli(&[arg("doctor")]);
+    out.assert_code(0);
+    for expected in
+        ["python ", "version      cpython 3.", "GIL          on", "recommended  profile \"process\""]
+    {
+        assert!(out.stdout.contains(expected), "missing {expected:?} in {out:?}");
+    }
+    // sqlite3 is in every CPython's standard library, and is not safe to share.
+    assert!(out.stdout.lines().any(|l| l.contains("sqlite3") && l.contains("not safe to share")), "{out:?}");
+}
+
+#[test]
 fn check_prints_every_problem_of_a_bad_file() {
     let dir = TempDir::new("check-bad");
     let path = dir.write(

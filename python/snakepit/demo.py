@@ -9,7 +9,7 @@ import snakepit
 EMBEDDING_DIM = 8
 
 
-@snakepit.command
+@snakepit.command(thread_safe=True)
 def embed(text):
     """A toy embedding: unit-length vector of EMBEDDING_DIM floats from word hashes.
 
@@ -25,26 +25,26 @@ def embed(text):
     return [x / norm for x in vector] if norm else vector
 
 
-@snakepit.command
+@snakepit.command(thread_safe=True)
 def word_count(text):
     """Number of whitespace-separated words."""
     return len(_require_text(text).split())
 
 
-@snakepit.command
+@snakepit.command(thread_safe=True)
 def fail(message="something went wrong"):
     """Always raises ValueError(message): shows how errors reach the host."""
     raise ValueError(message)
 
 
-@snakepit.command
+@snakepit.command(thread_safe=True)
 def slow(seconds):
     """Sleep for ``seconds`` and return it: handy for timeouts and concurrency."""
     time.sleep(seconds)
     return seconds
 
 
-@snakepit.command
+@snakepit.command(thread_safe=True)
 def upper(text):
     """The text in upper case."""
     return _require_text(text).upper()
