@@ -21,6 +21,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -91,6 +92,9 @@ pub(crate) struct Worker {
     /// Dropping it ends the writer thread.
     doorbell: Option<Sender<()>>,
     waiting: Waiting,
+    /// Calls whose replies the stdout reader has delivered, counted before the dispatcher
+    /// hears of them.
+    done: Arc<AtomicU64>,
     /// Set (under the lock) by the reaper once the process is reaped; signals are sent under
     /// the same lock only while it is false, so a reused pid is never signalled.
     reaped: Arc<Mutex<bool>>,
@@ -160,6 +164,7 @@ impl Worker {
             close_when_flushed: false,
         }));
         let waiting: Waiting = Arc::new(Mutex::new(HashMap::new()));
+        let done = Arc::new(AtomicU64::new(0));
         let reaped = Arc::new(Mutex::new(false));
         let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_LINES)));
         let (doorbell, doorbell_rx) = bounded::<()>(1);
@@ -171,6 +176,7 @@ impl Worker {
             outbox: outbox.clone(),
             doorbell: Some(doorbell),
             waiting: waiting.clone(),
+            done: done.clone(),
             reaped: reaped.clone(),
             stderr_tail: stderr_tail.clone(),
             threads: Vec::new(),
@@ -193,7 +199,7 @@ impl Worker {
             worker.threads.push(
                 thread::Builder::new()
                     .name(format!("sp-w{id}-out"))
-                    .spawn(move || read_stdout(stdout, max, &waiting, reaper))?,
+                    .spawn(move || read_stdout(stdout, max, &waiting, done, reaper))?,
             );
             Ok(())
         })();
@@ -253,6 +259,11 @@ impl Worker {
     /// Registers where the answer to `call` goes, before its frame is sent.
     pub(crate) fn expect_reply(&self, call: u64, reply: ReplyTx) {
         self.waiting.lock().insert(call, reply);
+    }
+
+    /// How many replies the stdout reader has delivered so far.
+    pub(crate) fn delivered(&self) -> u64 {
+        self.done.load(Ordering::Acquire)
     }
 
     /// Takes the right to answer `call`. `None` if the reader already delivered its reply.
@@ -333,7 +344,7 @@ impl Reaper {
     }
 }
 
-fn read_stdout(stdout: ChildStdout, max: usize, waiting: &Waiting, reaper: Reaper) {
+fn read_stdout(stdout: ChildStdout, max: usize, waiting: &Waiting, done: Arc<AtomicU64>, reaper: Reaper) {
     let id = reaper.id;
     let mut r = BufReader::with_capacity(64 * 1024, stdout);
     let mut buf = Vec::new();
@@ -346,7 +357,7 @@ fn read_stdout(stdout: ChildStdout, max: usize, waiting: &Waiting, reaper: Reape
                 Err(e) => match protocol::reply_id(&buf) {
                     Some(call) => {
                         let err = Error::Protocol(format!("the reply could not be decoded: {e}"));
-                        if !deliver(waiting, &reaper.events, id, call, Err(err)) {
+                        if !deliver(waiting, &done, &reaper.events, id, call, Err(err)) {
                             break;
                         }
                         continue;
@@ -361,9 +372,11 @@ fn read_stdout(stdout: ChildStdout, max: usize, waiting: &Waiting, reaper: Reape
             Ok(Some(msg)) => {
                 log::trace!("worker {id} -> {msg:?}");
                 let sent = match msg {
-                    Msg::Result { id: call, value } => deliver(waiting, &reaper.events, id, call, Ok(value)),
+                    Msg::Result { id: call, value } => {
+                        deliver(waiting, &done, &reaper.events, id, call, Ok(value))
+                    }
                     Msg::Error { id: call, error } => {
-                        deliver(waiting, &reaper.events, id, call, Err(Error::Python(error)))
+                        deliver(waiting, &done, &reaper.events, id, call, Err(Error::Python(error)))
                     }
                     other => reaper.events.send(WorkerEvent::Frame(id, other)).is_ok(),
                 };
@@ -390,11 +403,14 @@ fn read_stdout(stdout: ChildStdout, max: usize, waiting: &Waiting, reaper: Reape
     reaper.reap();
 }
 
-/// Tells the dispatcher a call finished, then hands the reply to its caller if the call is
-/// still waiting. In that order: by the time a caller can make its next call, the dispatcher's
-/// event queue already says the worker is free again. False if the dispatcher is gone.
+/// Hands a reply to its caller if the call is still waiting, then tells the dispatcher. The
+/// caller first, for latency (measured: the other order costs a sequential caller ~40%); but
+/// `done` is counted before either, so a caller that calls again before the dispatcher has heard
+/// can see that this worker's capacity is already on its way back. False if the dispatcher is
+/// gone.
 fn deliver(
     waiting: &Waiting,
+    done: &AtomicU64,
     events: &Sender<WorkerEvent>,
     worker: WorkerId,
     call: u64,
@@ -403,12 +419,12 @@ fn deliver(
     let ok = result.is_ok();
     let reply = waiting.lock().remove(&call);
     let answered = reply.is_some();
-    let sent = events.send(WorkerEvent::Completed { worker, call, ok, answered }).is_ok();
+    done.fetch_add(1, Ordering::Release);
     if let Some(reply) = reply {
         // The caller may have given up at its own deadline; that is fine.
         let _ = reply.send(result);
     }
-    sent
+    events.send(WorkerEvent::Completed { worker, call, ok, answered }).is_ok()
 }
 
 /// Calls on their way through one worker, by id.

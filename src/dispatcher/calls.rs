@@ -33,23 +33,17 @@ impl Dispatcher {
         }
         let id = call.id;
         if self.queued == 0 {
-            let mut free = self.pick_worker();
-            if free.is_none() {
-                // A worker may have finished a call whose completion is still waiting in the
-                // event queue (a caller can get its reply and call again before the dispatcher
-                // hears of it): hear it first, so a sequential caller never sees a busy pool.
-                while let Ok(ev) = self.events.try_recv() {
-                    self.on_event(ev);
-                }
-                free = self.pick_worker();
-            }
-            if let Some(i) = free {
+            if let Some(i) = self.pick_worker() {
                 let dispatched = call.enqueued;
                 self.calls.insert(id, Pending { call, reply: Some(reply), worker: None, dispatched });
                 return self.start_call(id, i);
             }
         }
-        if self.queued >= self.cfg.max_queue {
+        // A reply already delivered whose completion has not reached the dispatcher yet (a
+        // caller can get its reply and call again first) means a worker is about to be free:
+        // such a call waits for it, even past `max_queue`, instead of being refused.
+        let freeing = self.slots.iter().any(|s| s.worker.delivered() > s.delivered_seen);
+        if self.queued >= self.cfg.max_queue && !freeing {
             let max_queue = self.cfg.max_queue;
             log::warn!("[{}] queue full ({max_queue} calls waiting); call refused", self.cfg.name);
             if self.emitter.enabled() {
@@ -171,6 +165,7 @@ impl Dispatcher {
         };
         s.in_flight.swap_remove(pos);
         s.served += 1;
+        s.delivered_seen += 1;
         if !ok {
             s.errors += 1;
         }

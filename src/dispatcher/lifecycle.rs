@@ -40,6 +40,7 @@ impl Dispatcher {
             broken: None,
             escalation: super::shutdown::RUNNING,
             collateral: false,
+            delivered_seen: 0,
         });
         Ok(id)
     }

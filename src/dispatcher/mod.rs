@@ -126,6 +126,8 @@ struct Slot {
     escalation: u8,
     /// Killed because one of its calls overran its deadline: its other calls are collateral.
     collateral: bool,
+    /// Completions heard of that the reader had delivered (compare `Worker::delivered`).
+    delivered_seen: u64,
 }
 
 impl Slot {
