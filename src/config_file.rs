@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{PoolBuilder, Profile};
 use crate::error::{Error, Result};
+use crate::protocol::json_kind;
 
 /// Every key a pool takes, with its default and meaning. The README's table is checked
 /// against this list by a test, so the two cannot drift apart.
@@ -97,7 +98,7 @@ impl Config {
 
 fn parse_root(root: &Value, problems: &mut Vec<String>) -> Vec<PoolBuilder> {
     let Some(obj) = root.as_object() else {
-        problems.push(format!("(top level): expected an object, found {}", kind(root)));
+        problems.push(format!("(top level): expected an object, found {}", json_kind(root)));
         return Vec::new();
     };
     if !obj.contains_key("pools") {
@@ -122,7 +123,7 @@ fn parse_root(root: &Value, problems: &mut Vec<String>) -> Vec<PoolBuilder> {
             d.clone()
         }
         Some(other) => {
-            problems.push(format!("defaults: expected an object, found {}", kind(other)));
+            problems.push(format!("defaults: expected an object, found {}", json_kind(other)));
             Map::new()
         }
     };
@@ -133,7 +134,7 @@ fn parse_root(root: &Value, problems: &mut Vec<String>) -> Vec<PoolBuilder> {
         }
         Value::Array(pools) => pools,
         other => {
-            problems.push(format!("pools: expected an array of pools, found {}", kind(other)));
+            problems.push(format!("pools: expected an array of pools, found {}", json_kind(other)));
             return Vec::new();
         }
     };
@@ -142,7 +143,7 @@ fn parse_root(root: &Value, problems: &mut Vec<String>) -> Vec<PoolBuilder> {
     for (i, pool) in pools.iter().enumerate() {
         let at = format!("pools[{i}]");
         let Some(pool) = pool.as_object() else {
-            problems.push(format!("{at}: expected an object, found {}", kind(pool)));
+            problems.push(format!("{at}: expected an object, found {}", json_kind(pool)));
             continue;
         };
         if !pool.contains_key("name") {
@@ -411,17 +412,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// A value as it appears in the file, shortened.

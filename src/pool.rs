@@ -209,7 +209,7 @@ impl Pool {
         if !matches!(args, Value::Object(_) | Value::Array(_) | Value::Null) {
             return Err(Error::InvalidArgs(format!(
                 "args must be a JSON object, array or null, found {}",
-                kind_of(&args)
+                protocol::json_kind(&args)
             )));
         }
         if depth(&args) > MAX_ARGS_DEPTH {
@@ -402,17 +402,6 @@ fn depth(v: &Value) -> usize {
         }
     }
     deepest
-}
-
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

@@ -176,6 +176,18 @@ pub(crate) fn encode_call(id: u64, command: &str, args: &Value, max: usize) -> i
     encode_frame(&CallRef { kind: "call", id, command, args }, max)
 }
 
+/// What kind of JSON value `v` is, for error messages ("a number", "an object", ...).
+pub(crate) fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 fn too_large(size: usize, max: usize) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, TooLarge { size, max })
 }

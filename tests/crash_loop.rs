@@ -6,18 +6,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use snakepit::{Error, Pool};
+use snakepit::Error;
 
 #[test]
 fn crash_loop_degrades_fails_fast_backs_off_and_recovers() {
     let flag = std::env::temp_dir().join(format!("snakepit-flaky-{}", std::process::id()));
     let _ = std::fs::remove_file(&flag);
-    let pool = Pool::builder()
-        .size(1)
-        .python_path(common::fixtures())
-        .adapter("flaky_adapter")
-        .env("FLAKY_FLAG", flag.to_str().unwrap())
-        .restart_backoff(Duration::from_millis(100), Duration::from_millis(400))
+    let pool = common::flaky_builder(&flag, (Duration::from_millis(100), Duration::from_millis(400)))
         .degraded_after(2)
         .build()
         .unwrap();

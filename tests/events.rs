@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crossbeam_channel::bounded;
 use serde_json::json;
-use snakepit::{Error, Event, Pool};
+use snakepit::{Error, Event};
 
 fn collector() -> (Arc<Mutex<Vec<Event>>>, impl Fn(&Event) + Send + Sync + 'static) {
     let events = Arc::new(Mutex::new(Vec::new()));
@@ -100,12 +100,7 @@ fn degradation_and_recovery_are_announced_with_visible_backoff() {
     let flag = std::env::temp_dir().join(format!("snakepit-evflaky-{}", std::process::id()));
     let _ = std::fs::remove_file(&flag);
     let (events, sink) = collector();
-    let pool = Pool::builder()
-        .size(1)
-        .python_path(common::fixtures())
-        .adapter("flaky_adapter")
-        .env("FLAKY_FLAG", flag.to_str().unwrap())
-        .restart_backoff(Duration::from_millis(50), Duration::from_millis(200))
+    let pool = common::flaky_builder(&flag, (Duration::from_millis(50), Duration::from_millis(200)))
         .degraded_after(2)
         .on_event(sink)
         .build()

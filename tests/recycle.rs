@@ -215,12 +215,7 @@ fn recycle_all_is_a_rolling_restart_that_loses_no_call() {
 fn a_replacement_that_cannot_start_leaves_the_old_worker_serving() {
     let flag = std::env::temp_dir().join(format!("snakepit-norepl-{}", std::process::id()));
     let _ = std::fs::remove_file(&flag);
-    let pool = Pool::builder()
-        .size(1)
-        .python_path(common::fixtures())
-        .adapter("flaky_adapter")
-        .env("FLAKY_FLAG", flag.to_str().unwrap())
-        .restart_backoff(Duration::from_millis(50), Duration::from_millis(200))
+    let pool = common::flaky_builder(&flag, (Duration::from_millis(50), Duration::from_millis(200)))
         .build()
         .unwrap();
     let old = common::worker_pids(&pool)[0];

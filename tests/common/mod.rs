@@ -20,6 +20,17 @@ pub fn builder(size: usize) -> PoolBuilder {
         .startup_timeout(Duration::from_secs(20))
 }
 
+/// A one-worker pool on `flaky_adapter`, which fails to import while `flag` exists, with a
+/// short restart backoff.
+pub fn flaky_builder(flag: &std::path::Path, backoff: (Duration, Duration)) -> PoolBuilder {
+    Pool::builder()
+        .size(1)
+        .python_path(fixtures())
+        .adapter("flaky_adapter")
+        .env("FLAKY_FLAG", flag.to_str().unwrap())
+        .restart_backoff(backoff.0, backoff.1)
+}
+
 /// The pids of the pool's live workers.
 pub fn worker_pids(pool: &Pool) -> Vec<u32> {
     pool.stats().expect("stats").workers.iter().map(|w| w.pid).collect()
