@@ -410,11 +410,10 @@ fn sequential(py: &Path, figs: &mut Figures) -> BoxResult<()> {
     figs.add("b1.mean", "pool(1), 1 caller, mean", &col(&b, 2), Unit::Time, "Same runs as b1 p50");
     let stats = pool.stats()?;
     figs.notes.push(format!(
-        "b1 inside the pool (its own stats, last {} calls): queue wait (caller's send → the \
-         dispatcher hands the frame to the stdin writer thread) p50 {} µs; execution (→ reply back \
-         at the dispatcher, via the writer thread, Python and the stdout reader thread) p50 {} µs, \
-         p99 {} µs, against a whole raw round trip (a1) of {:.0} µs; the rest of b1's {:.0} µs is \
-         the dispatcher → caller hand-off.",
+        "b1 inside the pool (its own stats, last {} calls): queue wait (the caller's send → the \
+         dispatcher writes the frame into the worker's pipe) p50 {} µs; execution (→ the reply \
+         is back at the dispatcher, after the stdout reader handed it to the caller) p50 {} µs, \
+         p99 {} µs, against a whole raw round trip (a1) of {:.0} µs; b1 in all: {:.0} µs.",
         stats.execution.samples,
         stats.queue_wait.p50_us,
         stats.execution.p50_us,

@@ -5,11 +5,12 @@
 //! It is fed by two channels, one `select!`: requests (from callers and the reaper) and events
 //! from the worker threads. Timers live in a heap; stale entries are skipped. The work is
 //! split by subject: `calls.rs` (queue, dispatch, completion, deadlines), `lifecycle.rs`
-//! (start, ready, exit, backoff, recycling, health) and `shutdown.rs` (stopping workers and
-//! the pool).
+//! (start, ready, exit, backoff), `recycle.rs` (recycling and health checks) and `shutdown.rs`
+//! (stopping workers and the pool).
 
 mod calls;
 mod lifecycle;
+mod recycle;
 mod shutdown;
 
 use std::cmp::Reverse;
