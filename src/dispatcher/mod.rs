@@ -312,6 +312,7 @@ impl Dispatcher {
         match req {
             Request::Call(call, reply) => self.on_call(call, reply),
             Request::Stats(reply) => {
+                self.catch_up();
                 let _ = reply.send(self.snapshot());
             }
             Request::Shutdown(reply) => match &mut self.phase {
@@ -344,6 +345,19 @@ impl Dispatcher {
                     let _ = reply.send(Err(Error::UnknownWorker { worker }));
                 }
             },
+        }
+    }
+
+    /// Hears every completion whose reply a caller may already hold (the stdout reader
+    /// answers the caller before it tells the dispatcher), so a snapshot counts every call its
+    /// asker has seen finish. Bounded: a reader is at most one channel send behind.
+    fn catch_up(&mut self) {
+        let end = Instant::now() + Duration::from_millis(100);
+        while self.slots.iter().any(|s| s.worker.delivered() > s.delivered_seen) {
+            match self.events.recv_deadline(end) {
+                Ok(ev) => self.on_event(ev),
+                Err(_) => break,
+            }
         }
     }
 
