@@ -52,6 +52,10 @@ pub const POOL_KEYS: &[(&str, &str, &str)] = &[
     ("degraded_after", "3", "start-up failures in a row before a pool with no ready worker fails calls fast"),
 ];
 
+/// The keys whose `null` means "off" (to override a default).
+const OPTIONAL: &[&str] =
+    &["ttl", "max_requests", "max_memory", "max_memory_hard", "health_interval", "queue_timeout"];
+
 /// The keys the file itself takes at the top level, besides the legacy single-pool keys.
 const TOP_KEYS: &[&str] = &["defaults", "pools"];
 
@@ -192,6 +196,19 @@ fn parse_pool<'a>(
         let mut bad =
             |expected: &str| problems.push(format!("{path}: expected {expected}, found {}", show(value)));
         let dur = |v: &Value| parse_duration(v);
+        // `null` turns off a limit that `defaults` set (the limits are off unless set).
+        if value.is_null() && OPTIONAL.contains(&key.as_str()) {
+            let c = &mut b.config;
+            match key.as_str() {
+                "ttl" => c.policy.ttl = None,
+                "max_requests" => c.policy.max_requests = None,
+                "max_memory" => c.policy.max_memory = None,
+                "max_memory_hard" => c.policy.max_memory_hard = None,
+                "health_interval" => c.health_interval = None,
+                _ => c.queue_timeout = None,
+            }
+            continue;
+        }
         b = match key.as_str() {
             "name" => match value.as_str() {
                 Some(s) => b.name(s),
@@ -329,7 +346,10 @@ fn parse_pool<'a>(
                 }
             },
             _ => {
-                let hint = suggest(key, POOL_KEYS.iter().map(|(k, _, _)| *k));
+                // In the single-pool form the file's own keys are candidates too (`pool` for
+                // `pools`).
+                let top = if at.is_empty() { TOP_KEYS } else { &[] };
+                let hint = suggest(key, POOL_KEYS.iter().map(|(k, _, _)| *k).chain(top.iter().copied()));
                 problems.push(format!("{path}: unknown key{hint}"));
                 b
             }
@@ -531,11 +551,27 @@ mod tests {
     }
 
     #[test]
+    fn null_turns_off_a_default_limit() {
+        let c = Config::from_json_str(
+            r#"{"defaults": {"ttl": "1h", "max_requests": 10}, "pools": [{"name": "a"}, {"name": "b", "ttl": null, "max_requests": null}]}"#,
+        )
+        .unwrap();
+        let pools = c.builders();
+        assert_eq!(pools[0].config.ttl(), Some(Duration::from_secs(3600)));
+        assert_eq!((pools[1].config.ttl(), pools[1].config.max_requests()), (None, None));
+        assert!(
+            problems(r#"{"pools": [{"name": "a", "size": null}]}"#)[0].starts_with("pools[0].size: expected")
+        );
+    }
+
+    #[test]
     fn typos_are_never_ignored() {
         let got = problems(r#"{"pool_size": 2, "adaptor": "x"}"#);
         assert_eq!(got, vec!["adaptor: unknown key (did you mean `adapter`?)"]);
         let got = problems(r#"{"pools": [{"name": "a", "zzz": 1}]}"#);
         assert!(got[0].starts_with("pools[0].zzz: unknown key; known keys: name, size"), "{got:?}");
+        let got = problems(r#"{"pool": [{"name": "a"}]}"#);
+        assert_eq!(got, vec!["pool: unknown key (did you mean `pools`?)"]);
         let got = problems(r#"{"pools": [{"name": "a"}], "size": 3}"#);
         assert!(got[0].contains("go in a pool, or in `defaults`"), "{got:?}");
     }

@@ -220,7 +220,8 @@ impl fmt::Display for Error {
             }
             Error::InvalidArgs(m) => write!(f, "invalid arguments: {m}"),
             Error::ConfigFile { problems } => {
-                write!(f, "invalid configuration ({} problems):", problems.len())?;
+                let n = problems.len();
+                write!(f, "invalid configuration ({n} problem{}):", if n == 1 { "" } else { "s" })?;
                 for p in problems {
                     write!(f, "\n  {p}")?;
                 }

@@ -96,9 +96,9 @@ pub(crate) struct WorkerFacts {
 /// Whether (and why) a worker should be recycled now. Pure: the reaper and the dispatcher
 /// call it, and unit tests call it directly.
 ///
-/// `max_requests` fires a quarter of the budget early (at least one call), so the replacement
-/// can be ready before the worker is spent; the dispatcher never gives a worker more calls
-/// than its limit, which is what makes the limit exact.
+/// `max_requests` fires a quarter of the budget early, so the replacement can be ready before
+/// the worker is spent (the worker retires as soon as it is); the dispatcher never gives a
+/// worker more calls than its limit, which is what makes the limit exact.
 pub(crate) fn should_recycle(w: &WorkerFacts, now: Instant) -> Option<RecycleReason> {
     if let (Some(limit), Some(rss)) = (w.limits.max_memory, w.rss) {
         if rss > limit {
@@ -106,7 +106,7 @@ pub(crate) fn should_recycle(w: &WorkerFacts, now: Instant) -> Option<RecycleRea
         }
     }
     if let Some(limit) = w.limits.max_requests {
-        let lead = (limit / 4).max(1);
+        let lead = limit / 4;
         if w.assigned + lead >= limit {
             return Some(RecycleReason::MaxRequests);
         }
@@ -258,11 +258,11 @@ mod tests {
         assert_eq!(should_recycle(&w, now), Some(RecycleReason::MaxRequests));
         w.assigned = 100;
         assert_eq!(should_recycle(&w, now), Some(RecycleReason::MaxRequests));
-        // At least one call early.
+        // A budget under four calls fires when spent.
         let mut w = facts(Limits { max_requests: Some(2), ..NO_LIMITS });
-        w.assigned = 0;
-        assert_eq!(should_recycle(&w, now), None);
         w.assigned = 1;
+        assert_eq!(should_recycle(&w, now), None);
+        w.assigned = 2;
         assert_eq!(should_recycle(&w, now), Some(RecycleReason::MaxRequests));
 
         let mut w = facts(Limits { max_memory: Some(100), ..NO_LIMITS });

@@ -19,7 +19,7 @@ fn os_exit_fails_the_call_with_exit_code_and_stderr() {
         }
         other => panic!("expected WorkerDied, got {other:?}"),
     }
-    assert!(common::wait_ready(&pool, 2, Duration::from_secs(20)), "the pool came back to full size");
+    assert!(common::settled(&pool), "the pool came back to full size");
     let s = pool.stats().unwrap();
     assert_eq!((s.crashes, s.restarts), (1, 1));
     assert_eq!(pool.call("add", json!([1, 2])).unwrap(), json!(3));
@@ -55,7 +55,7 @@ fn sigkill_from_outside_fails_only_the_call_it_held() {
             other => panic!("expected WorkerDied, got {other:?}"),
         }
     });
-    assert!(common::wait_ready(&pool, 2, Duration::from_secs(20)));
+    assert!(common::settled(&pool));
     assert_eq!(pool.call("add", json!([2, 3])).unwrap(), json!(5));
     let after = common::worker_pids(&pool);
     pool.shutdown().unwrap();
@@ -130,7 +130,7 @@ fn a_child_that_escaped_the_group_does_not_stall_the_pool() {
     for i in 0..20 {
         assert_eq!(pool.call("add", json!([i, 1])).unwrap(), json!(i + 1));
     }
-    assert!(common::wait_ready(&pool, 2, Duration::from_secs(20)));
+    assert!(common::settled(&pool));
     let started = std::time::Instant::now();
     pool.shutdown().unwrap();
     assert!(started.elapsed() < Duration::from_secs(10), "shutdown is bounded: {:?}", started.elapsed());

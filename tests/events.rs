@@ -34,7 +34,7 @@ fn workers_and_calls_are_announced() {
     });
     // A crash: announced as a death, then a restart.
     assert!(matches!(pool.call("exit_now", json!({"code": 4})), Err(Error::WorkerDied { .. })));
-    assert!(common::wait_ready(&pool, 1, Duration::from_secs(20)));
+    assert!(common::settled(&pool));
     let new_pid = common::worker_pids(&pool)[0];
     pool.shutdown().unwrap();
 
@@ -109,7 +109,7 @@ fn degradation_and_recovery_are_announced_with_visible_backoff() {
     assert!(matches!(pool.call("exit_now", json!({})), Err(Error::WorkerDied { .. })));
     assert!(common::wait_until(Duration::from_secs(20), || pool.stats().unwrap().startup_failures >= 4));
     std::fs::remove_file(&flag).unwrap();
-    assert!(common::wait_ready(&pool, 1, Duration::from_secs(20)));
+    assert!(common::settled(&pool));
     pool.shutdown().unwrap();
 
     let events = events.lock().unwrap();

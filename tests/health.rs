@@ -32,7 +32,7 @@ fn a_frozen_idle_worker_is_killed_and_replaced() {
         "the frozen worker was recycled for its health"
     );
     common::assert_gone(&[frozen], Duration::from_secs(5));
-    assert!(common::wait_ready(&pool, 2, Duration::from_secs(20)));
+    assert!(common::settled(&pool));
     for i in 0..20 {
         assert_eq!(pool.call("add", json!([i, 1])).unwrap(), json!(i + 1), "calls keep succeeding");
     }

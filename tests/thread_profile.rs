@@ -82,7 +82,7 @@ fn killing_a_thread_worker_fails_every_call_it_held_and_the_pool_recovers() {
             }
         }
     });
-    assert!(common::wait_ready(pool, 1, Duration::from_secs(20)));
+    assert!(common::settled(pool));
     assert_ne!(pool.call("pid", json!({})).unwrap(), json!(pid));
     pool.shutdown().unwrap();
     common::assert_gone(&[pid], Duration::from_secs(5));
@@ -201,4 +201,37 @@ fn process_and_thread_pools_side_by_side() {
         .unwrap();
     assert_eq!(own.call("getenv", json!({"name": "OMP_NUM_THREADS"})).unwrap(), json!("4"));
     own.shutdown().unwrap();
+}
+
+#[test]
+fn a_recycled_thread_worker_left_with_only_timed_out_calls_is_killed() {
+    // Each round leaves a call running for a minute after its caller timed out; with ttl the
+    // worker is recycled meanwhile. Nobody waits for those calls, so the draining worker must
+    // not linger (processes would pile up, one per recycle).
+    let pool = thread_pool(1, 4)
+        .ttl(Duration::from_millis(300))
+        .jitter(0.0)
+        .reaper_interval(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.extend(common::worker_pids(&pool));
+        let late = pool.call_with(
+            "nap",
+            json!({"seconds": 60}),
+            CallOptions::new().timeout(Duration::from_millis(100)),
+        );
+        assert!(matches!(late, Err(Error::Timeout(TimeoutKind::Call))), "{late:?}");
+        std::thread::sleep(Duration::from_millis(400));
+        let live = pool.stats().unwrap().workers.len();
+        assert!(live <= 2, "a worker and at most its replacement, found {live}");
+    }
+    assert!(common::settled(&pool));
+    let now = common::worker_pids(&pool);
+    let gone: Vec<u32> = seen.into_iter().filter(|p| !now.contains(p)).collect();
+    assert!(!gone.is_empty(), "workers were recycled");
+    common::assert_gone(&gone, Duration::from_secs(5));
+    assert!(pool.call("pid", json!({})).is_ok());
+    pool.shutdown().unwrap();
 }

@@ -159,8 +159,8 @@ impl Dispatcher {
         let Some(i) = self.slot_index(worker) else { return };
         let s = &mut self.slots[i];
         let Some(pos) = s.in_flight.iter().position(|&c| c == call) else {
-            // A reply to a call this worker does not hold: the calls it times out on are
-            // never given back to it (it is killed), so this is a violation, not a race.
+            // A reply to a call this worker does not hold (a call that timed out stays in
+            // `in_flight` until its reply comes, or its worker is killed), so a violation.
             return self.protocol_violation(i, format!("reply to call {call} it does not hold"));
         };
         s.in_flight.swap_remove(pos);
@@ -218,6 +218,8 @@ impl Dispatcher {
                         "[{}] call {id} `{command}` timed out on worker {wid}; its thread stays busy until it returns",
                         self.cfg.name
                     );
+                    // A draining worker left with only such calls is not worth waiting for.
+                    self.stop_if_drained(i);
                 }
             }
             _ => {}

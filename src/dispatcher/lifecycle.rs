@@ -61,14 +61,17 @@ impl Dispatcher {
             .filter(|s| matches!(s.state, WorkerState::Starting | WorkerState::Ready))
             .filter(|s| s.recycle.is_none())
             .count();
-        // A worker whose replacement failed earlier is tried again once its backoff is over.
+        // A worker whose replacement failed or was lost is tried again once its backoff is
+        // over; a spent one (max_requests) that could not start its recycle earlier (another
+        // recycle held the turn) tries again now.
         let now = Instant::now();
         for i in 0..self.slots.len() {
             let s = &self.slots[i];
-            if s.state == WorkerState::Ready
-                && s.recycle.is_none()
-                && s.retry_recycle.is_some_and(|t| now >= t)
-            {
+            if s.state != WorkerState::Ready || s.recycle.is_some() {
+                continue;
+            }
+            let retry_due = s.retry_recycle.is_some_and(|t| now >= t);
+            if retry_due || (s.spent() && s.retry_recycle.is_none()) {
                 self.slots[i].retry_recycle = None;
                 self.check_due(i, now);
             }
@@ -191,18 +194,15 @@ impl Dispatcher {
                 let _ = w.send(Ok(()));
             }
         }
-        // A ready replacement that dies before its old worker was retired: the old one keeps
-        // serving and will be recycled again later.
-        if let Origin::Replaces(old) = s.origin {
-            if let Some(o) = self.slot_index(old) {
-                if self.slots[o].recycle.as_ref().is_some_and(|r| r.replacement == id) {
-                    self.slots[o].recycle = None;
-                }
-            }
-        }
         let broken = s.broken.take();
         let collateral = s.collateral;
+        let was_starting = s.state == WorkerState::Starting;
         self.slots.insert(i, s);
+        if !was_starting {
+            // A ready replacement that died before its old worker retired. (One that never got
+            // ready was handled above, as a start-up failure, with backoff.)
+            self.replacement_lost(i);
+        }
         for call in std::mem::take(&mut self.slots[i].in_flight) {
             let err = match &broken {
                 Some(e) => e.duplicate(),

@@ -312,7 +312,10 @@ impl Dispatcher {
         match req {
             Request::Call(call, reply) => self.on_call(call, reply),
             Request::Stats(reply) => {
+                // A snapshot reflects what its asker has seen: replies already delivered and
+                // deadlines already passed.
                 self.catch_up();
+                self.fire_timers();
                 let _ = reply.send(self.snapshot());
             }
             Request::Shutdown(reply) => match &mut self.phase {
@@ -324,10 +327,12 @@ impl Dispatcher {
                 _ => self.begin_shutdown(Some(reply)),
             },
             Request::Facts(reply) => {
+                // Draining and recycling workers too: the hard memory ceiling applies to them
+                // (other orders for them are ignored).
                 let facts = self
                     .slots
                     .iter()
-                    .filter(|s| s.state == WorkerState::Ready && s.recycle.is_none())
+                    .filter(|s| matches!(s.state, WorkerState::Ready | WorkerState::Draining))
                     .map(Slot::facts)
                     .collect();
                 let _ = reply.send(facts);

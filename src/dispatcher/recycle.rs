@@ -41,7 +41,8 @@ impl Dispatcher {
             return;
         }
         if kill {
-            if self.slots[i].escalation == super::shutdown::RUNNING {
+            let s = &self.slots[i];
+            if s.escalation == super::shutdown::RUNNING && s.state != WorkerState::Starting {
                 self.retired(i, reason, rss);
                 self.kill(i);
             }
@@ -87,8 +88,7 @@ impl Dispatcher {
     }
 
     /// Retires worker `i` if its replacement is ready: it takes no new calls, finishes the ones
-    /// it has, and is then stopped. A worker recycled for `max_requests` serves until it is
-    /// spent, even with its replacement ready.
+    /// it has, and is then stopped.
     pub(super) fn try_finish_recycle(&mut self, i: usize) {
         let s = &self.slots[i];
         let Some(r) = &s.recycle else { return };
@@ -97,7 +97,7 @@ impl Dispatcher {
         }
         let replacement_ready =
             self.slot_index(r.replacement).is_some_and(|j| self.slots[j].state == WorkerState::Ready);
-        if !replacement_ready || (r.reason == RecycleReason::MaxRequests && !s.spent()) {
+        if !replacement_ready {
             return;
         }
         let r = self.slots[i].recycle.take().expect("checked");
@@ -106,9 +106,7 @@ impl Dispatcher {
             let _ = w.send(Ok(()));
         }
         self.slots[i].state = WorkerState::Draining;
-        if self.slots[i].in_flight.is_empty() {
-            self.stop(i);
-        }
+        self.stop_if_drained(i);
         // Let the next worker that is due take its turn.
         let now = Instant::now();
         for j in 0..self.slots.len() {
@@ -116,6 +114,45 @@ impl Dispatcher {
                 self.check_due(j, now);
             }
         }
+    }
+
+    /// Stops a draining worker once nobody waits for its calls any more: when it has none, or
+    /// (thread profile) only calls that were already answered with a time-out, whose threads
+    /// may never return.
+    pub(super) fn stop_if_drained(&mut self, i: usize) {
+        let s = &self.slots[i];
+        if s.state != WorkerState::Draining {
+            return;
+        }
+        if s.in_flight.is_empty() {
+            self.stop(i);
+        } else if s.in_flight.iter().all(|c| !self.calls.contains_key(c)) {
+            log::warn!(
+                "[{}] worker {} (pid {}) is draining with only timed-out calls left; killing it",
+                self.cfg.name,
+                s.worker.id,
+                s.worker.pid
+            );
+            self.kill(i);
+        }
+    }
+
+    /// A replacement worker was lost (it died or was killed) before its old worker retired: the
+    /// old worker keeps serving, and is checked again at once (it may be spent, and would
+    /// otherwise never be given a call or be replaced).
+    pub(super) fn replacement_lost(&mut self, replacement: usize) {
+        let Origin::Replaces(old) = self.slots[replacement].origin else { return };
+        let id = self.slots[replacement].worker.id;
+        let Some(o) = self.slot_index(old) else { return };
+        if !self.slots[o].recycle.as_ref().is_some_and(|r| r.replacement == id) {
+            return;
+        }
+        let r = self.slots[o].recycle.take().expect("checked");
+        for w in r.waiters {
+            let message = format!("replacement worker {id} was lost before it took over");
+            let _ = w.send(Err(Error::Startup { message, error: None }));
+        }
+        self.slots[o].retry_recycle = Some(Instant::now());
     }
 
     /// Counts, logs and announces a recycled worker.
@@ -164,12 +201,15 @@ impl Dispatcher {
         self.timers.push(Reverse((Instant::now() + retry, Timer::Wake)));
     }
 
-    /// After a call: a draining worker that is now idle is stopped; a spent one may retire.
+    /// After a call: a draining worker with nothing left to wait for is stopped; a spent one may
+    /// retire.
     pub(super) fn after_call(&mut self, i: usize) {
         let s = &self.slots[i];
-        let idle = s.in_flight.is_empty();
-        if idle && (s.state == WorkerState::Draining || matches!(self.phase, Phase::ShuttingDown { .. })) {
+        if s.in_flight.is_empty() && matches!(self.phase, Phase::ShuttingDown { .. }) {
             return self.stop(i);
+        }
+        if s.state == WorkerState::Draining {
+            return self.stop_if_drained(i);
         }
         if s.recycle.is_some() {
             self.try_finish_recycle(i);

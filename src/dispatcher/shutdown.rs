@@ -69,11 +69,16 @@ impl Dispatcher {
     /// Kills a worker now (its calls fail when its exit is reported).
     pub(super) fn kill(&mut self, i: usize) {
         let s = &mut self.slots[i];
+        let was_ready = s.state == WorkerState::Ready;
         s.state = WorkerState::Stopping;
         if s.escalation < KILLED {
             s.escalation = KILLED;
             s.worker.close_stdin();
             s.worker.signal(sys::SIGKILL);
+        }
+        if was_ready {
+            // If it was a ready replacement, its old worker must not wait for it.
+            self.replacement_lost(i);
         }
     }
 

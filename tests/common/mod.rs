@@ -67,7 +67,11 @@ pub fn assert_gone(pids: &[u32], timeout: Duration) {
     assert!(ok, "processes still running after {timeout:?}: {left:?}");
 }
 
-/// Waits until the pool has `n` ready workers, bounded by `timeout`.
-pub fn wait_ready(pool: &Pool, n: usize, timeout: Duration) -> bool {
-    wait_until(timeout, || pool.stats().map(|s| s.ready_workers == n).unwrap_or(false))
+/// Waits until the pool has exactly its size in workers, all ready: nothing starting,
+/// draining or still being reaped.
+pub fn settled(pool: &Pool) -> bool {
+    wait_until(Duration::from_secs(20), || {
+        let s = pool.stats().unwrap();
+        s.workers.len() == s.size && s.workers.iter().all(|w| w.state == snakepit::WorkerState::Ready)
+    })
 }
