@@ -74,3 +74,8 @@ pub use pool_set::{PoolSet, PoolSetBuilder, DEFAULT_POOL};
 pub use protocol::WorkerInfo;
 pub use reaper::RecycleReason;
 pub use stats::{Latency, PoolStats, Recycles, WorkerState, WorkerStats};
+
+/// The README's Rust examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
