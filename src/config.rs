@@ -218,16 +218,25 @@ impl PoolConfig {
 
     /// Checks every setting; the first problem names its setting.
     pub(crate) fn validate(&self) -> Result<()> {
+        match self.problems().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every problem with the settings, each an `Error::Config` naming its setting.
+    pub(crate) fn problems(&self) -> Vec<Error> {
+        let mut problems = Vec::new();
         let valid_name =
             |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !valid_name(&self.name) {
-            return Err(Error::config(
+            problems.push(Error::config(
                 "name",
                 format!("{:?} must be non-empty ASCII letters, digits, '_' or '-'", self.name),
             ));
         }
         if self.size == 0 || self.size > 1024 {
-            return Err(Error::config("size", format!("must be between 1 and 1024, found {}", self.size)));
+            problems.push(Error::config("size", format!("must be between 1 and 1024, found {}", self.size)));
         }
         if let Some(adapter) = &self.adapter {
             let ident = |p: &str| {
@@ -235,12 +244,12 @@ impl PoolConfig {
                     && p.chars().all(|c| c.is_alphanumeric() || c == '_')
             };
             if !adapter.split('.').all(ident) {
-                return Err(Error::config("adapter", format!("{adapter:?} is not a Python module name")));
+                problems.push(Error::config("adapter", format!("{adapter:?} is not a Python module name")));
             }
         }
         for (k, v) in &self.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(Error::config("env", format!("{k:?} is not a valid environment variable")));
+                problems.push(Error::config("env", format!("{k:?} is not a valid environment variable")));
             }
         }
         for (setting, d) in [
@@ -250,59 +259,59 @@ impl PoolConfig {
             ("restart_backoff", self.restart_backoff.0),
         ] {
             if d.is_zero() {
-                return Err(Error::config(setting, "must be greater than zero"));
+                problems.push(Error::config(setting, "must be greater than zero"));
             }
         }
         if self.queue_timeout.is_some_and(|d| d.is_zero()) {
-            return Err(Error::config("queue_timeout", "must be greater than zero"));
+            problems.push(Error::config("queue_timeout", "must be greater than zero"));
         }
         if self.restart_backoff.1 < self.restart_backoff.0 {
-            return Err(Error::config("restart_backoff", "the largest delay is smaller than the first"));
+            problems.push(Error::config("restart_backoff", "the largest delay is smaller than the first"));
         }
         if self.max_frame_size < 1024 || self.max_frame_size > u32::MAX as usize {
-            return Err(Error::config(
+            problems.push(Error::config(
                 "max_frame_size",
                 format!("must be between 1024 and {} bytes, found {}", u32::MAX, self.max_frame_size),
             ));
         }
         if self.degraded_after == 0 {
-            return Err(Error::config("degraded_after", "must be at least 1"));
+            problems.push(Error::config("degraded_after", "must be at least 1"));
         }
         let p = &self.policy;
         if p.ttl.is_some_and(|d| d.is_zero()) {
-            return Err(Error::config("ttl", "must be greater than zero"));
+            problems.push(Error::config("ttl", "must be greater than zero"));
         }
         if p.max_requests == Some(0) {
-            return Err(Error::config("max_requests", "must be at least 1"));
+            problems.push(Error::config("max_requests", "must be at least 1"));
         }
         if p.max_memory == Some(0) {
-            return Err(Error::config("max_memory", "must be greater than zero"));
+            problems.push(Error::config("max_memory", "must be greater than zero"));
         }
         if p.max_memory_hard == Some(0) {
-            return Err(Error::config("max_memory_hard", "must be greater than zero"));
+            problems.push(Error::config("max_memory_hard", "must be greater than zero"));
         }
         if let (Some(soft), Some(hard)) = (p.max_memory, p.max_memory_hard) {
             if hard < soft {
-                return Err(Error::config("max_memory_hard", "is below max_memory"));
+                problems.push(Error::config("max_memory_hard", "is below max_memory"));
             }
         }
         if !(0.0..=1.0).contains(&p.jitter) {
-            return Err(Error::config("jitter", format!("must be between 0 and 1, found {}", p.jitter)));
+            problems.push(Error::config("jitter", format!("must be between 0 and 1, found {}", p.jitter)));
         }
         if !self.launcher.is_empty() && self.launcher[0].is_empty() {
-            return Err(Error::config("launcher", "the program (first element) is empty"));
+            problems.push(Error::config("launcher", "the program (first element) is empty"));
         }
         if self.args.iter().chain(&self.launcher).any(|a| a.contains('\0')) {
-            return Err(Error::config("args", "an argument contains a NUL byte"));
+            problems.push(Error::config("args", "an argument contains a NUL byte"));
         }
         if self.threads_per_worker == 0 || self.threads_per_worker > 1024 {
-            return Err(Error::config(
+            problems.push(Error::config(
                 "threads_per_worker",
                 format!("must be between 1 and 1024, found {}", self.threads_per_worker),
             ));
         }
         if self.max_concurrent_recycles == 0 {
-            return Err(Error::config("max_concurrent_recycles", "must be at least 1"));
+            problems.push(Error::config("max_concurrent_recycles", "must be at least 1"));
         }
         for (setting, d) in [
             ("health_interval", self.health_interval.unwrap_or(Duration::MAX)),
@@ -310,7 +319,7 @@ impl PoolConfig {
             ("reaper_interval", self.reaper_interval),
         ] {
             if d.is_zero() {
-                return Err(Error::config(setting, "must be greater than zero"));
+                problems.push(Error::config(setting, "must be greater than zero"));
             }
         }
         // Deadlines are instants in the future; a year is far beyond any sensible setting and
@@ -327,10 +336,10 @@ impl PoolConfig {
             ("reaper_interval", Some(self.reaper_interval)),
         ] {
             if d.is_some_and(|d| d > MAX_DURATION) {
-                return Err(Error::config(setting, "must be at most a year"));
+                problems.push(Error::config(setting, "must be at most a year"));
             }
         }
-        Ok(())
+        problems
     }
 }
 

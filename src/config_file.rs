@@ -356,9 +356,11 @@ fn parse_pool<'a>(
         };
     }
     // Whatever the per-key checks let through, the builder's own validation still sees.
-    if let Err(Error::Config { setting, message }) = b.config.validate() {
-        let path = if at.is_empty() { setting } else { format!("{at}.{setting}") };
-        problems.push(format!("{path}: {message}"));
+    for e in b.config.problems() {
+        if let Error::Config { setting, message } = e {
+            let path = if at.is_empty() { setting } else { format!("{at}.{setting}") };
+            problems.push(format!("{path}: {message}"));
+        }
     }
     b
 }
@@ -590,6 +592,13 @@ mod tests {
         assert_eq!((p.profile(), p.capacity()), (Profile::Thread, 4));
         let missing = Config::from_path("/no/such/file.json").unwrap_err();
         assert!(missing.to_string().contains("/no/such/file.json"), "{missing}");
+    }
+
+    #[test]
+    fn range_problems_of_one_pool_are_all_reported() {
+        let got = problems(r#"{"pools": [{"name": "a", "size": 5000, "threads_per_worker": 5000}]}"#);
+        assert!(got.iter().any(|p| p.starts_with("pools[0].size: must be between 1 and 1024")), "{got:?}");
+        assert!(got.iter().any(|p| p.starts_with("pools[0].threads_per_worker: ")), "{got:?}");
     }
 
     #[test]
