@@ -33,6 +33,16 @@
 //!     return a + b
 //! ```
 //!
+//! ## What is inside
+//!
+//! - [`Pool`]: workers, a FIFO queue, per-call deadlines, crash and hang containment, restarts
+//!   with backoff, [`Pool::stats`], and recycling by age, calls served and memory
+//!   ([`PoolBuilder::ttl`], [`PoolBuilder::max_requests`], [`PoolBuilder::max_memory`]), make
+//!   before break, with typed [`Event`]s for a callback ([`PoolBuilder::on_event`]).
+//! - [`Profile`]: one call at a time per process, or many per process on threads.
+//! - [`PoolSet`] and [`Config`]: several named pools, from code or a JSON file.
+//! - [`python::inspect`]: which interpreter, free-threaded or not, and which profile fits.
+//!
 //! ## Shutdown
 //!
 //! [`Pool::shutdown`] (and `Drop`) refuses new calls, fails queued ones with
