@@ -10,6 +10,9 @@ use crate::protocol::{WorkerInfo, PROTOCOL_VERSION};
 use crate::stats::WorkerState;
 use crate::worker::{Worker, WorkerId};
 
+/// A worker that dies within this time of getting ready counts towards restart backoff.
+const QUICK_CRASH: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Dispatcher {
     pub(super) fn spawn_worker(&mut self, origin: Origin) -> Result<WorkerId> {
         let id = self.next_worker;
@@ -37,6 +40,7 @@ impl Dispatcher {
             escalation: super::shutdown::RUNNING,
             collateral: false,
             delivered_seen: 0,
+            ready_at: None,
         });
         Ok(id)
     }
@@ -107,6 +111,7 @@ impl Dispatcher {
             return self.startup_failed(i, Error::Startup { message, error: None });
         }
         s.state = WorkerState::Ready;
+        s.ready_at = Some(Instant::now());
         let (id, pid, startup, origin) = (s.worker.id, s.worker.pid, s.spawned.elapsed(), s.origin);
         log::debug!(
             "[{}] worker {id} (pid {pid}) ready in {startup:?} (python {})",
@@ -181,6 +186,7 @@ impl Dispatcher {
                 // Nobody asked it to stop.
                 self.counters.crashes += 1;
                 log::warn!("[{}] worker {id} (pid {pid}) died: {exit}; {lost} calls lost", self.cfg.name);
+                self.crash_backoff(s.ready_at);
                 if self.emitter.enabled() {
                     let pool = self.cfg.name.clone();
                     self.emitter.emit(Event::WorkerDied { pool, worker: id, pid, exit, calls_lost: lost });
@@ -286,6 +292,26 @@ impl Dispatcher {
             }
             self.fail_queued(|| Error::Degraded { last_error: last_error.clone() });
         }
+    }
+
+    /// A worker that dies soon after it got ready, again and again (an adapter whose
+    /// background thread crashes it, say), is restarted with the same capped backoff as one
+    /// that fails to start, instead of at once every time.
+    fn crash_backoff(&mut self, ready_at: Option<Instant>) {
+        let quick = ready_at.is_some_and(|t| t.elapsed() < QUICK_CRASH);
+        if !quick {
+            self.quick_crashes = 0;
+            return;
+        }
+        self.quick_crashes += 1;
+        let (first, max) = self.cfg.restart_backoff;
+        let delay = first.saturating_mul(1 << (self.quick_crashes - 1).min(20)).min(max);
+        self.next_spawn = self.next_spawn.max(Instant::now() + delay);
+        log::warn!(
+            "[{}] {} workers in a row died within {QUICK_CRASH:?} of starting; next start in {delay:?}",
+            self.cfg.name,
+            self.quick_crashes
+        );
     }
 
     pub(super) fn is_degraded(&self) -> bool {

@@ -129,6 +129,8 @@ struct Slot {
     collateral: bool,
     /// Completions heard of that the reader had delivered (compare `Worker::delivered`).
     delivered_seen: u64,
+    /// When it sent `ready`.
+    ready_at: Option<Instant>,
 }
 
 impl Slot {
@@ -214,6 +216,8 @@ pub(crate) struct Dispatcher {
     exited: Vec<Worker>,
     /// The CPU-bound-on-a-GIL warning has been logged.
     warned_gil: bool,
+    /// Workers in a row that died soon after getting ready.
+    quick_crashes: u32,
 }
 
 impl Dispatcher {
@@ -249,6 +253,7 @@ impl Dispatcher {
             spawn_wake: None,
             exited: Vec::new(),
             warned_gil: false,
+            quick_crashes: 0,
         }
     }
 
