@@ -65,7 +65,7 @@ fn a_sequential_caller_never_sees_a_busy_pool() {
     // With no queue at all, a caller that waits for each reply before the next call must never
     // be refused: the worker is free the moment the reply arrives.
     let pool = common::builder(1).max_queue(0).build().unwrap();
-    for i in 0..500 {
+    for i in 0..3000 {
         assert_eq!(pool.call("add", json!([i, 1])).unwrap(), json!(i + 1));
     }
     pool.shutdown().unwrap();

@@ -39,11 +39,7 @@ impl Dispatcher {
                 return self.start_call(id, i);
             }
         }
-        // A reply already delivered whose completion has not reached the dispatcher yet (a
-        // caller can get its reply and call again first) means a worker is about to be free:
-        // such a call waits for it, even past `max_queue`, instead of being refused.
-        let freeing = self.slots.iter().any(|s| s.worker.delivered() > s.delivered_seen);
-        if self.queued >= self.cfg.max_queue && !freeing {
+        if self.queued >= self.cfg.max_queue {
             let max_queue = self.cfg.max_queue;
             log::warn!("[{}] queue full ({max_queue} calls waiting); call refused", self.cfg.name);
             if self.emitter.enabled() {
@@ -65,7 +61,7 @@ impl Dispatcher {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.has_room())
-            .min_by_key(|(_, s)| (s.in_flight.len(), s.served))
+            .min_by_key(|(_, s)| (s.running(), s.served))
             .map(|(i, _)| i)
     }
 

@@ -144,10 +144,18 @@ impl Slot {
         self.limits.max_requests.is_some_and(|limit| self.assigned() >= limit)
     }
 
+    /// Calls still running on it: those in flight less those whose replies its reader has
+    /// already delivered (the reader answers the caller before it tells the dispatcher, so a
+    /// caller may call again before the dispatcher has heard; the worker is free by then).
+    fn running(&self) -> usize {
+        let unheard = self.worker.delivered().saturating_sub(self.delivered_seen) as usize;
+        self.in_flight.len().saturating_sub(unheard)
+    }
+
     /// Whether it can take another call now.
     fn has_room(&self) -> bool {
         self.state == WorkerState::Ready
-            && self.in_flight.len() < self.capacity
+            && self.running() < self.capacity
             // A process worker answers a ping only between calls; a thread worker at once.
             && (self.ping.is_none() || self.capacity > 1)
             && !self.spent()
