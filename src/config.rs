@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::events::{Event, EventHandler};
+use crate::policy::Policy;
 use crate::protocol::DEFAULT_MAX_FRAME;
-use crate::reaper::Policy;
 
 /// The longest any duration setting may be.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -42,6 +42,7 @@ pub struct PoolConfig {
     pub(crate) max_queue: usize,
     pub(crate) max_frame_size: usize,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) stop_timeout: Duration,
     pub(crate) restart_backoff: (Duration, Duration),
     pub(crate) degraded_after: u32,
     pub(crate) policy: Policy,
@@ -73,6 +74,7 @@ impl Default for PoolConfig {
             max_queue: 1024,
             max_frame_size: DEFAULT_MAX_FRAME,
             shutdown_timeout: Duration::from_secs(5),
+            stop_timeout: Duration::from_secs(5),
             restart_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
             degraded_after: 3,
             policy: Policy::default(),
@@ -139,6 +141,10 @@ impl PoolConfig {
     /// The grace period in-flight calls get at shutdown.
     pub fn shutdown_timeout(&self) -> Duration {
         self.shutdown_timeout
+    }
+    /// How long a worker asked to stop may take before SIGTERM, and again before SIGKILL.
+    pub fn stop_timeout(&self) -> Duration {
+        self.stop_timeout
     }
     /// The first and the largest delay before restarting a worker that failed to start.
     pub fn restart_backoff(&self) -> (Duration, Duration) {
@@ -256,6 +262,7 @@ impl PoolConfig {
             ("startup_timeout", self.startup_timeout),
             ("request_timeout", self.request_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
+            ("stop_timeout", self.stop_timeout),
             ("restart_backoff", self.restart_backoff.0),
         ] {
             if d.is_zero() {
@@ -329,6 +336,7 @@ impl PoolConfig {
             ("request_timeout", Some(self.request_timeout)),
             ("queue_timeout", self.queue_timeout),
             ("shutdown_timeout", Some(self.shutdown_timeout)),
+            ("stop_timeout", Some(self.stop_timeout)),
             ("restart_backoff", Some(self.restart_backoff.1)),
             ("ttl", p.ttl),
             ("health_interval", self.health_interval),
@@ -417,6 +425,14 @@ impl PoolBuilder {
     /// Defaults to 5 s.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = timeout;
+        self
+    }
+    /// How long a worker asked to stop (a `shutdown` frame and EOF, when the pool shuts down or
+    /// a recycled worker has drained) may take to exit before it is sent SIGTERM, and the same
+    /// again before SIGKILL. A worker that needs longer is not an error for `shutdown()` unless
+    /// a call was cut. Defaults to 5 s.
+    pub fn stop_timeout(mut self, timeout: Duration) -> Self {
+        self.config.stop_timeout = timeout;
         self
     }
     /// The delay before restarting a worker that failed to start, doubling from `first` up to

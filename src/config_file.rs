@@ -38,6 +38,11 @@ pub const POOL_KEYS: &[(&str, &str, &str)] = &[
     ("request_timeout", "\"30s\"", "a call's whole deadline: queue wait plus execution"),
     ("queue_timeout", "the whole deadline", "the longest a call may wait for a worker"),
     ("shutdown_timeout", "\"5s\"", "grace period for in-flight calls at shutdown"),
+    (
+        "stop_timeout",
+        "\"5s\"",
+        "how long a worker asked to stop may take before SIGTERM (and again before SIGKILL)",
+    ),
     ("max_queue", "1024", "calls that may wait; more get `QueueFull`"),
     ("max_frame_size", "\"64MiB\"", "the largest frame either side may send"),
     ("ttl", "off", "recycle a worker once it is this old (plus jitter)"),
@@ -289,13 +294,14 @@ fn parse_pool<'a>(
                     b
                 }
             },
-            "startup_timeout" | "request_timeout" | "queue_timeout" | "shutdown_timeout" | "ttl"
-            | "health_interval" | "health_timeout" | "reaper_interval" => match dur(value) {
+            "startup_timeout" | "request_timeout" | "queue_timeout" | "shutdown_timeout" | "stop_timeout"
+            | "ttl" | "health_interval" | "health_timeout" | "reaper_interval" => match dur(value) {
                 Some(d) if !d.is_zero() => match key.as_str() {
                     "startup_timeout" => b.startup_timeout(d),
                     "request_timeout" => b.request_timeout(d),
                     "queue_timeout" => b.queue_timeout(d),
                     "shutdown_timeout" => b.shutdown_timeout(d),
+                    "stop_timeout" => b.stop_timeout(d),
                     "ttl" => b.ttl(d),
                     "health_interval" => b.health_interval(d),
                     "health_timeout" => b.health_timeout(d),

@@ -1,15 +1,17 @@
 //! Typed events about a pool's workers and calls, and the thread that hands them to the user's
 //! callback, off the dispatcher's hot path.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
+use parking_lot::RwLock;
 use serde::Serialize;
 
 use crate::error::ExitKind;
-use crate::reaper::RecycleReason;
+use crate::policy::RecycleReason;
 
 /// How many events may wait for a slow callback before new ones are dropped (and counted).
 const BACKLOG: usize = 4096;
@@ -131,12 +133,14 @@ impl std::fmt::Debug for EventHandler {
     }
 }
 
-/// The dispatcher's end: a bounded channel to the event thread, or nothing when no callback
-/// is set (then events are not even built).
+/// The pool's end: a bounded channel to the event thread, or nothing when no callback is set
+/// (then events are not even built). Shared by the dispatcher and the callers, who emit
+/// `CallCompleted` themselves.
 #[derive(Default)]
 pub(crate) struct Emitter {
-    tx: Option<Sender<Event>>,
-    pub(crate) dropped: u64,
+    tx: RwLock<Option<Sender<Event>>>,
+    enabled: bool,
+    dropped: AtomicU64,
 }
 
 impl Emitter {
@@ -147,37 +151,40 @@ impl Emitter {
     ) -> std::io::Result<(Emitter, Option<JoinHandle<()>>)> {
         let Some(handler) = handler else { return Ok((Emitter::default(), None)) };
         let (tx, rx) = bounded::<Event>(BACKLOG);
-        let name: String = format!("sp-evt-{pool}").chars().take(15).collect();
         let pool = pool.to_string();
-        let handle = std::thread::Builder::new().name(name).spawn(move || {
-            for event in rx.iter() {
-                let call = std::panic::AssertUnwindSafe(|| (handler.0)(&event));
-                if std::panic::catch_unwind(call).is_err() {
-                    log::error!("[{pool}] the on_event callback panicked on {event:?}");
+        let handle =
+            std::thread::Builder::new().name(crate::worker::thread_name("evt", &pool)).spawn(move || {
+                for event in rx.iter() {
+                    let call = std::panic::AssertUnwindSafe(|| (handler.0)(&event));
+                    if std::panic::catch_unwind(call).is_err() {
+                        log::error!("[{pool}] the on_event callback panicked on {event:?}");
+                    }
                 }
-            }
-        })?;
-        Ok((Emitter { tx: Some(tx), dropped: 0 }, Some(handle)))
+            })?;
+        Ok((Emitter { tx: RwLock::new(Some(tx)), enabled: true, dropped: AtomicU64::new(0) }, Some(handle)))
     }
 
     /// Whether anyone listens (so the caller can skip building an event).
     pub(crate) fn enabled(&self) -> bool {
-        self.tx.is_some()
+        self.enabled
     }
 
     /// Hands an event to the event thread without ever blocking.
-    pub(crate) fn emit(&mut self, event: Event) {
-        if let Some(tx) = &self.tx {
-            match tx.try_send(event) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => self.dropped += 1,
-                Err(TrySendError::Disconnected(_)) => self.tx = None,
+    pub(crate) fn emit(&self, event: Event) {
+        if let Some(tx) = &*self.tx.read() {
+            if let Err(TrySendError::Full(_)) = tx.try_send(event) {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
+    /// Events dropped because the callback fell behind.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     /// Closes the channel: the event thread delivers what is left and ends.
-    pub(crate) fn close(&mut self) {
-        self.tx = None;
+    pub(crate) fn close(&self) {
+        *self.tx.write() = None;
     }
 }

@@ -65,11 +65,13 @@ mod dispatcher;
 mod embed;
 mod error;
 mod events;
+mod housekeeper;
+mod policy;
 mod pool;
 mod pool_set;
+mod proc;
 mod protocol;
 pub mod python;
-mod reaper;
 mod stats;
 mod sys;
 mod worker;
@@ -79,10 +81,10 @@ pub use config::{PoolBuilder, PoolConfig, Profile};
 pub use config_file::{Config, POOL_KEYS};
 pub use error::{Error, ExitKind, RemoteError, Result, TimeoutKind};
 pub use events::Event;
+pub use policy::RecycleReason;
 pub use pool::{CallOptions, Pool};
 pub use pool_set::{PoolSet, PoolSetBuilder, DEFAULT_POOL};
 pub use protocol::WorkerInfo;
-pub use reaper::RecycleReason;
 pub use stats::{Latency, PoolStats, Recycles, WorkerState, WorkerStats};
 
 /// The README's Rust examples, compiled as doctests so they cannot rot.

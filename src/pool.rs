@@ -1,7 +1,11 @@
 //! [`Pool`]: start-up, the blocking calls, stats, and shutdown.
+//!
+//! A call is owned by its caller from start to end: it takes a lease on a worker (or waits for
+//! one, in order), exchanges the frames with the worker itself, and records the one outcome on
+//! the board as it gives the lease back. The dispatcher is not on the path.
 
 use std::ffi::OsString;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,12 +17,19 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::{PoolBuilder, PoolConfig, Profile};
-use crate::dispatcher::{Call, Dispatcher, Request, STOP_ESCALATION};
+use crate::dispatcher::{Admit, Board, Dispatcher, Effects, Lease, Request, Return, Shared, Spawner};
 use crate::error::{Error, Result, TimeoutKind};
-use crate::events::Emitter;
+use crate::events::{Emitter, Event};
 use crate::stats::PoolStats;
-use crate::worker::SpawnSpec;
-use crate::{embed, protocol, python, reaper};
+use crate::worker::{thread_name, Conn, Exchange, KillReason, SpawnSpec};
+use crate::{embed, housekeeper, protocol, python};
+
+/// The largest frame a freeing caller writes for the next waiting call: one atomic pipe write
+/// (`PIPE_BUF`), which a non-blocking pipe takes whole or not at all.
+const PREWRITE_MAX: usize = 4096;
+/// How long a caller whose queue deadline passed just as a lease was handed to it waits for
+/// that lease to arrive (the handing thread is between two lines of code).
+const HANDOFF_WAIT: Duration = Duration::from_secs(1);
 
 /// How much longer than its own limits the pool waits for the dispatcher before giving up on
 /// it (it enforces those limits itself; this only guards against a wedged thread).
@@ -51,8 +62,10 @@ impl CallOptions {
 /// outlives it.
 pub struct Pool {
     config: Arc<PoolConfig>,
-    requests: Sender<Request>,
+    shared: Arc<Shared>,
     next_id: AtomicU64,
+    /// Held for the whole of a shutdown, so a second `shutdown()` returns only when the pool is
+    /// down.
     threads: Mutex<Threads>,
 }
 
@@ -78,37 +91,45 @@ impl PoolBuilder {
             Emitter::start(&config.name, config.on_event.clone()).map_err(spawn_err("event thread"))?;
         let mut threads = Threads { events, ..Threads::default() };
         let (requests, requests_rx) = unbounded();
+        let shared = Arc::new(Shared {
+            name: config.name.clone(),
+            board: parking_lot::Mutex::new(Board::new(config.max_queue)),
+            requests,
+            emitter,
+        });
         let (started_tx, started_rx) = bounded(1);
-        let dispatcher = Dispatcher::new(config.clone(), spec, requests_rx, emitter, started_tx);
+        let dispatcher = Dispatcher::new(
+            config.clone(),
+            shared.clone(),
+            Box::new(Spawner(spec)),
+            requests_rx,
+            started_tx,
+            Instant::now(),
+        );
         threads.dispatcher = Some(
             std::thread::Builder::new()
-                .name(thread_name("sp-disp-", &config.name))
+                .name(thread_name("disp", &config.name))
                 .spawn(move || dispatcher.run())
                 .map_err(spawn_err("dispatcher thread"))?,
         );
-        let pool = Pool { config, requests, next_id: AtomicU64::new(1), threads: Mutex::new(threads) };
+        let pool = Pool { config, shared, next_id: AtomicU64::new(1), threads: Mutex::new(threads) };
         match started_rx.recv_timeout(pool.config.startup_timeout + DISPATCHER_SLACK) {
             Ok(Ok(())) => {}
             // The dispatcher has killed the workers; dropping the pool joins its threads.
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Error::Timeout(TimeoutKind::Startup)),
         }
-        pool.start_reaper()?;
+        pool.start_housekeeper()?;
         Ok(pool)
     }
-}
-
-fn thread_name(prefix: &str, pool: &str) -> String {
-    // Linux keeps 15 bytes of a thread's name.
-    format!("{prefix}{pool}").chars().take(15).collect()
 }
 
 /// The pool's threads besides the workers' own, joined at shutdown.
 #[derive(Default)]
 struct Threads {
     dispatcher: Option<JoinHandle<()>>,
-    /// The reaper and the channel whose closing stops it.
-    reaper: Option<(JoinHandle<()>, Sender<()>)>,
+    /// The housekeeper and the channel whose closing stops it.
+    housekeeper: Option<(JoinHandle<()>, Sender<()>)>,
     events: Option<JoinHandle<()>>,
 }
 
@@ -204,7 +225,8 @@ impl Pool {
     ///
     /// Blocks until the call returns exactly one result, never past its deadline. A call that
     /// is still queued at its deadline fails with `Timeout(Queue)`; one that is running fails
-    /// with `Timeout(Call)` and its worker is killed and replaced.
+    /// with `Timeout(Call)` and its worker is killed and replaced (in the thread profile, its
+    /// thread is left to finish unless `kill_on_timeout` is set).
     pub fn call_with(&self, command: &str, args: Value, options: CallOptions) -> Result<Value> {
         if !matches!(args, Value::Object(_) | Value::Array(_) | Value::Null) {
             return Err(Error::InvalidArgs(format!(
@@ -226,40 +248,154 @@ impl Pool {
                 None => Error::Io(e),
             }
         })?;
-        let now = Instant::now();
-        let far = now + Duration::from_secs(100 * 365 * 24 * 3600);
-        let deadline = now.checked_add(timeout).unwrap_or(far).min(far);
+        let frame = Arc::new(frame);
+        let enqueued = Instant::now();
+        let far = enqueued + Duration::from_secs(100 * 365 * 24 * 3600);
+        let deadline = enqueued.checked_add(timeout).unwrap_or(far).min(far);
         let queue_deadline = match self.config.queue_timeout {
-            Some(q) => deadline.min(now.checked_add(q).unwrap_or(far)),
+            Some(q) => deadline.min(enqueued.checked_add(q).unwrap_or(far)),
             None => deadline,
         };
-        let (reply, answer) = bounded(1);
-        let started = Arc::new(AtomicBool::new(false));
-        let call = Call {
-            id,
-            command: command.to_string(),
-            frame,
-            enqueued: now,
-            queue_deadline,
-            deadline,
-            started: started.clone(),
-        };
-        self.requests.send(Request::Call(call, reply)).map_err(|_| Error::ShuttingDown)?;
-        match answer.recv_deadline(deadline) {
-            Ok(result) => result,
-            Err(RecvTimeoutError::Timeout) => answer.try_recv().unwrap_or_else(|_| {
-                let kind =
-                    if started.load(Ordering::Acquire) { TimeoutKind::Call } else { TimeoutKind::Queue };
-                Err(Error::Timeout(kind))
-            }),
-            Err(RecvTimeoutError::Disconnected) => Err(Error::ShuttingDown),
+        // A worker found dead (or untrustworthy) at checkout never saw the call: try another.
+        // Bounded, in case every worker of the pool is dying at once.
+        for _ in 0..=self.config.size + 1 {
+            let lease = self.lease(command, &frame, queue_deadline)?;
+            let started = Instant::now();
+            if !lease.sent && started >= queue_deadline {
+                // Its time ran out before a worker took it: a queue time-out, which costs no
+                // worker (writing it now would only get the worker killed).
+                let mut fx = Effects::default();
+                let mut board = self.shared.board.lock();
+                board.give_back(lease, Return::Done, None, &mut fx);
+                board.record_queue_timeout();
+                drop(board);
+                self.shared.apply(fx);
+                return Err(Error::Timeout(TimeoutKind::Queue));
+            }
+            let exchange = lease.conn.exchange(&frame, id, deadline, lease.sent);
+            if let Some(result) = self.finish(lease, exchange, (id, command), enqueued, started, deadline) {
+                return result;
+            }
         }
+        Err(Error::Timeout(TimeoutKind::Queue))
+    }
+
+    /// Takes a lease on a worker: at once if one is free and nobody waits, else in order, until
+    /// `queue_deadline`. Refusals and queue time-outs are counted here. A waiting call leaves
+    /// its frame, so that the caller who frees a process worker can write it on its behalf (the
+    /// lease then comes `sent`).
+    fn lease(
+        &self,
+        command: &str,
+        frame: &Arc<Vec<u8>>,
+        queue_deadline: Instant,
+    ) -> Result<Lease<Arc<Conn>>> {
+        let prewrite =
+            (self.config.profile == Profile::Process && frame.len() <= PREWRITE_MAX).then(|| frame.clone());
+        let mut fx = Effects::default();
+        let admitted = self.shared.board.lock().admit(command, prewrite, queue_deadline, &mut fx);
+        self.shared.apply(fx);
+        let (rx, place) = match admitted? {
+            Admit::Run(lease) => return Ok(lease),
+            Admit::Wait(rx, place) => (rx, place),
+        };
+        let handed = match rx.recv_deadline(queue_deadline) {
+            Ok(lease) => return Ok(lease),
+            Err(RecvTimeoutError::Timeout) => {
+                if self.shared.board.lock().withdraw(place) {
+                    return Err(Error::Timeout(TimeoutKind::Queue));
+                }
+                // A lease was handed to us just as the deadline passed; it is on its way.
+                rx.recv_timeout(HANDOFF_WAIT).ok()
+            }
+            Err(RecvTimeoutError::Disconnected) => None,
+        };
+        match handed {
+            Some(lease) => Ok(lease),
+            None => {
+                // The queue was emptied (shutdown, or the pool is degraded).
+                let mut board = self.shared.board.lock();
+                let err = self.gate_error(board.gate.clone());
+                board.record(&Err(err.duplicate()));
+                Err(err)
+            }
+        }
+    }
+
+    fn gate_error(&self, gate: crate::dispatcher::Gate) -> Error {
+        match gate {
+            crate::dispatcher::Gate::Degraded(last_error) => Error::Degraded { last_error },
+            _ => Error::ShuttingDown,
+        }
+    }
+
+    /// Turns an exchange into the call's one outcome, records it as the lease goes back, and
+    /// announces it. `None`: the call never reached the worker; run it elsewhere.
+    fn finish(
+        &self,
+        lease: Lease<Arc<Conn>>,
+        exchange: Exchange,
+        (id, command): (u64, &str),
+        enqueued: Instant,
+        started: Instant,
+        deadline: Instant,
+    ) -> Option<Result<Value>> {
+        let conn = lease.conn.clone();
+        let (how, result) = match exchange {
+            Exchange::Reply(result) => (Return::Done, result),
+            Exchange::NotSent => {
+                let mut fx = Effects::default();
+                self.shared.board.lock().give_back(lease, Return::Unusable, None, &mut fx);
+                self.shared.apply(fx);
+                return None;
+            }
+            Exchange::TimedOut { running, corrupt } => {
+                let how = if corrupt || (running && self.config.kills_on_timeout()) {
+                    // Thread profile: its other calls die with it (collateral).
+                    conn.mark_killed(KillReason::CallTimeout);
+                    Return::Kill(KillReason::CallTimeout)
+                } else if running && self.config.profile == Profile::Thread {
+                    Return::Abandoned
+                } else {
+                    Return::Done
+                };
+                log::warn!(
+                    "[{}] call {id} `{command}` timed out on worker {}",
+                    self.config.name,
+                    lease.worker
+                );
+                (how, Err(Error::Timeout(TimeoutKind::Call)))
+            }
+            Exchange::Died => {
+                let err = conn.death_error(deadline);
+                (Return::Died, Err(err))
+            }
+            Exchange::Broken(err) => {
+                conn.mark_broken(err.duplicate());
+                (Return::Kill(KillReason::Protocol), Err(err))
+            }
+        };
+        let ended = Instant::now();
+        let (queue_wait, execution) = (started.saturating_duration_since(enqueued), ended - started);
+        let mut fx = Effects::default();
+        self.shared.board.lock().give_back(lease, how, Some((&result, queue_wait, execution)), &mut fx);
+        self.shared.apply(fx);
+        if self.shared.emitter.enabled() {
+            self.shared.emitter.emit(Event::CallCompleted {
+                pool: self.config.name.clone(),
+                command: command.to_string(),
+                queue_wait,
+                execution,
+                ok: result.is_ok(),
+            });
+        }
+        Some(result)
     }
 
     /// A snapshot of the pool and each of its workers.
     pub fn stats(&self) -> Result<PoolStats> {
         let (tx, rx) = bounded(1);
-        self.requests.send(Request::Stats(tx)).map_err(|_| Error::ShuttingDown)?;
+        self.shared.requests.send(Request::Stats(tx)).map_err(|_| Error::ShuttingDown)?;
         rx.recv_timeout(DISPATCHER_SLACK).map_err(|_| Error::ShuttingDown)
     }
 
@@ -270,7 +406,8 @@ impl Pool {
     /// error if the replacement cannot start (the worker then keeps serving).
     pub fn recycle_worker(&self, id: u64) -> Result<()> {
         let (tx, rx) = bounded(1);
-        self.requests
+        self.shared
+            .requests
             .send(Request::RecycleWorker { worker: id, reply: tx })
             .map_err(|_| Error::ShuttingDown)?;
         let bound = self.config.startup_timeout + DISPATCHER_SLACK;
@@ -297,57 +434,54 @@ impl Pool {
         Ok(())
     }
 
-    fn start_reaper(&self) -> Result<()> {
-        let p = &self.config.policy;
-        if p.ttl.is_none() && p.max_memory.is_none() && p.max_memory_hard.is_none() {
-            return Ok(()); // max_requests alone is enforced by the dispatcher at each call
-        }
+    fn start_housekeeper(&self) -> Result<()> {
+        let Some(tick) = housekeeper::tick(&self.config) else { return Ok(()) };
         let (stop_tx, stop_rx) = bounded::<()>(0);
-        let (policy, interval) = (p.clone(), self.config.reaper_interval);
-        let (ask, order) = (self.requests.clone(), self.requests.clone());
+        let (cfg, shared) = (self.config.clone(), self.shared.clone());
         let handle = std::thread::Builder::new()
-            .name(thread_name("sp-reap-", &self.config.name))
-            .spawn(move || {
-                reaper::run(
-                    policy,
-                    interval,
-                    |tx| ask.send(Request::Facts(tx)).is_ok(),
-                    |o| order.send(Request::Recycle(o)).is_ok(),
-                    stop_rx,
-                )
-            })
-            .map_err(|source| Error::Spawn { program: "reaper thread".into(), source })?;
-        self.threads.lock().reaper = Some((handle, stop_tx));
+            .name(thread_name("keep", &self.config.name))
+            .spawn(move || housekeeper::run(cfg, shared, tick, stop_rx))
+            .map_err(|source| Error::Spawn { program: "housekeeper thread".into(), source })?;
+        self.threads.lock().housekeeper = Some((handle, stop_tx));
         Ok(())
     }
 
     /// Stops the pool: new calls are refused, queued calls fail with `ShuttingDown`, in-flight
     /// calls get `shutdown_timeout` to finish (then fail with `Timeout(Shutdown)`), workers are
-    /// sent `shutdown` and EOF, then SIGTERM and SIGKILL to their process groups if they do not
-    /// exit, and every thread is joined. Returns `Err(Timeout(Shutdown))` if calls were cut or
-    /// workers had to be forced. Calling it again does nothing.
+    /// sent `shutdown` and EOF, then SIGTERM and SIGKILL (`stop_timeout` apart) to their process
+    /// groups if they do not exit, and every thread is joined. Returns `Err(Timeout(Shutdown))`
+    /// if calls were cut; a worker that had to be forced is only logged. Calling it again, from
+    /// any thread, returns once the pool is down.
     pub fn shutdown(&self) -> Result<()> {
-        let mut threads = std::mem::take(&mut *self.threads.lock());
-        if let Some((handle, stop)) = threads.reaper.take() {
+        let mut threads = self.threads.lock();
+        if let Some((handle, stop)) = threads.housekeeper.take() {
             drop(stop);
             let _ = handle.join();
         }
         let Some(dispatcher) = threads.dispatcher.take() else { return Ok(()) };
         let (tx, rx) = bounded(1);
         let mut result = Ok(());
-        if self.requests.send(Request::Shutdown(tx)).is_ok() {
-            let bound = self.config.shutdown_timeout + 3 * STOP_ESCALATION + DISPATCHER_SLACK;
+        if self.shared.requests.send(Request::Shutdown(tx)).is_ok() {
+            let bound = self.config.shutdown_timeout + 3 * self.config.stop_timeout + DISPATCHER_SLACK;
             match rx.recv_timeout(bound) {
-                Ok(report) if report.calls_cut > 0 || report.forced > 0 => {
-                    log::warn!(
-                        "[{}] shutdown: {} calls cut at the end of the grace period, {} workers forced",
-                        self.config.name,
-                        report.calls_cut,
-                        report.forced
-                    );
-                    result = Err(Error::Timeout(TimeoutKind::Shutdown));
+                Ok(report) => {
+                    if report.forced > 0 {
+                        log::warn!(
+                            "[{}] shutdown: {} workers did not exit within stop_timeout ({:?}) and were signalled",
+                            self.config.name,
+                            report.forced,
+                            self.config.stop_timeout
+                        );
+                    }
+                    if report.calls_cut > 0 {
+                        log::warn!(
+                            "[{}] shutdown: {} calls cut at the end of the grace period",
+                            self.config.name,
+                            report.calls_cut
+                        );
+                        result = Err(Error::Timeout(TimeoutKind::Shutdown));
+                    }
                 }
-                Ok(_) => {}
                 Err(_) => {
                     log::error!(
                         "[{}] shutdown: the dispatcher did not finish within {bound:?}",

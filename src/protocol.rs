@@ -3,9 +3,11 @@
 //! A frame is a 4-byte big-endian unsigned length followed by that many bytes of UTF-8 JSON,
 //! one object whose `type` names the message. The Python side is `python/snakepit/protocol.py`.
 
+use std::io;
+#[cfg(test)]
+use std::io::Read;
 #[cfg(test)]
 use std::io::Write;
-use std::io::{self, Read};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -94,7 +96,9 @@ pub(crate) fn encode_frame<T: Serialize + ?Sized>(payload: &T, max: usize) -> io
 ///
 /// Returns `Ok(false)` on a clean end of stream between frames, `UnexpectedEof` when the stream
 /// ends inside a frame, and `InvalidData` when the length exceeds `max`, which is checked
-/// before anything is allocated.
+/// before anything is allocated. (The pool reads through [`FrameBuf`]; this is the blocking
+/// form the tests compare it with.)
+#[cfg(test)]
 pub(crate) fn read_frame_bytes(r: &mut impl Read, buf: &mut Vec<u8>, max: usize) -> io::Result<bool> {
     let mut header = [0u8; 4];
     let mut got = 0;
@@ -174,6 +178,77 @@ pub(crate) fn encode_call(id: u64, command: &str, args: &Value, max: usize) -> i
         args: &'a Value,
     }
     encode_frame(&CallRef { kind: "call", id, command, args }, max)
+}
+
+/// Bytes read from a stream that may hand them out in any pieces (a non-blocking pipe), cut
+/// into frames as they complete. Pure: the owner reads into [`spare`](FrameBuf::spare), reports
+/// how much with [`filled`](FrameBuf::filled), and takes frames with
+/// [`next_frame`](FrameBuf::next_frame).
+#[derive(Debug, Default)]
+pub(crate) struct FrameBuf {
+    buf: Vec<u8>,
+    /// Where the unconsumed bytes start and end.
+    start: usize,
+    end: usize,
+}
+
+impl FrameBuf {
+    /// The smallest read.
+    const CHUNK: usize = 64 * 1024;
+
+    /// Room to read into, after the bytes already held: at least 64 KiB, or enough for the
+    /// rest of a frame whose header has arrived (its size checked by `next_frame` first).
+    pub(crate) fn spare(&mut self) -> &mut [u8] {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            // Give back memory held for one unusually large frame.
+            if self.buf.len() > 1 << 20 {
+                self.buf = Vec::new();
+            }
+        } else if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let pending = self.frame_len().map_or(0, |len| (4 + len).saturating_sub(self.end));
+        let want = self.end + pending.max(Self::CHUNK);
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// Records that `n` bytes were read into the slice `spare` returned.
+    pub(crate) fn filled(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
+    }
+
+    /// Whether no bytes are held (no partial frame).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// The length the header of the next frame announces, once its 4 bytes are here.
+    fn frame_len(&self) -> Option<usize> {
+        let h = self.buf.get(self.start..self.start + 4).filter(|_| self.end - self.start >= 4)?;
+        Some(u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize)
+    }
+
+    /// The next complete frame's payload, if one is held. A header announcing more than `max`
+    /// bytes is an error before anything is allocated for it.
+    pub(crate) fn next_frame(&mut self, max: usize) -> io::Result<Option<&[u8]>> {
+        let Some(len) = self.frame_len() else { return Ok(None) };
+        if len > max {
+            return Err(too_large(len, max));
+        }
+        if self.end - self.start < 4 + len {
+            return Ok(None);
+        }
+        let at = self.start + 4;
+        self.start = at + len;
+        Ok(Some(&self.buf[at..at + len]))
+    }
 }
 
 /// What kind of JSON value `v` is, for error messages ("a number", "an object", ...).
@@ -262,6 +337,48 @@ mod tests {
                 },
             },
         ]
+    }
+
+    /// Feeds `wire` to a FrameBuf in pieces of `step` bytes and collects every frame.
+    fn feed(wire: &[u8], step: usize, max: usize) -> io::Result<Vec<Msg>> {
+        let mut fb = FrameBuf::default();
+        let mut out = Vec::new();
+        for piece in wire.chunks(step) {
+            let spare = fb.spare();
+            spare[..piece.len()].copy_from_slice(piece);
+            fb.filled(piece.len());
+            while let Some(payload) = fb.next_frame(max)? {
+                out.push(decode(payload)?);
+            }
+        }
+        assert!(fb.is_empty(), "bytes left over");
+        Ok(out)
+    }
+
+    #[test]
+    fn frame_buf_cuts_frames_from_pieces_of_any_size() {
+        let mut wire = Vec::new();
+        for m in sample_messages() {
+            write_frame(&mut wire, &m, DEFAULT_MAX_FRAME).unwrap();
+        }
+        for step in [1, 2, 3, 7, 64, wire.len()] {
+            assert_eq!(feed(&wire, step, DEFAULT_MAX_FRAME).unwrap(), sample_messages(), "step {step}");
+        }
+        // A frame larger than one read, arriving in 10 KiB pieces.
+        let big = Msg::Result { id: 1, value: json!("y".repeat(300_000)) };
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &big, DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(feed(&wire, 10_240, DEFAULT_MAX_FRAME).unwrap(), vec![big]);
+    }
+
+    #[test]
+    fn frame_buf_refuses_an_oversized_header_before_allocating() {
+        let mut fb = FrameBuf::default();
+        fb.spare()[..4].copy_from_slice(&[0xff; 4]);
+        fb.filled(4);
+        let err = fb.next_frame(1024).unwrap_err();
+        assert_eq!(as_too_large(&err).unwrap().size, u32::MAX as usize);
+        assert!(fb.buf.len() < 1 << 20, "nothing allocated for the announced size");
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! The crate's only `unsafe`: signals to process groups and waiting for a child's exit without
-//! reaping it. Each function is a thin wrapper over one libc call with no pointers kept.
+//! The crate's only `unsafe`: signals to process groups, process file descriptors, `poll`, and
+//! non-blocking pipes. Each function is a thin wrapper over one libc call with no pointers kept.
 #![allow(unsafe_code)]
 
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 /// Sends `signal` to the process group led by `pgid`. A group that no longer exists is not an
 /// error (the work is already done).
@@ -24,31 +26,11 @@ pub(crate) fn kill_group(pgid: u32, signal: i32) -> io::Result<()> {
     }
 }
 
-/// Blocks until the child `pid` has exited, but leaves it a zombie: its pid (and so its
-/// process group id) cannot be reused until it is reaped, which makes signalling the group
-/// afterwards safe.
-pub(crate) fn wait_exit_no_reap(pid: u32) -> io::Result<()> {
-    loop {
-        // SAFETY: siginfo_t is plain data; zeroed is a valid value and waitid only writes it.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `info` is a valid, exclusive pointer for the duration of the call.
-        let rc =
-            unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
 pub(crate) use libc::{SIGKILL, SIGTERM};
 
 /// Puts a file descriptor (our end of a worker's stdin pipe) in non-blocking mode, so a write
 /// never waits on a worker that is not reading.
-pub(crate) fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
+pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl on a descriptor we own, with integer arguments only.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if flags < 0 {
@@ -61,10 +43,56 @@ pub(crate) fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Waits until `fd` can take more bytes, an error is pending on it, or `timeout` passes.
-pub(crate) fn wait_writable(fd: std::os::fd::RawFd, timeout: std::time::Duration) {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) };
+/// A file descriptor that becomes readable when process `pid` exits (Linux 5.3 and later). The
+/// pid must be our unreaped child, so it cannot have been reused.
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: the syscall takes two integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// One entry for [`poll`].
+pub(crate) fn poll_entry(fd: RawFd, events: i16) -> libc::pollfd {
+    libc::pollfd { fd, events, revents: 0 }
+}
+
+pub(crate) use libc::{POLLIN, POLLOUT};
+
+/// Waits until one of `fds` is ready or `timeout` passes (`None`: no limit). Returns how many
+/// are ready (0 on time-out); each entry's `revents` says what happened. Retries on EINTR.
+pub(crate) fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
+    loop {
+        let ts = timeout.map(|t| libc::timespec {
+            tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_nsec: t.subsec_nanos() as libc::c_long,
+        });
+        let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: `fds` is a valid slice of pollfd for the call, `ts_ptr` is null or points at a
+        // timespec that lives until the call returns, and no signal mask is passed.
+        let rc =
+            unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ts_ptr, std::ptr::null()) };
+        if rc >= 0 {
+            return Ok(rc as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// A pipe: (read end, write end), both close-on-exec. For tests that stand in for a worker.
+#[cfg(test)]
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints that pipe2 fills.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned these descriptors to us; nothing else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }

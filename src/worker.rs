@@ -1,37 +1,38 @@
-//! One Python worker process: spawn, the stdin writer and stdout/stderr reader threads, signals
-//! to its process group, and reaping.
+//! One Python worker process: spawning it, the connection ([`Conn`]) that a call's owner uses to
+//! exchange frames with it, and its one monitor thread.
 //!
-//! The dispatcher owns every [`Worker`] and decides everything; the threads here move bytes
-//! and report [`WorkerEvent`]s. Two shortcuts keep a call's path short:
+//! Who touches what:
 //!
-//! - the dispatcher writes a frame straight into the worker's stdin pipe, which is in
-//!   non-blocking mode; only what the pipe cannot take at once goes to the writer thread;
-//! - the stdout reader hands a reply straight to the waiting caller, through the worker's
-//!   table of waiting calls, and then tells the dispatcher. Whoever removes a call from that
-//!   table (the reader with a reply, or the dispatcher with a time-out or a crash) is the one
-//!   that answers it, so every call is answered exactly once.
-//!
-//! The stdout reader also reaps the process, after it has exited, so the pid (and process
-//! group id) stays reserved until nothing can signal it any more.
+//! - **The call's owner** (the calling thread, holding a lease on the worker) writes the call's
+//!   frame and, in the process profile, reads the reply itself, with the call's deadline, by
+//!   polling the worker's stdout and its process file descriptor together. Nothing else reads a
+//!   process worker's stdout once it is ready.
+//! - **The monitor thread** (`sp-w<id>-<pool>`) reads the `ready` frame, forwards stderr lines to
+//!   `log`, and sees the process exit through its pidfd (never through EOF, which a descendant
+//!   holding the pipe would delay). In the thread profile it also reads every reply and hands
+//!   it to the call waiting for it. When the process exits it reaps it, records how it ended,
+//!   and tells the dispatcher.
+//! - **The dispatcher** signals the worker's process group and asks it to stop.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
-use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use serde_json::Value;
 
-use crate::error::{Error, ExitKind, Result};
-use crate::protocol::{self, Msg};
+use crate::error::{Error, ExitKind, Result, TimeoutKind};
+use crate::protocol::{self, FrameBuf, Msg};
 use crate::sys;
 
 /// A worker's number within its pool (not its pid).
@@ -44,26 +45,61 @@ const BOOTSTRAP: &str =
 
 /// How many lines of a worker's stderr are kept for error reports.
 const STDERR_LINES: usize = 20;
-/// The longest stderr line kept (the rest is cut).
+/// The longest stderr line kept; the rest of a longer line is dropped as it arrives, so a
+/// worker that writes without newlines cannot grow the host's memory.
 const STDERR_LINE_MAX: usize = 2000;
-/// How long the reaper waits for the last stderr lines after the process exited.
-const STDERR_DRAIN: Duration = Duration::from_millis(300);
+/// How long the monitor waits for the last stderr lines after the process exited.
+const STDERR_DRAIN: Duration = Duration::from_millis(100);
+/// How long a caller that saw its worker die waits for the monitor to record how it ended.
+const EXIT_REPORT_WAIT: Duration = Duration::from_secs(1);
 
-/// Where a call's one answer goes.
-pub(crate) type ReplyTx = Sender<Result<Value>>;
-
-/// What the worker threads tell the dispatcher.
+/// What the monitor threads tell the dispatcher.
 #[derive(Debug)]
 pub(crate) enum WorkerEvent {
-    /// A call finished on the worker. `answered`: the reader delivered the reply (false when
-    /// the dispatcher had already answered the call, e.g. with a time-out).
-    Completed { worker: WorkerId, call: u64, ok: bool, answered: bool },
-    /// Any other well-formed frame arrived on the worker's stdout.
+    /// `ready`, `startup_error`, or (never in practice) another well-formed frame.
     Frame(WorkerId, Msg),
-    /// The worker broke the protocol; the reader stopped reading. The dispatcher kills it.
+    /// The worker broke the protocol; the monitor stopped reading. The dispatcher kills it.
     Broken(WorkerId, Error),
     /// The process exited and was reaped. Always the last event of a worker.
     Exited(WorkerId, ExitKind),
+}
+
+/// Why the pool killed a worker, recorded before the signal so that the calls it was running
+/// are answered with the right error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KillReason {
+    /// A call on it overran its deadline; its other calls (thread profile) are collateral.
+    CallTimeout,
+    /// The shutdown grace period ended while it was running calls.
+    Shutdown,
+    /// Its process tree passed `max_memory_hard`.
+    HardMemory,
+    /// It did not answer a health check.
+    HealthCheck,
+    /// It broke the protocol.
+    Protocol,
+    /// It failed to start, or the pool stopped while it started.
+    Startup,
+    /// Thread profile: every slot was held by a call that timed out (replaced, then killed).
+    Wedged,
+}
+
+/// How a call's exchange of frames with a worker ended.
+#[derive(Debug)]
+pub(crate) enum Exchange {
+    /// The worker answered: the command's result or its Python exception (or a reply that could
+    /// not be decoded, which fails only this call).
+    Reply(Result<Value>),
+    /// The frame never reached the worker: it was dead, or had written unasked while idle. The
+    /// call can run elsewhere; the worker cannot be trusted with another.
+    NotSent,
+    /// The deadline passed. `running`: the frame reached the worker, which is still busy with
+    /// it. `corrupt`: the deadline passed part-way through writing the frame.
+    TimedOut { running: bool, corrupt: bool },
+    /// The worker died (or was killed) before answering.
+    Died,
+    /// The worker broke the protocol while answering.
+    Broken(Error),
 }
 
 /// How to start a worker; the same for every worker of a pool.
@@ -83,30 +119,410 @@ pub(crate) struct SpawnSpec {
     pub(crate) allow_unsafe_threads: bool,
 }
 
-/// A running worker process and its threads.
-pub(crate) struct Worker {
+/// The name of a thread of the pool: what differs first, as Linux keeps only 15 bytes.
+pub(crate) fn thread_name(kind: &str, pool: &str) -> String {
+    format!("sp-{kind}-{pool}").chars().take(15).collect()
+}
+
+/// A worker's stdout and the bytes read from it that do not yet make a whole frame.
+struct Reader {
+    file: File,
+    buf: FrameBuf,
+}
+
+/// Thread profile: the calls waiting for replies, by id.
+#[derive(Default)]
+struct Waiting {
+    replies: HashMap<u64, Sender<Result<Value>>>,
+    /// Calls whose callers gave up at their deadline; their replies free their slots.
+    abandoned: HashSet<u64>,
+    /// Set once the worker can answer nothing more (it exited or broke the protocol).
+    closed: bool,
+}
+
+/// The connection to one worker process, shared by the dispatcher, the monitor thread and the
+/// callers holding leases on it.
+pub(crate) struct Conn {
     pub(crate) id: WorkerId,
     pub(crate) pid: u32,
-    outbox: Arc<Mutex<Outbox>>,
-    /// Rings the writer thread when the outbox holds bytes the pipe did not take at once.
-    /// Dropping it ends the writer thread.
-    doorbell: Option<Sender<()>>,
-    waiting: Waiting,
-    /// Calls whose replies the stdout reader has delivered, counted before the dispatcher
-    /// hears of them.
-    done: Arc<AtomicU64>,
-    /// Set (under the lock) by the reaper once the process is reaped; signals are sent under
-    /// the same lock only while it is false, so a reused pid is never signalled.
-    reaped: Arc<Mutex<bool>>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
-    threads: Vec<JoinHandle<()>>,
+    max_frame: usize,
+    /// Our end of its stdin, non-blocking; `None` once closed.
+    stdin: Mutex<Option<File>>,
+    /// Our end of its stdout, non-blocking.
+    stdout: Mutex<Reader>,
+    /// Readable once the process has exited (a pidfd; a pipe in tests).
+    exit_fd: OwnedFd,
+    threaded: bool,
+    waiting: Mutex<Waiting>,
+    /// Set by the monitor once the process has exited.
+    exited: AtomicBool,
+    /// How it ended, once the monitor has reaped it.
+    exit: Mutex<Option<ExitKind>>,
+    /// Disconnected once `exit` is recorded: every holder of a clone can wait for that.
+    reported: Receiver<()>,
+    stderr_tail: Mutex<VecDeque<String>>,
+    killed: Mutex<Option<KillReason>>,
+    broken: Mutex<Option<Error>>,
+    /// Set (under the lock) once the process is reaped; signals are sent under the same lock
+    /// only while it is false, so a reused pid is never signalled.
+    reaped: Mutex<bool>,
+}
+
+impl Conn {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        id: WorkerId,
+        pid: u32,
+        max_frame: usize,
+        stdin: File,
+        stdout: File,
+        exit_fd: OwnedFd,
+        threaded: bool,
+        reported: Receiver<()>,
+    ) -> Conn {
+        Conn {
+            id,
+            pid,
+            max_frame,
+            stdin: Mutex::new(Some(stdin)),
+            stdout: Mutex::new(Reader { file: stdout, buf: FrameBuf::default() }),
+            exit_fd,
+            threaded,
+            waiting: Mutex::new(Waiting::default()),
+            exited: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            reported,
+            stderr_tail: Mutex::new(VecDeque::with_capacity(STDERR_LINES)),
+            killed: Mutex::new(None),
+            broken: Mutex::new(None),
+            reaped: Mutex::new(false),
+        }
+    }
+
+    /// Runs one exchange: writes `frame` (a call or a ping) and waits for the reply to `id`,
+    /// never past `deadline`.
+    /// `sent`: the frame was already written (by [`send_now`](Conn::send_now)).
+    pub(crate) fn exchange(&self, frame: &[u8], id: u64, deadline: Instant, sent: bool) -> Exchange {
+        if self.threaded {
+            self.exchange_threaded(frame, id, deadline)
+        } else if sent {
+            self.read_reply(&mut self.stdout.lock(), id, deadline)
+        } else {
+            self.exchange_alone(frame, id, deadline)
+        }
+    }
+
+    /// Process profile: writes a call's frame for the caller the worker is being handed to, if
+    /// the worker is idle and alive and the pipe takes the whole frame in one write at once.
+    /// False if nothing was written (the caller then writes it itself).
+    pub(crate) fn send_now(&self, frame: &[u8]) -> bool {
+        if self.threaded || frame.len() > 4096 {
+            return false;
+        }
+        let Some(out) = self.stdout.try_lock() else { return false };
+        if !self.idle_and_alive(&out) {
+            return false;
+        }
+        let Some(stdin) = self.stdin.try_lock() else { return false };
+        // A write of at most PIPE_BUF bytes to a non-blocking pipe is all or nothing.
+        stdin.as_ref().is_some_and(|f| matches!((&*f).write(frame), Ok(n) if n == frame.len()))
+    }
+
+    /// Whether the process is alive and has written nothing since its last reply.
+    fn idle_and_alive(&self, out: &Reader) -> bool {
+        let mut fds = [
+            sys::poll_entry(out.file.as_raw_fd(), sys::POLLIN),
+            sys::poll_entry(self.exit_fd.as_raw_fd(), sys::POLLIN),
+        ];
+        out.buf.is_empty() && sys::poll(&mut fds, Some(Duration::ZERO)).is_ok_and(|n| n == 0)
+    }
+
+    /// Process profile: the caller holds the only lease, and reads the reply itself.
+    fn exchange_alone(&self, frame: &[u8], id: u64, deadline: Instant) -> Exchange {
+        let mut out = self.stdout.lock();
+        // A worker that died, or wrote something unasked, while idle is noticed here, before
+        // the call is written, so it costs the call nothing.
+        if !self.idle_and_alive(&out) {
+            return Exchange::NotSent;
+        }
+        match self.write(frame, deadline) {
+            Written::All => {}
+            Written::Nothing => return Exchange::NotSent,
+            Written::Late { partial } => return Exchange::TimedOut { running: true, corrupt: partial },
+        }
+        self.read_reply(&mut out, id, deadline)
+    }
+
+    /// Writes a whole frame, waiting for room in the pipe until `deadline`.
+    fn write(&self, frame: &[u8], deadline: Instant) -> Written {
+        let Some(stdin) = self.stdin.try_lock_until(deadline) else {
+            return Written::Late { partial: false };
+        };
+        let Some(file) = stdin.as_ref() else { return Written::Nothing };
+        let mut done = 0;
+        loop {
+            match (&*file).write(&frame[done..]) {
+                Ok(n) => {
+                    done += n;
+                    if done == frame.len() {
+                        return Written::All;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [
+                        sys::poll_entry(file.as_raw_fd(), sys::POLLOUT),
+                        sys::poll_entry(self.exit_fd.as_raw_fd(), sys::POLLIN),
+                    ];
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match sys::poll(&mut fds, Some(left)) {
+                        Ok(0) => return Written::Late { partial: done > 0 },
+                        Ok(_) if fds[1].revents != 0 => return Written::Nothing,
+                        Ok(_) => {}
+                        Err(_) => return Written::Nothing,
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // EPIPE: nothing reads the pipe any more; a part-written frame never ran.
+                Err(_) => return Written::Nothing,
+            }
+        }
+    }
+
+    /// Reads until the reply to `id`, the process's exit, or the deadline.
+    fn read_reply(&self, out: &mut Reader, id: u64, deadline: Instant) -> Exchange {
+        let mut dead = false;
+        loop {
+            match out.buf.next_frame(self.max_frame) {
+                Ok(Some(payload)) => return reply_from(payload, id),
+                Ok(None) => {}
+                Err(e) => return Exchange::Broken(frame_error(self.id, e)),
+            }
+            if !dead {
+                let mut fds = [
+                    sys::poll_entry(out.file.as_raw_fd(), sys::POLLIN),
+                    sys::poll_entry(self.exit_fd.as_raw_fd(), sys::POLLIN),
+                ];
+                let left = deadline.saturating_duration_since(Instant::now());
+                match sys::poll(&mut fds, Some(left)) {
+                    Ok(0) => return Exchange::TimedOut { running: true, corrupt: false },
+                    Ok(_) => dead = fds[0].revents == 0 && fds[1].revents != 0,
+                    Err(e) => return Exchange::Broken(Error::Protocol(format!("polling worker: {e}"))),
+                }
+            }
+            let Reader { file, buf } = &mut *out;
+            match (&*file).read(buf.spare()) {
+                Ok(0) => return Exchange::Died,
+                Ok(n) => buf.filled(n),
+                // The process has exited and nothing more is in the pipe (a descendant may still
+                // hold it open, so no EOF comes).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && dead => return Exchange::Died,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Exchange::Broken(Error::Protocol(format!("worker {} stdout: {e}", self.id)))
+                }
+            }
+        }
+    }
+
+    /// Thread profile: many calls at once; the monitor thread reads the replies.
+    fn exchange_threaded(&self, frame: &[u8], id: u64, deadline: Instant) -> Exchange {
+        let (tx, rx) = bounded(1);
+        {
+            let mut w = self.waiting.lock();
+            if w.closed {
+                return Exchange::NotSent;
+            }
+            w.replies.insert(id, tx);
+        }
+        let unsent = match self.write(frame, deadline) {
+            Written::All => None,
+            Written::Nothing => Some(Exchange::NotSent),
+            Written::Late { partial } => Some(Exchange::TimedOut { running: false, corrupt: partial }),
+        };
+        if let Some(unsent) = unsent {
+            self.waiting.lock().replies.remove(&id);
+            return unsent;
+        }
+        match rx.recv_deadline(deadline) {
+            Ok(reply) => Exchange::Reply(reply),
+            Err(RecvTimeoutError::Timeout) => {
+                // Whoever removes the entry decides: the monitor (with the reply) or this caller.
+                let mut w = self.waiting.lock();
+                if w.replies.remove(&id).is_some() {
+                    w.abandoned.insert(id);
+                    return Exchange::TimedOut { running: true, corrupt: false };
+                }
+                drop(w);
+                match rx.try_recv() {
+                    Ok(reply) => Exchange::Reply(reply),
+                    Err(_) => self.ended(),
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => self.ended(),
+        }
+    }
+
+    /// Why a thread worker stopped answering: it broke the protocol, or it died.
+    fn ended(&self) -> Exchange {
+        match &*self.broken.lock() {
+            Some(e) => Exchange::Broken(e.duplicate()),
+            None => Exchange::Died,
+        }
+    }
+
+    /// The error for a call whose worker died, once the monitor has recorded how (waiting at
+    /// most until `deadline`, and a second at most).
+    pub(crate) fn death_error(&self, deadline: Instant) -> Error {
+        let bound = deadline.min(Instant::now() + EXIT_REPORT_WAIT);
+        let _ = self.reported.recv_deadline(bound);
+        let killed = *self.killed.lock();
+        if killed == Some(KillReason::Shutdown) {
+            return Error::Timeout(TimeoutKind::Shutdown);
+        }
+        if killed == Some(KillReason::Protocol) {
+            if let Some(e) = &*self.broken.lock() {
+                return e.duplicate();
+            }
+        }
+        Error::WorkerDied {
+            pid: self.pid,
+            exit: self.exit.lock().unwrap_or(ExitKind::Unknown),
+            stderr: self.stderr_tail(),
+            collateral: killed == Some(KillReason::CallTimeout),
+        }
+    }
+
+    /// Records why the pool is about to kill the worker (the first reason stands).
+    pub(crate) fn mark_killed(&self, reason: KillReason) {
+        self.killed.lock().get_or_insert(reason);
+    }
+
+    /// Why the pool killed the worker, if it did.
+    pub(crate) fn killed(&self) -> Option<KillReason> {
+        *self.killed.lock()
+    }
+
+    /// Records that the worker broke the protocol; its waiting calls fail with `err`.
+    pub(crate) fn mark_broken(&self, err: Error) {
+        self.broken.lock().get_or_insert(err);
+        self.mark_killed(KillReason::Protocol);
+        self.close_waiting();
+    }
+
+    /// Whether the process has exited.
+    pub(crate) fn has_exited(&self) -> bool {
+        self.exited.load(Ordering::Acquire)
+    }
+
+    /// Sends `signal` to the worker's process group unless the worker is already reaped.
+    pub(crate) fn signal(&self, signal: i32) {
+        let reaped = self.reaped.lock();
+        if !*reaped {
+            if let Err(e) = sys::kill_group(self.pid, signal) {
+                log::warn!("worker {} (pid {}): signal {signal} failed: {e}", self.id, self.pid);
+            }
+        }
+    }
+
+    /// Asks the worker to exit: a `shutdown` frame if the pipe takes it at once, then EOF. Gives
+    /// up (false) if a caller holds the pipe for longer than `wait`.
+    pub(crate) fn ask_to_stop(&self, frame: &[u8], wait: Duration) -> bool {
+        let Some(mut stdin) = self.stdin.try_lock_for(wait) else { return false };
+        if let Some(file) = stdin.as_ref() {
+            // A frame the pipe cannot take whole is not sent; EOF alone stops the worker too.
+            let mut fds = [sys::poll_entry(file.as_raw_fd(), sys::POLLOUT)];
+            if sys::poll(&mut fds, Some(Duration::ZERO)).is_ok_and(|n| n > 0) && frame.len() <= 4096 {
+                let _ = (&*file).write(frame);
+            }
+        }
+        *stdin = None;
+        true
+    }
+
+    /// The last lines the worker wrote to stderr, oldest first.
+    pub(crate) fn stderr_tail(&self) -> Vec<String> {
+        self.stderr_tail.lock().iter().cloned().collect()
+    }
+
+    /// Thread profile: hands a reply to its call. A reply to a call whose caller gave up frees
+    /// that call's slot (`late` returns true); a reply to no call at all is a violation.
+    fn deliver(&self, id: u64, reply: Result<Value>) -> Delivery {
+        let mut w = self.waiting.lock();
+        if let Some(tx) = w.replies.remove(&id) {
+            let _ = tx.send(reply);
+            Delivery::Answered
+        } else if w.abandoned.remove(&id) {
+            Delivery::Late
+        } else {
+            Delivery::Unknown
+        }
+    }
+
+    /// No more replies will come: every waiting call learns it at once.
+    fn close_waiting(&self) {
+        let mut w = self.waiting.lock();
+        w.closed = true;
+        w.replies.clear();
+    }
+}
+
+enum Written {
+    All,
+    /// Nothing the worker could act on was written (it is dead, or its stdin is closed).
+    Nothing,
+    /// The deadline passed; `partial`: part of the frame is in the pipe.
+    Late {
+        partial: bool,
+    },
+}
+
+enum Delivery {
+    Answered,
+    Late,
+    Unknown,
+}
+
+/// The exchange's outcome from one frame read while waiting for the reply to `id`.
+fn reply_from(payload: &[u8], id: u64) -> Exchange {
+    match protocol::decode(payload) {
+        Ok(Msg::Result { id: got, value }) if got == id => Exchange::Reply(Ok(value)),
+        Ok(Msg::Error { id: got, error }) if got == id => Exchange::Reply(Err(Error::Python(error))),
+        Ok(Msg::Pong { id: got }) if got == id => Exchange::Reply(Ok(Value::Null)),
+        Ok(other) => Exchange::Broken(Error::Protocol(format!("expected the reply to {id}, got {other:?}"))),
+        // A well-framed reply that cannot be decoded (say, nested deeper than the decoder
+        // allows) fails only its own call; the stream is still in step.
+        Err(e) if protocol::reply_id(payload) == Some(id) => {
+            Exchange::Reply(Err(Error::Protocol(format!("the reply could not be decoded: {e}"))))
+        }
+        Err(e) => Exchange::Broken(Error::Protocol(e.to_string())),
+    }
+}
+
+fn frame_error(worker: WorkerId, e: io::Error) -> Error {
+    match protocol::as_too_large(&e) {
+        Some(t) => Error::FrameTooLarge { size: t.size, max: t.max },
+        None => Error::Protocol(format!("worker {worker} stdout: {e}")),
+    }
+}
+
+/// A running worker process, as the dispatcher holds it.
+pub(crate) struct Worker {
+    pub(crate) conn: Arc<Conn>,
+    monitor: Option<JoinHandle<()>>,
 }
 
 impl Worker {
-    /// Starts the process and its three threads. Must be called from a thread that lives as
+    /// Starts the process and its monitor thread. Must be called from a thread that lives as
     /// long as the worker (the dispatcher): Linux delivers the worker's parent-death signal
-    /// when the thread that spawned it exits.
-    pub(crate) fn spawn(id: WorkerId, spec: &SpawnSpec, events: Sender<WorkerEvent>) -> Result<Worker> {
+    /// when the thread that spawned it exits. `on_late` runs (on the monitor thread) when a
+    /// reply comes for a call whose caller gave up, which frees that call's slot.
+    pub(crate) fn spawn(
+        id: WorkerId,
+        spec: &SpawnSpec,
+        events: Sender<WorkerEvent>,
+        on_late: Box<dyn Fn() + Send>,
+    ) -> Result<Worker> {
         let mut cmd = match spec.launcher.split_first() {
             Some((program, rest)) => {
                 let mut cmd = Command::new(program);
@@ -152,379 +568,324 @@ impl Worker {
         let pid = child.id();
         log::debug!("[{}] worker {id} spawned (pid {pid})", spec.pool);
 
-        let stdin = child.stdin.take().expect("stdin is piped");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        // Without this a write could block the dispatcher on a worker that stopped reading.
-        let nonblocking = sys::set_nonblocking(stdin.as_raw_fd());
-        let outbox = Arc::new(Mutex::new(Outbox {
-            pipe: Some(stdin),
-            pending: VecDeque::new(),
-            offset: 0,
-            close_when_flushed: false,
-        }));
-        let waiting: Waiting = Arc::new(Mutex::new(HashMap::new()));
-        let done = Arc::new(AtomicU64::new(0));
-        let reaped = Arc::new(Mutex::new(false));
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_LINES)));
-        let (doorbell, doorbell_rx) = bounded::<()>(1);
-        let (stderr_done_tx, stderr_done_rx) = bounded::<()>(1);
-
-        let mut worker = Worker {
-            id,
-            pid,
-            outbox: outbox.clone(),
-            doorbell: Some(doorbell),
-            waiting: waiting.clone(),
-            done: done.clone(),
-            reaped: reaped.clone(),
-            stderr_tail: stderr_tail.clone(),
-            threads: Vec::new(),
-        };
-        let started = (|| -> io::Result<()> {
-            nonblocking?;
-            let pool = spec.pool.clone();
-            worker.threads.push(
-                thread::Builder::new()
-                    .name(format!("sp-w{id}-err"))
-                    .spawn(move || read_stderr(stderr, &pool, id, &stderr_tail, stderr_done_tx))?,
-            );
-            worker.threads.push(
-                thread::Builder::new()
-                    .name(format!("sp-w{id}-in"))
-                    .spawn(move || write_stdin(&outbox, doorbell_rx))?,
-            );
-            let max = spec.max_frame;
-            let reaper = Reaper { child, id, reaped, stderr_done: stderr_done_rx, events: events.clone() };
-            worker.threads.push(
-                thread::Builder::new()
-                    .name(format!("sp-w{id}-out"))
-                    .spawn(move || read_stdout(stdout, max, &waiting, done, reaper))?,
-            );
-            Ok(())
+        let stdin = File::from(OwnedFd::from(child.stdin.take().expect("stdin is piped")));
+        let stdout = File::from(OwnedFd::from(child.stdout.take().expect("stdout is piped")));
+        let stderr = File::from(OwnedFd::from(child.stderr.take().expect("stderr is piped")));
+        let setup = (|| -> io::Result<OwnedFd> {
+            // Non-blocking: a write never waits on a worker that stopped reading, and a read
+            // never waits past a deadline.
+            for fd in [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()] {
+                sys::set_nonblocking(fd)?;
+            }
+            sys::pidfd_open(pid)
         })();
-        if let Err(e) = started {
-            // The thread that would reap the child never started. Kill the group; the threads
-            // already running end on the closed pipes. (The child handle went with the failed
-            // closure, so in this out-of-threads case the zombie waits for our own exit.)
-            worker.close_stdin();
-            worker.doorbell = None;
-            let _ = sys::kill_group(pid, sys::SIGKILL);
-            return Err(Error::Spawn { program: format!("thread for worker {id}"), source: e });
-        }
-        Ok(worker)
-    }
-
-    /// Sends a frame: straight into the pipe if it takes it all now, else the rest goes to the
-    /// writer thread. Never blocks. False if the pipe is closed or broken (the worker is dying;
-    /// its exit is reported separately).
-    pub(crate) fn send(&self, frame: Vec<u8>) -> bool {
-        let mut ob = self.outbox.lock();
-        let Some(pipe) = ob.pipe.as_ref() else { return false };
-        if ob.pending.is_empty() {
-            match write_some(pipe, &frame) {
-                Ok(n) if n == frame.len() => return true,
-                Ok(n) => ob.offset = n,
-                Err(_) => {
-                    ob.pipe = None;
-                    return false;
-                }
+        let exit_fd = match setup {
+            Ok(fd) => fd,
+            Err(source) => {
+                let _ = sys::kill_group(pid, sys::SIGKILL);
+                let _ = child.wait();
+                return Err(Error::Spawn { program: format!("pidfd for worker {id}"), source });
             }
-        }
-        ob.pending.push_back(frame);
-        drop(ob);
-        self.ring();
-        true
-    }
-
-    /// Closes the worker's stdin once the frames already sent are written; a worker reading
-    /// EOF between frames exits with code 0.
-    pub(crate) fn close_stdin(&mut self) {
-        let mut ob = self.outbox.lock();
-        if ob.pending.is_empty() {
-            ob.pipe = None;
-        } else {
-            ob.close_when_flushed = true;
-            drop(ob);
-            self.ring();
-        }
-    }
-
-    fn ring(&self) {
-        if let Some(bell) = &self.doorbell {
-            let _ = bell.try_send(());
-        }
-    }
-
-    /// Registers where the answer to `call` goes, before its frame is sent.
-    pub(crate) fn expect_reply(&self, call: u64, reply: ReplyTx) {
-        self.waiting.lock().insert(call, reply);
-    }
-
-    /// How many replies the stdout reader has delivered so far.
-    pub(crate) fn delivered(&self) -> u64 {
-        self.done.load(Ordering::Acquire)
-    }
-
-    /// Takes the right to answer `call`. `None` if the reader already delivered its reply.
-    pub(crate) fn take_reply(&self, call: u64) -> Option<ReplyTx> {
-        self.waiting.lock().remove(&call)
-    }
-
-    /// Sends `signal` to the worker's process group unless the worker is already reaped.
-    pub(crate) fn signal(&self, signal: i32) {
-        let reaped = self.reaped.lock();
-        if !*reaped {
-            if let Err(e) = sys::kill_group(self.pid, signal) {
-                log::warn!("worker {} (pid {}): signal {signal} failed: {e}", self.id, self.pid);
+        };
+        let (report, reported) = bounded::<()>(0);
+        let conn =
+            Arc::new(Conn::new(id, pid, spec.max_frame, stdin, stdout, exit_fd, spec.threads > 0, reported));
+        let monitor = Monitor {
+            conn: conn.clone(),
+            child: Some(child),
+            stderr: Some(stderr),
+            line: Vec::new(),
+            events,
+            pool: spec.pool.clone(),
+            on_late,
+            report: Some(report),
+        };
+        let handle = std::thread::Builder::new()
+            .name(thread_name(&format!("w{id}"), &spec.pool))
+            .spawn(move || monitor.run());
+        match handle {
+            Ok(h) => Ok(Worker { conn, monitor: Some(h) }),
+            Err(source) => {
+                // The monitor (and the child handle) went with the failed spawn; kill the group.
+                // The zombie waits for our own exit in this out-of-threads case.
+                let _ = sys::kill_group(pid, sys::SIGKILL);
+                Err(Error::Spawn { program: format!("monitor thread for worker {id}"), source })
             }
         }
     }
 
-    /// The last lines the worker wrote to stderr, oldest first.
-    pub(crate) fn stderr_tail(&self) -> Vec<String> {
-        self.stderr_tail.lock().iter().cloned().collect()
+    /// A worker with no process behind it, for the dispatcher's unit tests: `exit` closing (the
+    /// returned write end dropped) stands for the process exiting.
+    #[cfg(test)]
+    pub(crate) fn fake(id: WorkerId, threaded: bool) -> (Worker, OwnedFd) {
+        let (stdin_r, stdin_w) = sys::pipe().unwrap();
+        let (stdout_r, _stdout_w) = sys::pipe().unwrap();
+        let (exit_r, exit_w) = sys::pipe().unwrap();
+        std::mem::forget(stdin_r);
+        std::mem::forget(_stdout_w);
+        let (_report, reported) = bounded::<()>(0);
+        std::mem::forget(_report);
+        let conn = Conn::new(
+            id,
+            u32::MAX,
+            protocol::DEFAULT_MAX_FRAME,
+            File::from(stdin_w),
+            File::from(stdout_r),
+            exit_r,
+            threaded,
+            reported,
+        );
+        *conn.reaped.lock() = true; // never signal a real process
+        (Worker { conn: Arc::new(conn), monitor: None }, exit_w)
     }
 
-    /// Lets the worker's threads end: closes stdin and stops the writer. Call after its
-    /// `Exited` event; then join once [`finished`](Worker::finished).
-    pub(crate) fn release(&mut self) {
-        self.close_stdin();
-        self.doorbell = None;
-    }
-
-    /// Whether every thread of the worker has ended (joining will not block). A grandchild that
-    /// escaped the process group and still holds stderr keeps the stderr reader alive.
+    /// Whether the monitor thread has ended (joining will not block).
     pub(crate) fn finished(&self) -> bool {
-        self.threads.iter().all(|t| t.is_finished())
+        self.monitor.as_ref().map_or(true, |t| t.is_finished())
     }
 
-    /// Joins the worker's threads; blocks unless [`finished`](Worker::finished).
+    /// Joins the monitor thread; blocks unless [`finished`](Worker::finished).
     pub(crate) fn join(mut self) {
-        self.release();
-        for t in self.threads.drain(..) {
+        if let Some(t) = self.monitor.take() {
             let _ = t.join();
         }
     }
 }
 
-/// What the stdout reader needs to reap the process once its output ends.
-struct Reaper {
-    child: Child,
-    id: WorkerId,
-    reaped: Arc<Mutex<bool>>,
-    stderr_done: Receiver<()>,
+/// The monitor thread's state.
+struct Monitor {
+    conn: Arc<Conn>,
+    child: Option<Child>,
+    stderr: Option<File>,
+    /// The stderr line being read.
+    line: Vec<u8>,
     events: Sender<WorkerEvent>,
+    pool: String,
+    on_late: Box<dyn Fn() + Send>,
+    /// Dropped once the exit is recorded.
+    report: Option<Sender<()>>,
 }
 
-impl Reaper {
-    /// Waits for the process to exit, kills whatever is left of its group, reaps it, waits
-    /// briefly for its last stderr lines, and reports the exit.
-    fn reap(mut self) {
-        let pid = self.child.id();
-        let _ = sys::wait_exit_no_reap(pid);
+impl Monitor {
+    fn run(mut self) {
+        let conn = self.conn.clone();
+        // The process profile's stdout is read here only until `ready`; then it belongs to the
+        // calls.
+        let mut reading = true;
+        loop {
+            let mut fds = vec![sys::poll_entry(conn.exit_fd.as_raw_fd(), sys::POLLIN)];
+            let err_at = self.stderr.as_ref().map(|f| {
+                fds.push(sys::poll_entry(f.as_raw_fd(), sys::POLLIN));
+                fds.len() - 1
+            });
+            let out_fd = conn.stdout.lock().file.as_raw_fd();
+            let out_at = reading.then(|| {
+                fds.push(sys::poll_entry(out_fd, sys::POLLIN));
+                fds.len() - 1
+            });
+            if sys::poll(&mut fds, None).is_err() {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            // Output first: a reply written just before the exit is still delivered.
+            if out_at.is_some_and(|i| fds[i].revents != 0) {
+                reading = self.read_stdout();
+            }
+            if err_at.is_some_and(|i| fds[i].revents != 0) && !self.read_stderr() {
+                self.stderr = None;
+            }
+            if fds[0].revents != 0 {
+                break;
+            }
+        }
+        self.exited();
+    }
+
+    /// Reads what stdout has; false once it is no longer this thread's to read.
+    fn read_stdout(&mut self) -> bool {
+        let conn = self.conn.clone();
+        let mut out = conn.stdout.lock();
+        loop {
+            let Reader { file, buf } = &mut *out;
+            match (&*file).read(buf.spare()) {
+                Ok(0) => {
+                    drop(out);
+                    // Its output ends because it is exiting (the exit is reported with the
+                    // calls' errors); a worker that closes its output and lives on is broken.
+                    let mut fds = [sys::poll_entry(conn.exit_fd.as_raw_fd(), sys::POLLIN)];
+                    let exiting = sys::poll(&mut fds, Some(Duration::from_millis(500))).is_ok_and(|n| n > 0);
+                    if conn.threaded && !exiting {
+                        self.broken(Error::Protocol("the worker closed its output".into()));
+                    }
+                    return false;
+                }
+                Ok(n) => buf.filled(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => {
+                    drop(out);
+                    self.broken(Error::Protocol(format!("worker {} stdout: {e}", conn.id)));
+                    return false;
+                }
+            }
+            loop {
+                let frame = match out.buf.next_frame(conn.max_frame) {
+                    Ok(Some(payload)) => match protocol::decode(payload) {
+                        Ok(msg) => Ok(msg),
+                        Err(e) => match protocol::reply_id(payload) {
+                            Some(id) => {
+                                let err = Error::Protocol(format!("the reply could not be decoded: {e}"));
+                                Err((Some(id), err))
+                            }
+                            None => Err((None, Error::Protocol(e.to_string()))),
+                        },
+                    },
+                    Ok(None) => break,
+                    Err(e) => Err((None, frame_error(conn.id, e))),
+                };
+                let keep = match frame {
+                    Ok(msg) => self.on_frame(msg),
+                    Err((Some(id), err)) if conn.threaded => self.on_reply(id, Err(err)),
+                    Err((_, err)) => {
+                        drop(out);
+                        self.broken(err);
+                        return false;
+                    }
+                };
+                if !keep {
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Handles one frame; false when this thread stops reading stdout.
+    fn on_frame(&mut self, msg: Msg) -> bool {
+        let conn = &self.conn;
+        log::trace!("[{}] worker {} -> {msg:?}", self.pool, conn.id);
+        match msg {
+            Msg::Result { id, value } if conn.threaded => self.on_reply(id, Ok(value)),
+            Msg::Error { id, error } if conn.threaded => self.on_reply(id, Err(Error::Python(error))),
+            Msg::Pong { id } if conn.threaded => self.on_reply(id, Ok(Value::Null)),
+            msg @ (Msg::Ready { .. } | Msg::StartupError { .. }) => {
+                let _ = self.events.send(WorkerEvent::Frame(conn.id, msg));
+                conn.threaded
+            }
+            other => {
+                self.broken(Error::Protocol(format!("unexpected message from worker: {other:?}")));
+                false
+            }
+        }
+    }
+
+    fn on_reply(&mut self, id: u64, reply: Result<Value>) -> bool {
+        match self.conn.deliver(id, reply) {
+            Delivery::Answered => true,
+            Delivery::Late => {
+                (self.on_late)();
+                true
+            }
+            Delivery::Unknown => {
+                self.broken(Error::Protocol(format!("reply to call {id} it does not hold")));
+                false
+            }
+        }
+    }
+
+    fn broken(&mut self, err: Error) {
+        log::warn!(
+            "[{}] worker {} (pid {}) broke the protocol: {err}",
+            self.pool,
+            self.conn.id,
+            self.conn.pid
+        );
+        self.conn.mark_broken(err.duplicate());
+        let _ = self.events.send(WorkerEvent::Broken(self.conn.id, err));
+    }
+
+    /// Reads what stderr has; false at its end.
+    fn read_stderr(&mut self) -> bool {
+        let Some(file) = self.stderr.as_ref() else { return false };
+        let mut chunk = [0u8; 8192];
+        loop {
+            match (&*file).read(&mut chunk) {
+                Ok(0) => {
+                    if !self.line.is_empty() {
+                        let line = std::mem::take(&mut self.line);
+                        self.stderr_line(&line);
+                    }
+                    return false;
+                }
+                Ok(n) => {
+                    for piece in chunk[..n].split_inclusive(|&b| b == b'\n') {
+                        let room = (STDERR_LINE_MAX + 1).saturating_sub(self.line.len());
+                        self.line.extend_from_slice(&piece[..piece.len().min(room)]);
+                        if piece.ends_with(b"\n") {
+                            let line = std::mem::take(&mut self.line);
+                            self.stderr_line(&line);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn stderr_line(&self, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        let mut text = text.trim_end_matches(['\n', '\r']).to_string();
+        if text.len() > STDERR_LINE_MAX {
+            let mut cut = STDERR_LINE_MAX;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        log::debug!(target: "snakepit::python", "[{}] worker {}: {text}", self.pool, self.conn.id);
+        let mut tail = self.conn.stderr_tail.lock();
+        if tail.len() == STDERR_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(text);
+    }
+
+    /// The process has exited: kill what is left of its group, reap it, take its last stderr
+    /// lines, record how it ended, and tell the dispatcher.
+    fn exited(mut self) {
+        let conn = self.conn.clone();
+        conn.exited.store(true, Ordering::Release);
         let status = {
-            let mut reaped = self.reaped.lock();
+            let mut reaped = conn.reaped.lock();
             // The leader is a zombie, so its group id cannot have been reused: safe to signal.
-            let _ = sys::kill_group(pid, sys::SIGKILL);
-            let status = self.child.wait();
+            let _ = sys::kill_group(conn.pid, sys::SIGKILL);
+            let status = self.child.take().map(|mut c| c.wait());
             *reaped = true;
             status
         };
         let exit = match status {
-            Ok(s) => match (s.code(), s.signal()) {
+            Some(Ok(s)) => match (s.code(), s.signal()) {
                 (Some(c), _) => ExitKind::Code(c),
                 (None, Some(sig)) => ExitKind::Signal(sig),
                 _ => ExitKind::Unknown,
             },
-            Err(_) => ExitKind::Unknown,
+            _ => ExitKind::Unknown,
         };
-        let _ = self.stderr_done.recv_timeout(STDERR_DRAIN);
-        let _ = self.events.send(WorkerEvent::Exited(self.id, exit));
-    }
-}
-
-fn read_stdout(stdout: ChildStdout, max: usize, waiting: &Waiting, done: Arc<AtomicU64>, reaper: Reaper) {
-    let id = reaper.id;
-    let mut r = BufReader::with_capacity(64 * 1024, stdout);
-    let mut buf = Vec::new();
-    loop {
-        let outcome = match protocol::read_frame_bytes(&mut r, &mut buf, max) {
-            Ok(true) => match protocol::decode(&buf) {
-                Ok(msg) => Ok(Some(msg)),
-                // A well-framed reply that cannot be decoded (say, nested deeper than the
-                // decoder allows) fails only its own call; the stream is still in step.
-                Err(e) => match protocol::reply_id(&buf) {
-                    Some(call) => {
-                        let err = Error::Protocol(format!("the reply could not be decoded: {e}"));
-                        if !deliver(waiting, &done, &reaper.events, id, call, Err(err)) {
-                            break;
-                        }
-                        continue;
-                    }
-                    None => Err(e),
-                },
-            },
-            Ok(false) => Ok(None),
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(Some(msg)) => {
-                log::trace!("worker {id} -> {msg:?}");
-                let sent = match msg {
-                    Msg::Result { id: call, value } => {
-                        deliver(waiting, &done, &reaper.events, id, call, Ok(value))
-                    }
-                    Msg::Error { id: call, error } => {
-                        deliver(waiting, &done, &reaper.events, id, call, Err(Error::Python(error)))
-                    }
-                    other => reaper.events.send(WorkerEvent::Frame(id, other)).is_ok(),
-                };
-                if !sent {
-                    break;
-                }
-            }
-            Ok(None) => break,
-            Err(e) => {
-                let err = match protocol::as_too_large(&e) {
-                    Some(t) => Error::FrameTooLarge { size: t.size, max: t.max },
-                    None => Error::Protocol(format!("worker {id} stdout: {e}")),
-                };
-                let _ = reaper.events.send(WorkerEvent::Broken(id, err));
+        // The last lines, unless a descendant that escaped the group keeps stderr open.
+        let end = Instant::now() + STDERR_DRAIN;
+        while let Some(fd) = self.stderr.as_ref().map(AsRawFd::as_raw_fd) {
+            let left = end.saturating_duration_since(Instant::now());
+            let mut fds = [sys::poll_entry(fd as RawFd, sys::POLLIN)];
+            if left.is_zero() || !sys::poll(&mut fds, Some(left)).is_ok_and(|n| n > 0) || !self.read_stderr()
+            {
                 break;
             }
         }
-        // Give back memory held for one unusually large frame.
-        if buf.capacity() > 1 << 20 {
-            buf = Vec::new();
-        }
+        self.stderr = None;
+        *conn.exit.lock() = Some(exit);
+        conn.close_waiting();
+        self.report = None;
+        let _ = self.events.send(WorkerEvent::Exited(conn.id, exit));
     }
-    drop(r);
-    reaper.reap();
-}
-
-/// Hands a reply to its caller if the call is still waiting, then tells the dispatcher. The
-/// caller first, for latency (measured: the other order costs a sequential caller ~40%); but
-/// `done` is counted before either, so a caller that calls again before the dispatcher has heard
-/// can see that this worker's capacity is already on its way back. False if the dispatcher is
-/// gone.
-fn deliver(
-    waiting: &Waiting,
-    done: &AtomicU64,
-    events: &Sender<WorkerEvent>,
-    worker: WorkerId,
-    call: u64,
-    result: Result<Value>,
-) -> bool {
-    let ok = result.is_ok();
-    let reply = waiting.lock().remove(&call);
-    let answered = reply.is_some();
-    done.fetch_add(1, Ordering::Release);
-    if let Some(reply) = reply {
-        // The caller may have given up at its own deadline; that is fine.
-        let _ = reply.send(result);
-    }
-    events.send(WorkerEvent::Completed { worker, call, ok, answered }).is_ok()
-}
-
-/// Calls on their way through one worker, by id.
-type Waiting = Arc<Mutex<HashMap<u64, ReplyTx>>>;
-
-/// The worker's stdin and the bytes it has not taken yet.
-struct Outbox {
-    /// `None` once closed (or broken).
-    pipe: Option<ChildStdin>,
-    pending: VecDeque<Vec<u8>>,
-    /// How much of `pending.front()` is already written.
-    offset: usize,
-    close_when_flushed: bool,
-}
-
-/// One non-blocking write: how many bytes the pipe took (0 if it is full).
-fn write_some(mut pipe: &ChildStdin, bytes: &[u8]) -> io::Result<usize> {
-    loop {
-        match pipe.write(bytes) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// The writer thread: finishes frames the pipe could not take at once. The lock is held only
-/// for non-blocking writes; waiting for room happens outside it.
-fn write_stdin(outbox: &Mutex<Outbox>, doorbell: Receiver<()>) {
-    while doorbell.recv().is_ok() {
-        loop {
-            let mut ob = outbox.lock();
-            let Outbox { pipe, pending, offset, close_when_flushed } = &mut *ob;
-            let Some(p) = pipe.as_ref() else {
-                pending.clear();
-                break;
-            };
-            let Some(front) = pending.front() else {
-                if *close_when_flushed {
-                    *pipe = None;
-                }
-                break;
-            };
-            match write_some(p, &front[*offset..]) {
-                Ok(0) => {
-                    let fd = p.as_raw_fd();
-                    drop(ob);
-                    sys::wait_writable(fd, Duration::from_millis(100));
-                }
-                Ok(n) => {
-                    *offset += n;
-                    if *offset == front.len() {
-                        pending.pop_front();
-                        *offset = 0;
-                    }
-                }
-                Err(_) => {
-                    *pipe = None;
-                    pending.clear();
-                    break;
-                }
-            }
-        }
-    }
-    // The dispatcher dropped the worker: close the pipe so the process reads EOF.
-    outbox.lock().pipe = None;
-}
-
-fn read_stderr(
-    stderr: ChildStderr,
-    pool: &str,
-    id: WorkerId,
-    tail: &Mutex<VecDeque<String>>,
-    done: Sender<()>,
-) {
-    let mut r = BufReader::new(stderr);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match r.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {
-                let text = String::from_utf8_lossy(&line);
-                let mut text = text.trim_end_matches(['\n', '\r']).to_string();
-                if text.len() > STDERR_LINE_MAX {
-                    let mut cut = STDERR_LINE_MAX;
-                    while !text.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    text.truncate(cut);
-                }
-                log::debug!(target: "snakepit::python", "[{pool}] worker {id}: {text}");
-                let mut tail = tail.lock();
-                if tail.len() == STDERR_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(text);
-            }
-        }
-    }
-    let _ = done.send(());
 }

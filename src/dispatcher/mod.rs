@@ -1,45 +1,54 @@
-//! The per-pool loop. One thread owns the pool's state: the workers and their capacity
-//! counters, the FIFO queue, every call's deadline, restarts with backoff, recycling, health
-//! checks and shutdown.
+//! The per-pool dispatcher: the one thread (`sp-disp-<pool>`) that owns the workers' lives.
 //!
-//! It is fed by two channels, one `select!`: requests (from callers and the reaper) and events
-//! from the worker threads. Timers live in a heap; stale entries are skipped. The work is
-//! split by subject: `calls.rs` (queue, dispatch, completion, deadlines), `lifecycle.rs`
-//! (start, ready, exit, backoff), `recycle.rs` (recycling and health checks) and `shutdown.rs`
-//! (stopping workers and the pool).
+//! Calls do not pass through it. A caller takes a lease on a ready worker from the shared
+//! [`Board`](board::Board) (or waits there, in order), runs its call on the worker itself and
+//! gives the lease back; the dispatcher only hears of what it must act on ([`Notice`]s: a
+//! worker due for recycling, drained, wedged, to be killed). It owns everything else: spawning
+//! (so the parent-death signal is tied to a thread that lives as long as the pool), readiness,
+//! exits and restarts with backoff, recycling make before break, TTL timers, degradation and
+//! shutdown.
+//!
+//! It is fed by two channels in one `select!`: requests (notices, stats, shutdown, recycling
+//! orders) and events from the workers' monitor threads. Timers live in a heap; every method
+//! that depends on time takes `now`, so the unit tests drive it with fake workers and a made-up
+//! clock. The work is split by subject: `board.rs` (the call side's shared state),
+//! `lifecycle.rs` (start, ready, exit, backoff), `recycle.rs` (recycling, draining) and
+//! `shutdown.rs` (stopping workers and the pool).
 
-mod calls;
+mod board;
 mod lifecycle;
 mod recycle;
 mod shutdown;
+#[cfg(test)]
+mod tests;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
+use parking_lot::Mutex;
 
 use crate::config::PoolConfig;
-use crate::error::{Error, Result};
-use crate::events::Emitter;
-use crate::protocol::Msg;
-use crate::reaper::{Limits, RecycleOrder, RecycleReason, WorkerFacts};
-use crate::stats::{PoolStats, Recycles, Window, WorkerState, WorkerStats};
-use crate::worker::{ReplyTx, SpawnSpec, Worker, WorkerEvent, WorkerId};
+use crate::error::Result;
+use crate::events::{Emitter, Event};
+use crate::policy::{Backoff, Limits, RecycleReason, WorkerFacts};
+use crate::stats::{PoolStats, Recycles, WorkerState, WorkerStats};
+use crate::worker::{Conn, KillReason, SpawnSpec, Worker, WorkerEvent, WorkerId};
 
-pub(crate) use shutdown::{ShutdownReport, STOP_ESCALATION};
+pub(crate) use board::{Admit, Board, Effects, Gate, Lease, Notice, Return};
+pub(crate) use shutdown::ShutdownReport;
 
-/// What callers and the reaper send the dispatcher.
+/// What callers, the pool and the housekeeper send the dispatcher.
 pub(crate) enum Request {
-    /// A call and where its one answer goes.
-    Call(Call, ReplyTx),
+    /// Something the call side saw that the dispatcher must act on.
+    Notice(Notice),
     Stats(Sender<PoolStats>),
     Shutdown(Sender<ShutdownReport>),
-    /// The reaper asks for the facts its decision needs.
+    /// The housekeeper asks for the facts its memory decision needs.
     Facts(Sender<Vec<WorkerFacts>>),
-    /// The reaper orders a recycle.
+    /// The housekeeper orders a recycle (memory) or a kill (hard memory, failed health check).
     Recycle(RecycleOrder),
     /// `Pool::recycle_worker`: answered once the worker is replaced (or could not be).
     RecycleWorker {
@@ -48,42 +57,102 @@ pub(crate) enum Request {
     },
 }
 
-/// One call on its way to a worker. The frame is encoded by the calling thread.
-pub(crate) struct Call {
-    pub(crate) id: u64,
-    pub(crate) command: String,
-    pub(crate) frame: Vec<u8>,
-    pub(crate) enqueued: Instant,
-    pub(crate) queue_deadline: Instant,
-    pub(crate) deadline: Instant,
-    /// Set when the call is handed to a worker, so a caller whose own wait ends at the
-    /// deadline knows which kind of time-out it was.
-    pub(crate) started: Arc<AtomicBool>,
+/// What the housekeeper orders.
+#[derive(Debug)]
+pub(crate) struct RecycleOrder {
+    pub(crate) worker: WorkerId,
+    pub(crate) reason: RecycleReason,
+    /// Kill now instead of draining (hard memory ceiling, failed health check).
+    pub(crate) kill: bool,
+    pub(crate) rss: Option<u64>,
+}
+
+/// What the call side and the dispatcher share: the board under its lock, the way to the
+/// dispatcher, and the event emitter.
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) board: Mutex<Board<Arc<Conn>>>,
+    pub(crate) requests: Sender<Request>,
+    pub(crate) emitter: Emitter,
+}
+
+impl Shared {
+    /// Carries out what a board operation left to do, once its lock is released: hands leases
+    /// to waiting callers and passes notices to the dispatcher.
+    ///
+    /// Handing over, the thread that freed a process worker first writes the waiting call's
+    /// frame itself (when it is small enough for one atomic pipe write and the call is still in
+    /// time), so the worker starts on it while that caller is still waking up: one wake-up
+    /// fewer between two calls on a busy worker.
+    pub(crate) fn apply(&self, fx: Effects<Arc<Conn>>) {
+        for h in fx.handoffs {
+            let mut lease = h.lease;
+            if let Some(frame) = &h.frame {
+                lease.sent = Instant::now() < h.by && lease.conn.send_now(frame);
+            }
+            if let Err(e) = h.to.send(lease) {
+                // Its caller is gone (a waiter handed a lease always takes it, unless its
+                // thread died): a call written for nobody means the worker must go.
+                let lease = e.into_inner();
+                let how = if lease.sent { Return::Kill(KillReason::Protocol) } else { Return::Done };
+                let mut more = Effects::default();
+                self.board.lock().give_back(lease, how, None, &mut more);
+                self.apply(more);
+            }
+        }
+        for n in fx.notices {
+            if n == Notice::QueueFull {
+                let max_queue = self.board.lock().queued();
+                log::warn!("[{}] queue full ({max_queue} calls waiting); call refused", self.name);
+                if self.emitter.enabled() {
+                    self.emitter.emit(Event::QueueFull { pool: self.name.clone(), max_queue });
+                }
+            } else {
+                // A dispatcher that is gone has nothing left to act on.
+                let _ = self.requests.send(Request::Notice(n));
+            }
+        }
+    }
+
+    /// A reply came for a call whose caller had given up: its slot is free again.
+    fn late_reply(&self, worker: WorkerId) {
+        let mut fx = Effects::default();
+        self.board.lock().late_reply(worker, &mut fx);
+        self.apply(fx);
+    }
+}
+
+/// How the dispatcher starts a worker: the seam its unit tests replace with fake workers.
+pub(crate) trait Launch: Send {
+    fn launch(&mut self, id: WorkerId, events: Sender<WorkerEvent>, shared: &Arc<Shared>) -> Result<Worker>;
+}
+
+/// Starts real Python processes.
+pub(crate) struct Spawner(pub(crate) SpawnSpec);
+
+impl Launch for Spawner {
+    fn launch(&mut self, id: WorkerId, events: Sender<WorkerEvent>, shared: &Arc<Shared>) -> Result<Worker> {
+        let shared: Weak<Shared> = Arc::downgrade(shared);
+        let on_late = Box::new(move || {
+            if let Some(s) = shared.upgrade() {
+                s.late_reply(id);
+            }
+        });
+        Worker::spawn(id, &self.0, events, on_late)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
-    /// A call's queue deadline or whole deadline.
-    Call(u64),
     /// A starting worker's ready deadline.
     Startup(WorkerId),
+    /// A worker's age limit (`ttl` after jitter).
+    Ttl(WorkerId),
     /// A stopping worker's next escalation (SIGTERM, then SIGKILL).
     Escalate(WorkerId),
-    /// Time to ping a worker if it is idle.
-    Health(WorkerId),
-    /// The answer to ping `.1` is due.
-    HealthDeadline(WorkerId, u64),
-    /// Something to re-check then (a restart after backoff, the end of the shutdown grace).
+    /// Something to re-check then (a restart after backoff, a recycle retry, the end of the
+    /// shutdown grace).
     Wake,
-}
-
-struct Pending {
-    call: Call,
-    /// The caller's channel while the call is queued; handed to the worker at dispatch.
-    reply: Option<ReplyTx>,
-    /// `None` while queued.
-    worker: Option<WorkerId>,
-    dispatched: Instant,
 }
 
 /// Why a worker was started.
@@ -97,6 +166,41 @@ enum Origin {
     Replaces(WorkerId),
 }
 
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    /// Spawned, not yet ready.
+    Starting,
+    /// Taking calls.
+    Ready,
+    /// Replaced (or the pool is stopping): finishing its calls, taking no new ones.
+    Draining,
+    /// Asked to stop, then forced, step by step.
+    Stopping(Stop),
+}
+
+/// How far stopping a worker has gone, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stop {
+    /// Sent `shutdown` and EOF.
+    Asked,
+    /// Sent SIGTERM.
+    Terminated,
+    /// Sent SIGKILL.
+    Killed,
+}
+
+impl Life {
+    fn state(self) -> WorkerState {
+        match self {
+            Life::Starting => WorkerState::Starting,
+            Life::Ready => WorkerState::Ready,
+            Life::Draining => WorkerState::Draining,
+            Life::Stopping(_) => WorkerState::Stopping,
+        }
+    }
+}
+
 /// A worker being replaced: make before break.
 struct Recycle {
     reason: RecycleReason,
@@ -108,82 +212,29 @@ struct Recycle {
 
 struct Slot {
     worker: Worker,
-    state: WorkerState,
-    capacity: usize,
-    in_flight: Vec<u64>,
-    served: u64,
-    errors: u64,
-    spawned: Instant,
+    life: Life,
     origin: Origin,
+    spawned: Instant,
+    ready_at: Option<Instant>,
     limits: Limits,
     recycle: Option<Recycle>,
-    /// After a failed replacement, the earliest time to try recycling it again.
-    retry_recycle: Option<Instant>,
-    /// The id of an unanswered health ping.
-    ping: Option<u64>,
-    /// Set when the worker was killed for breaking the protocol: its calls fail with this.
-    broken: Option<Error>,
-    /// How far stopping it has gone: RUNNING, ASKED, TERMINATED or KILLED.
-    escalation: u8,
-    /// Killed because one of its calls overran its deadline: its other calls are collateral.
-    collateral: bool,
-    /// Completions heard of that the reader had delivered (compare `Worker::delivered`).
-    delivered_seen: u64,
-    /// When it sent `ready`.
-    ready_at: Option<Instant>,
+    /// A recycle that is due but has not started (another held the turn, or the last
+    /// replacement failed and this is when to try again).
+    pending: Option<(RecycleReason, Instant)>,
 }
 
 impl Slot {
-    /// Calls given to it so far: finished plus in flight.
-    fn assigned(&self) -> u64 {
-        self.served + self.in_flight.len() as u64
-    }
-
-    /// Whether it has been given its last call (`max_requests` is exact).
-    fn spent(&self) -> bool {
-        self.limits.max_requests.is_some_and(|limit| self.assigned() >= limit)
-    }
-
-    /// Calls still running on it: those in flight less those whose replies its reader has
-    /// already delivered (the reader answers the caller before it tells the dispatcher, so a
-    /// caller may call again before the dispatcher has heard; the worker is free by then).
-    fn running(&self) -> usize {
-        let unheard = self.worker.delivered().saturating_sub(self.delivered_seen) as usize;
-        self.in_flight.len().saturating_sub(unheard)
-    }
-
-    /// Whether it can take another call now.
-    fn has_room(&self) -> bool {
-        self.state == WorkerState::Ready
-            && self.running() < self.capacity
-            // A process worker answers a ping only between calls; a thread worker at once.
-            && (self.ping.is_none() || self.capacity > 1)
-            && !self.spent()
-    }
-
-    fn facts(&self) -> WorkerFacts {
-        WorkerFacts {
-            id: self.worker.id,
-            pid: self.worker.pid,
-            spawned: self.spawned,
-            assigned: self.assigned(),
-            limits: self.limits,
-            rss: None,
-        }
+    fn pid(&self) -> u32 {
+        self.worker.conn.pid
     }
 }
 
+/// Counts the dispatcher keeps (the call outcomes are on the board).
 #[derive(Default)]
-struct Counters {
-    ok: u64,
-    failed: u64,
-    timeouts: u64,
+struct Counts {
     crashes: u64,
     restarts: u64,
     recycles: Recycles,
-    queue_high_water: usize,
-    queue_wait: Window,
-    execution: Window,
 }
 
 enum Phase {
@@ -192,89 +243,80 @@ enum Phase {
     Running,
     ShuttingDown {
         grace_end: Instant,
-        reply: Option<Sender<ShutdownReport>>,
+        replies: Vec<Sender<ShutdownReport>>,
         report: ShutdownReport,
     },
 }
 
 pub(crate) struct Dispatcher {
     cfg: Arc<PoolConfig>,
-    spec: SpawnSpec,
+    shared: Arc<Shared>,
+    launch: Box<dyn Launch>,
     requests: Receiver<Request>,
     events_tx: Sender<WorkerEvent>,
     events: Receiver<WorkerEvent>,
-    emitter: Emitter,
     phase: Phase,
-    slots: Vec<Slot>,
+    slots: BTreeMap<WorkerId, Slot>,
     next_worker: WorkerId,
-    next_ping: u64,
-    queue: VecDeque<u64>,
-    queued: usize,
-    calls: HashMap<u64, Pending>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
-    commands: Option<HashSet<String>>,
-    counters: Counters,
-    startup_failures: u32,
+    counts: Counts,
+    /// Failed starts in a row.
+    starts: Backoff,
+    /// Workers in a row that died while idle soon after getting ready.
+    idle_crashes: Backoff,
     last_startup_error: Option<String>,
     degraded_announced: bool,
     next_spawn: Instant,
     /// The wake-up already scheduled for `next_spawn`.
     spawn_wake: Option<Instant>,
-    /// Workers that have exited, until their threads have ended and are joined.
+    /// Workers that have exited, until their monitor threads have ended and are joined.
     exited: Vec<Worker>,
     /// The CPU-bound-on-a-GIL warning has been logged.
     warned_gil: bool,
-    /// Workers in a row that died soon after getting ready.
-    quick_crashes: u32,
 }
+
+/// A worker that dies while idle within this time of getting ready counts towards restart
+/// backoff (a crash loop); one that dies during a call does not: that was the call's doing.
+const QUICK_CRASH: Duration = Duration::from_secs(1);
 
 impl Dispatcher {
     pub(crate) fn new(
         cfg: Arc<PoolConfig>,
-        spec: SpawnSpec,
+        shared: Arc<Shared>,
+        launch: Box<dyn Launch>,
         requests: Receiver<Request>,
-        emitter: Emitter,
         started: Sender<Result<()>>,
+        now: Instant,
     ) -> Self {
         let (events_tx, events) = unbounded();
         Dispatcher {
+            starts: Backoff::new(cfg.restart_backoff),
+            idle_crashes: Backoff::new(cfg.restart_backoff),
             cfg,
-            spec,
+            shared,
+            launch,
             requests,
             events_tx,
             events,
-            emitter,
             phase: Phase::Starting(started),
-            slots: Vec::new(),
+            slots: BTreeMap::new(),
             next_worker: 0,
-            next_ping: 0,
-            queue: VecDeque::new(),
-            queued: 0,
-            calls: HashMap::new(),
             timers: BinaryHeap::new(),
-            commands: None,
-            counters: Counters::default(),
-            startup_failures: 0,
+            counts: Counts::default(),
             last_startup_error: None,
             degraded_announced: false,
-            next_spawn: Instant::now(),
+            next_spawn: now,
             spawn_wake: None,
             exited: Vec::new(),
             warned_gil: false,
-            quick_crashes: 0,
         }
     }
 
     /// The thread's body: runs until the pool has shut down and every worker is reaped.
     pub(crate) fn run(mut self) {
-        for _ in 0..self.cfg.size {
-            if let Err(e) = self.spawn_worker(Origin::Initial) {
-                self.fail_start(e);
-                break;
-            }
-        }
+        self.start(Instant::now());
         loop {
-            self.maintain();
+            self.maintain(Instant::now());
             if self.finished() {
                 break;
             }
@@ -285,33 +327,37 @@ impl Dispatcher {
             select! {
                 recv(self.events) -> ev => {
                     if let Ok(ev) = ev {
-                        self.on_event(ev);
+                        self.on_worker_event(ev, Instant::now());
                     }
                 }
-                recv(self.requests) -> req => match req {
-                    Ok(req) => self.on_request(req),
-                    // Every handle to the pool is gone: stop as if asked.
-                    Err(_) => {
-                        if !matches!(self.phase, Phase::ShuttingDown { .. }) {
-                            self.begin_shutdown(None);
-                        }
-                        // Stop selecting on a channel that is always ready.
-                        self.requests = crossbeam_channel::never();
+                recv(self.requests) -> req => {
+                    if let Ok(req) = req {
+                        self.on_request(req, Instant::now());
                     }
-                },
+                }
                 default(timeout) => {}
             }
             // Handle whatever else is already waiting before looking at timers.
             while let Ok(ev) = self.events.try_recv() {
-                self.on_event(ev);
+                self.on_worker_event(ev, Instant::now());
             }
-            self.fire_timers();
+            self.fire_timers(Instant::now());
             self.join_exited();
         }
         self.finish();
     }
 
-    /// Joins the threads of exited workers that have ended.
+    /// Spawns the pool's first workers.
+    fn start(&mut self, now: Instant) {
+        for _ in 0..self.cfg.size {
+            if let Err(e) = self.spawn_worker(Origin::Initial, now) {
+                self.fail_start(e, now);
+                break;
+            }
+        }
+    }
+
+    /// Joins the monitor threads of exited workers that have ended.
     fn join_exited(&mut self) {
         if self.exited.iter().any(Worker::finished) {
             let (done, waiting): (Vec<Worker>, Vec<Worker>) =
@@ -321,174 +367,130 @@ impl Dispatcher {
         }
     }
 
-    fn on_request(&mut self, req: Request) {
+    fn on_request(&mut self, req: Request, now: Instant) {
         match req {
-            Request::Call(call, reply) => self.on_call(call, reply),
+            Request::Notice(n) => self.on_notice(n, now),
             Request::Stats(reply) => {
-                // A snapshot reflects what its asker has seen: replies already delivered and
-                // deadlines already passed.
-                self.catch_up();
-                self.fire_timers();
-                let _ = reply.send(self.snapshot());
+                let _ = reply.send(self.snapshot(now));
             }
             Request::Shutdown(reply) => match &mut self.phase {
-                Phase::ShuttingDown { reply: slot, .. } => {
-                    if slot.is_none() {
-                        *slot = Some(reply);
-                    }
-                }
-                _ => self.begin_shutdown(Some(reply)),
+                Phase::ShuttingDown { replies, .. } => replies.push(reply),
+                _ => self.begin_shutdown(Some(reply), now),
             },
             Request::Facts(reply) => {
-                // Draining and recycling workers too: the hard memory ceiling applies to them
-                // (other orders for them are ignored).
+                // Draining workers too: the hard memory ceiling applies to them.
+                let board = self.shared.board.lock();
                 let facts = self
                     .slots
                     .iter()
-                    .filter(|s| matches!(s.state, WorkerState::Ready | WorkerState::Draining))
-                    .map(Slot::facts)
+                    .filter(|(_, s)| matches!(s.life, Life::Ready | Life::Draining))
+                    .map(|(&id, s)| WorkerFacts {
+                        id,
+                        pid: s.pid(),
+                        spawned: s.spawned,
+                        assigned: board.seat(id).map_or(0, board::Seat::assigned),
+                        limits: s.limits,
+                        rss: None,
+                    })
                     .collect();
+                drop(board);
                 let _ = reply.send(facts);
             }
-            Request::Recycle(order) => {
-                if let Some(i) = self.slot_index(order.worker) {
-                    self.recycle(i, order.reason, order.rss, order.kill, None);
-                }
-            }
-            Request::RecycleWorker { worker, reply } => match self.slot_index(worker) {
-                Some(i) if self.slots[i].state == WorkerState::Ready => {
-                    self.recycle(i, RecycleReason::Manual, None, false, Some(reply));
+            Request::Recycle(order) => self.on_order(order, now),
+            Request::RecycleWorker { worker, reply } => match self.slots.get(&worker) {
+                Some(s) if s.life == Life::Ready => {
+                    self.recycle(worker, RecycleReason::Manual, None, Some(reply), now);
                 }
                 _ => {
-                    let _ = reply.send(Err(Error::UnknownWorker { worker }));
+                    let _ = reply.send(Err(crate::Error::UnknownWorker { worker }));
                 }
             },
         }
     }
 
-    /// Hears every completion whose reply a caller may already hold (the stdout reader
-    /// answers the caller before it tells the dispatcher), so a snapshot counts every call its
-    /// asker has seen finish. Bounded: a reader is at most one channel send behind.
-    fn catch_up(&mut self) {
-        let end = Instant::now() + Duration::from_millis(100);
-        while self.slots.iter().any(|s| s.worker.delivered() > s.delivered_seen) {
-            match self.events.recv_deadline(end) {
-                Ok(ev) => self.on_event(ev),
-                Err(_) => break,
-            }
-        }
-    }
-
-    fn slot_index(&self, id: WorkerId) -> Option<usize> {
-        self.slots.iter().position(|s| s.worker.id == id)
-    }
-
-    fn on_event(&mut self, ev: WorkerEvent) {
+    fn on_worker_event(&mut self, ev: WorkerEvent, now: Instant) {
         match ev {
-            WorkerEvent::Completed { worker, call, ok, answered } => {
-                self.on_completed(worker, call, ok, answered)
-            }
-            WorkerEvent::Frame(id, msg) => {
-                let Some(i) = self.slot_index(id) else { return };
-                match msg {
-                    Msg::Ready { info } => self.on_ready(i, info),
-                    Msg::StartupError { error } => {
-                        let adapter = self.spec.adapter.as_deref().unwrap_or("(none)");
-                        let message = format!("adapter `{adapter}`: {}", error.message);
-                        self.startup_failed(i, Error::Startup { message, error: Some(error) });
-                    }
-                    Msg::Pong { id } => self.on_pong(i, id),
-                    other => self.protocol_violation(i, format!("unexpected message from worker: {other:?}")),
+            WorkerEvent::Frame(id, msg) => self.on_frame(id, msg, now),
+            WorkerEvent::Broken(id, err) => {
+                if let Some(s) = self.slots.get(&id) {
+                    s.worker.conn.mark_broken(err);
+                    self.kill(id, crate::worker::KillReason::Protocol, now);
                 }
             }
-            WorkerEvent::Broken(id, err) => {
-                let Some(i) = self.slot_index(id) else { return };
-                let s = &mut self.slots[i];
-                log::warn!(
-                    "[{}] worker {id} (pid {}) broke the protocol: {err}",
-                    self.cfg.name,
-                    s.worker.pid
-                );
-                s.broken = Some(err);
-                self.kill(i);
-            }
-            WorkerEvent::Exited(id, exit) => self.on_exit(id, exit),
+            WorkerEvent::Exited(id, exit) => self.on_exit(id, exit, now),
         }
     }
 
-    fn protocol_violation(&mut self, i: usize, why: String) {
-        let s = &mut self.slots[i];
-        log::warn!("[{}] worker {} (pid {}): {why}", self.cfg.name, s.worker.id, s.worker.pid);
-        s.broken = Some(Error::Protocol(why));
-        self.kill(i);
+    fn schedule(&mut self, at: Instant, timer: Timer) {
+        self.timers.push(Reverse((at, timer)));
     }
 
-    fn fire_timers(&mut self) {
-        // Most call timers go stale (the call finished first). Drop them in one pass once they
-        // outnumber the live ones, so the heap stays proportional to the calls in the pool.
-        if self.timers.len() > 2 * (self.calls.len() + self.slots.len()) + 64 {
-            let calls = &self.calls;
-            self.timers.retain(|Reverse((_, t))| match t {
-                Timer::Call(id) => calls.contains_key(id),
-                _ => true,
-            });
-        }
-        let now = Instant::now();
+    fn fire_timers(&mut self, now: Instant) {
         while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
             if at > now {
                 break;
             }
             self.timers.pop();
             match timer {
-                Timer::Call(id) => self.call_timer(id, now),
-                Timer::Startup(wid) => self.startup_timer(wid),
-                Timer::Escalate(wid) => self.escalate(wid, now),
-                Timer::Health(wid) => self.health_timer(wid, now),
-                Timer::HealthDeadline(wid, ping) => self.health_deadline(wid, ping),
+                Timer::Startup(id) => self.startup_timer(id, now),
+                Timer::Ttl(id) => {
+                    if self.slots.get(&id).is_some_and(|s| s.life == Life::Ready) {
+                        self.recycle(id, RecycleReason::Ttl, None, None, now);
+                    }
+                }
+                Timer::Escalate(id) => self.escalate(id, now),
                 Timer::Wake => self.grace_timer(now),
             }
         }
     }
 
-    fn snapshot(&self) -> PoolStats {
-        let c = &self.counters;
-        let now = Instant::now();
+    fn snapshot(&self, now: Instant) -> PoolStats {
+        let board = self.shared.board.lock();
+        let c = &board.counters;
         PoolStats {
             name: self.cfg.name.clone(),
             size: self.cfg.size,
-            ready_workers: self.slots.iter().filter(|s| s.state == WorkerState::Ready).count(),
+            ready_workers: self.slots.values().filter(|s| s.life == Life::Ready).count(),
             degraded: self.is_degraded(),
             calls_ok: c.ok,
             calls_failed: c.failed,
-            queued: self.queued,
+            queued: board.queued(),
             queue_high_water: c.queue_high_water,
             timeouts: c.timeouts,
-            crashes: c.crashes,
-            restarts: c.restarts,
-            recycles: c.recycles.clone(),
-            startup_failures: self.startup_failures,
-            events_dropped: self.emitter.dropped,
+            crashes: self.counts.crashes,
+            restarts: self.counts.restarts,
+            recycles: self.counts.recycles.clone(),
+            startup_failures: self.starts.failures(),
+            events_dropped: self.shared.emitter.dropped(),
             queue_wait: c.queue_wait.latency(),
             execution: c.execution.latency(),
             workers: self
                 .slots
                 .iter()
-                .map(|s| WorkerStats {
-                    id: s.worker.id,
-                    pid: s.worker.pid,
-                    state: s.state,
-                    in_flight: s.in_flight.len(),
-                    capacity: s.capacity,
-                    calls_served: s.served,
-                    errors: s.errors,
-                    age_ms: now.saturating_duration_since(s.spawned).as_millis() as u64,
-                    rss_bytes: crate::stats::rss_bytes(s.worker.pid),
-                    max_requests: s.limits.max_requests,
-                    recycle_in_ms: s
-                        .limits
-                        .ttl
-                        .map(|ttl| (s.spawned + ttl).saturating_duration_since(now).as_millis() as u64),
-                    recycling: s.recycle.as_ref().map(|r| r.reason),
+                .map(|(&id, s)| {
+                    let seat = board.seat(id);
+                    WorkerStats {
+                        id,
+                        pid: s.pid(),
+                        // Dead already, though its exit is still on its way here.
+                        state: if s.worker.conn.has_exited() {
+                            WorkerState::Stopping
+                        } else {
+                            s.life.state()
+                        },
+                        in_flight: seat.map_or(0, |x| x.busy),
+                        capacity: self.cfg.capacity(),
+                        calls_served: seat.map_or(0, |x| x.served),
+                        errors: seat.map_or(0, |x| x.errors),
+                        age_ms: now.saturating_duration_since(s.spawned).as_millis() as u64,
+                        rss_bytes: crate::proc::rss_bytes(s.pid()),
+                        max_requests: s.limits.max_requests,
+                        recycle_in_ms: s
+                            .limits
+                            .ttl
+                            .map(|ttl| (s.spawned + ttl).saturating_duration_since(now).as_millis() as u64),
+                        recycling: s.recycle.as_ref().map(|r| r.reason),
+                    }
                 })
                 .collect(),
         }

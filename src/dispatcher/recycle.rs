@@ -1,38 +1,93 @@
-//! Recycling, make before break (by age, calls served, memory, or by hand), and idle health
-//! checks.
+//! Recycling, make before break (by age, calls served, memory, a wedged thread worker, or by
+//! hand), and what the call side tells the dispatcher.
 
-use std::cmp::Reverse;
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
-use super::{Dispatcher, Origin, Phase, Recycle, Timer};
+use super::board::Notice;
+use super::{Dispatcher, Life, Origin, Phase, Recycle, RecycleOrder, Timer};
 use crate::error::{Error, Result};
 use crate::events::Event;
-use crate::protocol::{self, Msg};
-use crate::reaper::{self, RecycleReason};
-use crate::stats::WorkerState;
-use crate::worker::WorkerId;
+use crate::policy::RecycleReason;
+use crate::worker::{KillReason, WorkerId};
 
 impl Dispatcher {
-    // ---- recycling ------------------------------------------------------------------------
-
-    /// Checks a worker against its limits (all but memory, which the reaper reads).
-    pub(super) fn check_due(&mut self, i: usize, now: Instant) {
-        if let Some(reason) = reaper::should_recycle(&self.slots[i].facts(), now) {
-            self.recycle(i, reason, None, false, None);
+    pub(super) fn on_notice(&mut self, notice: Notice, now: Instant) {
+        match notice {
+            Notice::Due(id) => self.recycle(id, RecycleReason::MaxRequests, None, None, now),
+            Notice::Wedged(id) => {
+                log::warn!(
+                    "[{}] worker {id}: every call slot is held by a call that timed out; replacing it",
+                    self.cfg.name
+                );
+                self.recycle(id, RecycleReason::Wedged, None, None, now);
+            }
+            Notice::Drained(id) => self.stop_if_drained(id, now),
+            Notice::Kill(id, KillReason::HealthCheck) => {
+                let order =
+                    RecycleOrder { worker: id, reason: RecycleReason::HealthCheck, kill: true, rss: None };
+                self.on_order(order, now);
+            }
+            Notice::Kill(id, reason) => {
+                if reason == KillReason::CallTimeout {
+                    log::warn!(
+                        "[{}] worker {id}: a call overran its deadline; killing the worker",
+                        self.cfg.name
+                    );
+                }
+                self.kill(id, reason, now);
+            }
+            Notice::Unusable(id) => {
+                // Dead already (its exit is on the way), or it wrote to stdout while idle.
+                if self.slots.get(&id).is_some_and(|s| !s.worker.conn.has_exited()) {
+                    let err = Error::Protocol("the worker wrote to its output while idle".into());
+                    log::warn!("[{}] worker {id}: {err}; killing it", self.cfg.name);
+                    self.slots[&id].worker.conn.mark_broken(err);
+                    self.kill(id, KillReason::Protocol, now);
+                }
+            }
+            Notice::QueueFull => {}
         }
     }
 
-    /// Starts recycling worker `i`: make before break. `kill` (health check, hard memory
-    /// ceiling) kills it at once instead, and the pool restarts a worker in its place.
+    /// The housekeeper's orders: recycle for memory, or kill at once.
+    pub(super) fn on_order(&mut self, order: RecycleOrder, now: Instant) {
+        let Some(s) = self.slots.get(&order.worker) else { return };
+        if !order.kill {
+            if s.life == Life::Ready {
+                self.recycle(order.worker, order.reason, order.rss, None, now);
+            }
+            return;
+        }
+        if !matches!(s.life, Life::Ready | Life::Draining) {
+            return;
+        }
+        let why = if order.reason == RecycleReason::HealthCheck {
+            format!("did not answer a health check within {:?}", self.cfg.health_timeout)
+        } else {
+            format!("its memory passed max_memory_hard ({} bytes)", order.rss.unwrap_or(0))
+        };
+        log::warn!("[{}] worker {} (pid {}) {why}; killing it", self.cfg.name, order.worker, s.pid());
+        self.retired(order.worker, order.reason, order.rss, now);
+        let reason = if order.reason == RecycleReason::HealthCheck {
+            KillReason::HealthCheck
+        } else {
+            KillReason::HardMemory
+        };
+        self.kill(order.worker, reason, now);
+    }
+
+    /// Starts replacing worker `id`: a replacement is spawned now, and `id` is retired once it
+    /// is ready. Waits for its turn (`max_concurrent_recycles`) and for the backoff after a
+    /// failed replacement; `waiter` hears the outcome.
     pub(super) fn recycle(
         &mut self,
-        i: usize,
+        id: WorkerId,
         reason: RecycleReason,
         rss: Option<u64>,
-        kill: bool,
         waiter: Option<Sender<Result<()>>>,
+        now: Instant,
     ) {
         if !matches!(self.phase, Phase::Running) {
             if let Some(w) = waiter {
@@ -40,16 +95,8 @@ impl Dispatcher {
             }
             return;
         }
-        if kill {
-            let s = &self.slots[i];
-            if s.escalation == super::shutdown::RUNNING && s.state != WorkerState::Starting {
-                self.retired(i, reason, rss);
-                self.kill(i);
-            }
-            return;
-        }
-        let s = &mut self.slots[i];
-        if s.state != WorkerState::Ready {
+        let Some(s) = self.slots.get_mut(&id) else { return };
+        if s.life != Life::Ready {
             return;
         }
         if let Some(r) = &mut s.recycle {
@@ -57,217 +104,141 @@ impl Dispatcher {
             return;
         }
         if waiter.is_none() {
-            // Automatic recycles wait for their turn and for any backoff after a failed one.
-            let now = Instant::now();
-            if s.retry_recycle.is_some_and(|t| now < t) {
-                return;
-            }
-            let busy = self.slots.iter().filter(|s| s.recycle.is_some()).count();
-            if busy >= self.cfg.max_concurrent_recycles {
+            let retry_at = s.pending.map_or(now, |(_, at)| at);
+            let busy = self.slots.values().filter(|s| s.recycle.is_some()).count();
+            if now < retry_at || busy >= self.cfg.max_concurrent_recycles {
+                // Not now: `maintain` tries again once the turn or the backoff allows.
+                let s = self.slots.get_mut(&id).expect("checked");
+                s.pending = Some((s.pending.map_or(reason, |(r, _)| r), retry_at));
+                if now < retry_at {
+                    self.schedule(retry_at, Timer::Wake);
+                }
                 return;
             }
         }
-        let old = self.slots[i].worker.id;
-        match self.spawn_worker(Origin::Replaces(old)) {
+        match self.spawn_worker(Origin::Replaces(id), now) {
             Ok(replacement) => {
                 log::debug!(
-                    "[{}] recycling worker {old} ({reason}): replacement {replacement} starting",
+                    "[{}] recycling worker {id} ({reason}): replacement {replacement} starting",
                     self.cfg.name
                 );
-                let waiters = waiter.into_iter().collect();
-                self.slots[i].recycle = Some(Recycle { reason, replacement, rss, waiters });
+                let s = self.slots.get_mut(&id).expect("checked");
+                s.pending = None;
+                s.recycle = Some(Recycle { reason, replacement, rss, waiters: waiter.into_iter().collect() });
             }
             Err(e) => {
                 if let Some(w) = waiter {
                     let _ = w.send(Err(e.duplicate()));
                 }
-                self.recycle_failed(old, &e);
-                self.note_startup_failure(&e);
+                if let Some(s) = self.slots.get_mut(&id) {
+                    s.pending = Some((reason, now));
+                }
+                self.recycle_failed(id, &e, now);
+                self.note_startup_failure(&e, now);
             }
         }
     }
 
-    /// Retires worker `i` if its replacement is ready: it takes no new calls, finishes the ones
-    /// it has, and is then stopped.
-    pub(super) fn try_finish_recycle(&mut self, i: usize) {
-        let s = &self.slots[i];
+    /// Retires worker `old` if its replacement is ready: it takes no new calls, finishes the
+    /// ones it has, and is then stopped.
+    pub(super) fn try_finish_recycle(&mut self, old: WorkerId, now: Instant) {
+        let Some(s) = self.slots.get(&old) else { return };
         let Some(r) = &s.recycle else { return };
-        if s.state != WorkerState::Ready {
+        if s.life != Life::Ready || self.slots.get(&r.replacement).map(|x| x.life) != Some(Life::Ready) {
             return;
         }
-        let replacement_ready =
-            self.slot_index(r.replacement).is_some_and(|j| self.slots[j].state == WorkerState::Ready);
-        if !replacement_ready {
-            return;
-        }
-        let r = self.slots[i].recycle.take().expect("checked");
-        self.retired(i, r.reason, r.rss);
+        let s = self.slots.get_mut(&old).expect("checked");
+        let r = s.recycle.take().expect("checked");
+        s.life = Life::Draining;
         for w in r.waiters {
             let _ = w.send(Ok(()));
         }
-        self.slots[i].state = WorkerState::Draining;
-        self.stop_if_drained(i);
-        // Let the next worker that is due take its turn.
-        let now = Instant::now();
-        for j in 0..self.slots.len() {
-            if self.slots[j].state == WorkerState::Ready && self.slots[j].recycle.is_none() {
-                self.check_due(j, now);
-            }
-        }
+        self.retired(old, r.reason, r.rss, now);
+        self.shared.board.lock().close(old);
+        self.stop_if_drained(old, now);
     }
 
-    /// Stops a draining worker once nobody waits for its calls any more: when it has none, or
+    /// Stops a closed worker once nobody waits for its calls any more: when it has none, or
     /// (thread profile) only calls that were already answered with a time-out, whose threads
-    /// may never return.
-    pub(super) fn stop_if_drained(&mut self, i: usize) {
-        let s = &self.slots[i];
-        if s.state != WorkerState::Draining {
+    /// may never return (then it is killed).
+    pub(super) fn stop_if_drained(&mut self, id: WorkerId, now: Instant) {
+        let Some(s) = self.slots.get(&id) else { return };
+        if s.life != Life::Draining {
             return;
         }
-        if s.in_flight.is_empty() {
-            self.stop(i);
-        } else if s.in_flight.iter().all(|c| !self.calls.contains_key(c)) {
+        let (busy, abandoned) = self.shared.board.lock().close(id);
+        if busy == 0 {
+            self.stop(id, now);
+        } else if busy == abandoned {
             log::warn!(
-                "[{}] worker {} (pid {}) is draining with only timed-out calls left; killing it",
+                "[{}] worker {id} (pid {}) is draining with only timed-out calls left; killing it",
                 self.cfg.name,
-                s.worker.id,
-                s.worker.pid
+                s.pid()
             );
-            self.kill(i);
+            self.kill(id, KillReason::Wedged, now);
         }
     }
 
-    /// A replacement worker was lost (it died or was killed) before its old worker retired: the
-    /// old worker keeps serving, and is checked again at once (it may be spent, and would
-    /// otherwise never be given a call or be replaced).
-    pub(super) fn replacement_lost(&mut self, replacement: usize) {
-        let Origin::Replaces(old) = self.slots[replacement].origin else { return };
-        let id = self.slots[replacement].worker.id;
-        let Some(o) = self.slot_index(old) else { return };
-        if !self.slots[o].recycle.as_ref().is_some_and(|r| r.replacement == id) {
+    /// A replacement worker (`id`, started as `origin`) was lost before its old worker retired:
+    /// the old worker keeps serving and tries again after a backoff.
+    pub(super) fn replacement_lost(&mut self, id: WorkerId, origin: Origin, now: Instant) {
+        let Origin::Replaces(old) = origin else { return };
+        let Some(o) = self.slots.get_mut(&old) else { return };
+        if !o.recycle.as_ref().is_some_and(|r| r.replacement == id) {
             return;
         }
-        let r = self.slots[o].recycle.take().expect("checked");
+        let r = o.recycle.take().expect("checked");
         for w in r.waiters {
             let message = format!("replacement worker {id} was lost before it took over");
             let _ = w.send(Err(Error::Startup { message, error: None }));
         }
-        self.slots[o].retry_recycle = Some(Instant::now());
+        o.pending = Some((r.reason, now));
     }
 
     /// Counts, logs and announces a recycled worker.
-    fn retired(&mut self, i: usize, reason: RecycleReason, rss: Option<u64>) {
-        let s = &self.slots[i];
-        // The reaper read the whole tree for memory recycles; otherwise the worker's own.
-        let rss = rss.or_else(|| crate::stats::rss_bytes(s.worker.pid));
-        let age = s.spawned.elapsed();
+    fn retired(&mut self, id: WorkerId, reason: RecycleReason, rss: Option<u64>, now: Instant) {
+        let Some(s) = self.slots.get(&id) else { return };
+        // The housekeeper read the whole tree for memory recycles; otherwise the worker's own.
+        let rss = rss.or_else(|| crate::proc::rss_bytes(s.pid()));
+        let age = now.saturating_duration_since(s.spawned);
+        let served = self.shared.board.lock().seat(id).map_or(0, |x| x.served);
         log::info!(
-            "[{}] worker {} (pid {}) recycled: {reason} (age {age:?}, {} calls)",
+            "[{}] worker {id} (pid {}) recycled: {reason} (age {age:?}, {served} calls)",
             self.cfg.name,
-            s.worker.id,
-            s.worker.pid,
-            s.served
+            s.pid()
         );
-        self.counters.recycles.add(reason);
-        if self.emitter.enabled() {
-            self.emitter.emit(Event::WorkerRecycled {
+        self.counts.recycles.add(reason);
+        if self.shared.emitter.enabled() {
+            self.shared.emitter.emit(Event::WorkerRecycled {
                 pool: self.cfg.name.clone(),
-                worker: s.worker.id,
-                pid: s.worker.pid,
+                worker: id,
+                pid: s.pid(),
                 reason,
                 age,
-                calls_served: s.served,
+                calls_served: served,
                 rss_bytes: rss,
             });
         }
     }
 
-    /// The replacement for `old` could not start: `old` keeps serving; try again later.
-    pub(super) fn recycle_failed(&mut self, old: WorkerId, err: &Error) {
-        let Some(o) = self.slot_index(old) else { return };
-        let retry = self.cfg.restart_backoff.0.saturating_mul(1 << self.startup_failures.min(10));
-        let retry = retry.min(self.cfg.restart_backoff.1);
-        let s = &mut self.slots[o];
+    /// The replacement for `old` could not start: `old` keeps serving; try again after the
+    /// start backoff.
+    pub(super) fn recycle_failed(&mut self, old: WorkerId, err: &Error, now: Instant) {
+        let retry = self.starts.delay().max(self.cfg.restart_backoff.0);
+        let Some(s) = self.slots.get_mut(&old) else { return };
         log::warn!(
             "[{}] replacement for worker {old} failed to start; it keeps serving, retry in {retry:?}: {err}",
             self.cfg.name
         );
-        s.retry_recycle = Some(Instant::now() + retry);
+        let reason = s.recycle.as_ref().map(|r| r.reason).or(s.pending.map(|p| p.0));
         if let Some(r) = s.recycle.take() {
             for w in r.waiters {
                 let _ = w.send(Err(err.duplicate()));
             }
         }
-        self.timers.push(Reverse((Instant::now() + retry, Timer::Wake)));
-    }
-
-    /// After a call: a draining worker with nothing left to wait for is stopped; a spent one may
-    /// retire.
-    pub(super) fn after_call(&mut self, i: usize) {
-        let s = &self.slots[i];
-        if s.in_flight.is_empty() && matches!(self.phase, Phase::ShuttingDown { .. }) {
-            return self.stop(i);
+        if let Some(reason) = reason {
+            s.pending = Some((reason, now + retry));
         }
-        if s.state == WorkerState::Draining {
-            return self.stop_if_drained(i);
-        }
-        if s.recycle.is_some() {
-            self.try_finish_recycle(i);
-        } else if s.retry_recycle.is_some() && s.state == WorkerState::Ready {
-            self.check_due(i, Instant::now());
-        }
-    }
-
-    // ---- health checks ------------------------------------------------------------------
-
-    pub(super) fn health_timer(&mut self, wid: WorkerId, now: Instant) {
-        let Some(interval) = self.cfg.health_interval else { return };
-        let Some(i) = self.slot_index(wid) else { return };
-        let s = &mut self.slots[i];
-        if s.state != WorkerState::Ready || s.ping.is_some() {
-            return;
-        }
-        if !s.in_flight.is_empty() && s.capacity == 1 {
-            // Only idle process workers are pinged: a busy one cannot answer until its call
-            // returns, and the call's own deadline covers that case. A thread worker's reading
-            // loop answers even while every thread is busy.
-            self.timers.push(Reverse((now + interval, Timer::Health(wid))));
-            return;
-        }
-        self.next_ping += 1;
-        let ping = self.next_ping;
-        let Ok(frame) = protocol::encode_frame(&Msg::Ping { id: ping }, self.cfg.max_frame_size) else {
-            return;
-        };
-        s.ping = Some(ping);
-        s.worker.send(frame);
-        self.timers.push(Reverse((now + self.cfg.health_timeout, Timer::HealthDeadline(wid, ping))));
-    }
-
-    pub(super) fn on_pong(&mut self, i: usize, id: u64) {
-        let s = &mut self.slots[i];
-        if s.ping != Some(id) {
-            return;
-        }
-        s.ping = None;
-        if let Some(interval) = self.cfg.health_interval {
-            let wid = s.worker.id;
-            self.timers.push(Reverse((Instant::now() + interval, Timer::Health(wid))));
-        }
-        self.dispatch_queued();
-    }
-
-    pub(super) fn health_deadline(&mut self, wid: WorkerId, ping: u64) {
-        let Some(i) = self.slot_index(wid) else { return };
-        if self.slots[i].ping != Some(ping) {
-            return;
-        }
-        log::warn!(
-            "[{}] worker {wid} (pid {}) did not answer a ping within {:?}; killing it",
-            self.cfg.name,
-            self.slots[i].worker.pid,
-            self.cfg.health_timeout
-        );
-        self.recycle(i, RecycleReason::HealthCheck, None, true, None);
+        self.schedule(now + retry, Timer::Wake);
     }
 }

@@ -1,35 +1,25 @@
-//! Stopping workers (asked, then SIGTERM, then SIGKILL) and shutting the pool down within its
-//! grace period.
+//! Stopping workers (asked, then SIGTERM, then SIGKILL, `stop_timeout` apart) and shutting the
+//! pool down within its grace period.
 
-use std::cmp::Reverse;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use super::{Dispatcher, Phase, Timer};
-use crate::error::{Error, TimeoutKind};
+use super::board::Gate;
+use super::{Dispatcher, Life, Phase, Stop, Timer};
+use crate::error::Error;
 use crate::protocol::{self, Msg};
-use crate::stats::WorkerState;
 use crate::sys;
-use crate::worker::WorkerId;
+use crate::worker::{KillReason, WorkerId};
 
-/// How long a worker asked to stop may take before SIGTERM, and again before SIGKILL.
-pub(crate) const STOP_ESCALATION: Duration = Duration::from_secs(1);
+/// How long the dispatcher may wait for a caller that is writing to a worker's stdin before it
+/// stops the worker with a signal instead of EOF.
+const STDIN_WAIT: Duration = Duration::from_millis(50);
 
-// How far stopping a worker has gone, in order.
-/// Not asked to stop.
-pub(super) const RUNNING: u8 = 0;
-/// Sent `shutdown` and EOF.
-const ASKED: u8 = 1;
-/// Sent SIGTERM.
-const TERMINATED: u8 = 2;
-/// Sent SIGKILL.
-const KILLED: u8 = 3;
-
-/// What went wrong during shutdown.
+/// What happened during shutdown.
 #[derive(Debug, Default)]
 pub(crate) struct ShutdownReport {
-    /// In-flight calls failed because the grace period ended.
+    /// In-flight calls cut because the grace period ended.
     pub(crate) calls_cut: usize,
     /// Workers that had to be signalled because they did not exit when asked.
     pub(crate) forced: usize,
@@ -41,10 +31,10 @@ impl Dispatcher {
     }
 
     pub(super) fn finish(&mut self) {
-        self.emitter.close();
-        // The last workers' threads end within moments of their exit, unless a grandchild that
-        // escaped the process group holds a pipe: then they are left to end on their own.
-        let end = Instant::now() + STOP_ESCALATION;
+        self.shared.emitter.close();
+        // The monitors end within moments of their workers' exits (they stop waiting for
+        // stderr after a short drain, even if an escaped descendant holds it).
+        let end = Instant::now() + Duration::from_secs(2);
         while !self.exited.is_empty() && Instant::now() < end {
             self.join_exited();
             std::thread::sleep(Duration::from_millis(1));
@@ -52,124 +42,130 @@ impl Dispatcher {
         self.join_exited();
         if !self.exited.is_empty() {
             log::warn!(
-                "[{}] {} exited workers' output threads are still held open (by an escaped child?); not waiting",
+                "[{}] {} workers' monitor threads did not end; not waiting",
                 self.cfg.name,
                 self.exited.len()
             );
         }
-        if let Phase::ShuttingDown { reply, report, .. } = &mut self.phase {
-            let report = std::mem::take(report);
+        if let Phase::ShuttingDown { replies, report, .. } = &mut self.phase {
             log::info!("[{}] pool stopped", self.cfg.name);
-            if let Some(reply) = reply.take() {
-                let _ = reply.send(report);
+            for reply in replies.drain(..) {
+                let _ = reply.send(ShutdownReport { calls_cut: report.calls_cut, forced: report.forced });
             }
         }
     }
 
-    /// Kills a worker now (its calls fail when its exit is reported).
-    pub(super) fn kill(&mut self, i: usize) {
-        let s = &mut self.slots[i];
-        let was_ready = s.state == WorkerState::Ready;
-        s.state = WorkerState::Stopping;
-        if s.escalation < KILLED {
-            s.escalation = KILLED;
-            s.worker.close_stdin();
-            s.worker.signal(sys::SIGKILL);
+    /// Kills a worker now; callers running calls on it see it die, and learn `reason`.
+    pub(super) fn kill(&mut self, id: WorkerId, reason: KillReason, _now: Instant) {
+        let Some(s) = self.slots.get_mut(&id) else { return };
+        let was_ready = s.life == Life::Ready;
+        if s.life == Life::Stopping(Stop::Killed) {
+            return;
         }
+        s.life = Life::Stopping(Stop::Killed);
+        s.worker.conn.mark_killed(reason);
+        s.worker.conn.signal(sys::SIGKILL);
+        let origin = s.origin;
+        self.shared.board.lock().close(id);
         if was_ready {
             // If it was a ready replacement, its old worker must not wait for it.
-            self.replacement_lost(i);
+            self.replacement_lost(id, origin, _now);
         }
     }
 
     /// Asks an idle worker to exit: a `shutdown` frame, then EOF; escalates on a timer.
-    pub(super) fn stop(&mut self, i: usize) {
-        let s = &mut self.slots[i];
-        if s.escalation != RUNNING {
+    pub(super) fn stop(&mut self, id: WorkerId, now: Instant) {
+        let Some(s) = self.slots.get_mut(&id) else { return };
+        if matches!(s.life, Life::Stopping(_)) {
             return;
         }
-        s.state = WorkerState::Stopping;
-        if let Ok(frame) = protocol::encode_frame(&Msg::Shutdown, self.cfg.max_frame_size) {
-            s.worker.send(frame);
+        s.life = Life::Stopping(Stop::Asked);
+        let frame = protocol::encode_frame(&Msg::Shutdown, self.cfg.max_frame_size).unwrap_or_default();
+        if !s.worker.conn.ask_to_stop(&frame, STDIN_WAIT) {
+            s.worker.conn.signal(sys::SIGTERM);
+            s.life = Life::Stopping(Stop::Terminated);
         }
-        s.worker.close_stdin();
-        s.escalation = ASKED;
-        self.timers.push(Reverse((Instant::now() + STOP_ESCALATION, Timer::Escalate(s.worker.id))));
+        self.shared.board.lock().close(id);
+        self.schedule(now + self.cfg.stop_timeout, Timer::Escalate(id));
     }
 
-    pub(super) fn escalate(&mut self, wid: WorkerId, now: Instant) {
-        let Some(i) = self.slot_index(wid) else { return };
-        let s = &mut self.slots[i];
-        if s.escalation >= KILLED {
-            return;
-        }
-        let (signal, next) =
-            if s.escalation == ASKED { (sys::SIGTERM, TERMINATED) } else { (sys::SIGKILL, KILLED) };
+    pub(super) fn escalate(&mut self, id: WorkerId, now: Instant) {
+        let Some(s) = self.slots.get_mut(&id) else { return };
+        let (signal, next) = match s.life {
+            Life::Stopping(Stop::Asked) => (sys::SIGTERM, Stop::Terminated),
+            Life::Stopping(Stop::Terminated) => (sys::SIGKILL, Stop::Killed),
+            _ => return,
+        };
         log::warn!(
-            "[{}] worker {wid} (pid {}) did not exit when asked; sending signal {signal}",
+            "[{}] worker {id} (pid {}) did not exit within stop_timeout ({:?}); sending signal {signal}",
             self.cfg.name,
-            s.worker.pid
+            s.pid(),
+            self.cfg.stop_timeout
         );
-        s.worker.signal(signal);
-        s.escalation = next;
-        self.timers.push(Reverse((now + STOP_ESCALATION, Timer::Escalate(wid))));
+        s.worker.conn.signal(signal);
+        s.life = Life::Stopping(next);
+        self.schedule(now + self.cfg.stop_timeout, Timer::Escalate(id));
         if let Phase::ShuttingDown { report, .. } = &mut self.phase {
-            if next == TERMINATED {
+            if next == Stop::Terminated {
                 report.forced += 1;
             }
         }
     }
 
-    pub(super) fn begin_shutdown(&mut self, reply: Option<Sender<ShutdownReport>>) {
-        let grace_end = Instant::now() + self.cfg.shutdown_timeout;
+    pub(super) fn begin_shutdown(&mut self, reply: Option<Sender<ShutdownReport>>, now: Instant) {
+        let grace_end = now + self.cfg.shutdown_timeout;
         log::info!("[{}] pool shutting down", self.cfg.name);
         if let Phase::Starting(started) = &self.phase {
             let _ = started.send(Err(Error::ShuttingDown));
         }
-        self.phase = Phase::ShuttingDown { grace_end, reply, report: ShutdownReport::default() };
-        self.fail_queued(|| Error::ShuttingDown);
-        self.timers.push(Reverse((grace_end, Timer::Wake)));
-        for i in 0..self.slots.len() {
-            if let Some(r) = self.slots[i].recycle.take() {
+        self.phase = Phase::ShuttingDown {
+            grace_end,
+            replies: reply.into_iter().collect(),
+            report: Default::default(),
+        };
+        {
+            let mut board = self.shared.board.lock();
+            board.gate = Gate::Closed;
+            board.drop_waiters();
+        }
+        self.schedule(grace_end, Timer::Wake);
+        let ids: Vec<WorkerId> = self.slots.keys().copied().collect();
+        for id in ids {
+            let s = self.slots.get_mut(&id).expect("listed");
+            if let Some(r) = s.recycle.take() {
                 for w in r.waiters {
                     let _ = w.send(Err(Error::ShuttingDown));
                 }
             }
-            match self.slots[i].state {
-                WorkerState::Starting => self.kill(i),
-                _ if self.slots[i].in_flight.is_empty() => self.stop(i),
-                _ => {}
+            match s.life {
+                Life::Starting => self.kill(id, KillReason::Startup, now),
+                Life::Ready | Life::Draining => {
+                    s.life = Life::Draining;
+                    self.stop_if_drained(id, now);
+                }
+                Life::Stopping(_) => {}
             }
         }
     }
 
-    /// At the end of the grace period, cut the calls still running and stop their workers.
+    /// At the end of the grace period, cut the calls still running and kill their workers.
     pub(super) fn grace_timer(&mut self, now: Instant) {
         let Phase::ShuttingDown { grace_end, .. } = self.phase else { return };
         if now < grace_end {
             return;
         }
-        let (mut cut, mut forced) = (0, 0);
-        for i in 0..self.slots.len() {
-            let calls = std::mem::take(&mut self.slots[i].in_flight);
-            if calls.is_empty() {
-                self.stop(i);
+        let mut cut = 0;
+        let ids: Vec<WorkerId> = self.slots.keys().copied().collect();
+        for id in ids {
+            if self.slots[&id].life != Life::Draining {
                 continue;
             }
-            for call in calls {
-                if self.answer_in_flight(i, call, Error::Timeout(TimeoutKind::Shutdown)) {
-                    cut += 1;
-                }
-            }
-            // Still busy with the calls just cut: it cannot take a `shutdown` frame now.
-            if self.slots[i].escalation < KILLED {
-                forced += 1;
-                self.kill(i);
-            }
+            let (busy, abandoned) = self.shared.board.lock().close(id);
+            cut += busy - abandoned;
+            self.kill(id, KillReason::Shutdown, now);
         }
         if let Phase::ShuttingDown { report, .. } = &mut self.phase {
             report.calls_cut += cut;
-            report.forced += forced;
         }
     }
 }

@@ -1,14 +1,9 @@
-//! Recycling: the policy, the pure decision [`should_recycle`], per-worker jitter, the
-//! process-tree memory reading, and the reaper thread that puts them together.
-//!
-//! The reaper never touches a worker. Every `reaper_interval` it asks the dispatcher for the
-//! workers' facts, reads their memory from `/proc`, decides, and sends the dispatcher
-//! `Recycle` requests; the dispatcher carries them out make-before-break.
+//! What to recycle and when: the policy, the pure decision [`should_recycle`], per-worker
+//! jitter, and the one backoff used for restarts. Pure: no threads, no processes, no clock of
+//! its own (every decision takes `now`).
 
-use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
 use serde::Serialize;
 
 /// Why a worker is recycled.
@@ -27,6 +22,9 @@ pub enum RecycleReason {
     /// [`Pool::recycle_worker`](crate::Pool::recycle_worker) or
     /// [`Pool::recycle_all`](crate::Pool::recycle_all).
     Manual,
+    /// Thread profile: every call slot of the worker is held by a call that already timed out
+    /// and has not returned, so it can take no call at all.
+    Wedged,
 }
 
 impl std::fmt::Display for RecycleReason {
@@ -37,6 +35,7 @@ impl std::fmt::Display for RecycleReason {
             RecycleReason::Memory => "memory",
             RecycleReason::HealthCheck => "health_check",
             RecycleReason::Manual => "manual",
+            RecycleReason::Wedged => "wedged",
         })
     }
 }
@@ -93,8 +92,8 @@ pub(crate) struct WorkerFacts {
     pub(crate) rss: Option<u64>,
 }
 
-/// Whether (and why) a worker should be recycled now. Pure: the reaper and the dispatcher
-/// call it, and unit tests call it directly.
+/// Whether (and why) a worker should be recycled now. Pure: the call side (at each call), the
+/// dispatcher (TTL) and the housekeeper (memory) call it, and unit tests call it directly.
 ///
 /// `max_requests` fires a quarter of the budget early, so the replacement can be ready before
 /// the worker is spent (the worker retires as soon as it is); the dispatcher never gives a
@@ -143,90 +142,50 @@ impl XorShift {
     }
 }
 
-/// Resident memory of `pid` and all its descendants, from `/proc`. `None` if the process is
-/// gone.
-pub(crate) fn tree_rss(pid: u32) -> Option<u64> {
-    let mut total = crate::stats::rss_bytes(pid)?;
-    let children = children_map();
-    let mut stack = vec![pid];
-    let mut seen = HashSet::new();
-    while let Some(p) = stack.pop() {
-        for &c in children.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
-            if seen.insert(c) {
-                total += crate::stats::rss_bytes(c).unwrap_or(0);
-                stack.push(c);
-            }
+/// Capped exponential backoff: `first`, doubling with each failure in a row, never above
+/// `max`. The one formula for restarts after failed starts, idle crash loops and failed
+/// recycles.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Backoff {
+    first: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new((first, max): (Duration, Duration)) -> Self {
+        Backoff { first, max, failures: 0 }
+    }
+
+    /// Counts one more failure in a row and returns the delay before the next try.
+    pub(crate) fn fail(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        self.delay()
+    }
+
+    /// The delay for the failures counted so far (zero when there are none).
+    pub(crate) fn delay(&self) -> Duration {
+        match self.failures {
+            0 => Duration::ZERO,
+            n => self.first.saturating_mul(1 << (n - 1).min(20)).min(self.max),
         }
     }
-    Some(total)
-}
 
-/// parent pid -> child pids, for every process in `/proc`.
-fn children_map() -> HashMap<u32, Vec<u32>> {
-    let mut map: HashMap<u32, Vec<u32>> = HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return map };
-    for entry in dir.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        // The command name may hold spaces and parentheses: fields start after the last ')'.
-        let ppid = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)?.parse().ok());
-        if let Some(ppid) = ppid {
-            map.entry(ppid).or_default().push(pid);
-        }
+    /// Failures in a row so far.
+    pub(crate) fn failures(&self) -> u32 {
+        self.failures
     }
-    map
-}
 
-/// What the reaper sends the dispatcher.
-#[derive(Debug)]
-pub(crate) struct RecycleOrder {
-    pub(crate) worker: u64,
-    pub(crate) reason: RecycleReason,
-    /// Past the hard memory ceiling: kill now instead of draining.
-    pub(crate) kill: bool,
-    pub(crate) rss: Option<u64>,
-}
-
-/// The reaper thread's body: every `interval`, ask for the workers' facts with `ask`, read
-/// their memory when the policy needs it, and send an order for each worker due. Ends when the
-/// dispatcher stops answering (the pool is shutting down) or `stop` is signalled.
-pub(crate) fn run(
-    policy: Policy,
-    interval: Duration,
-    ask: impl Fn(Sender<Vec<WorkerFacts>>) -> bool,
-    order: impl Fn(RecycleOrder) -> bool,
-    stop: Receiver<()>,
-) {
-    let needs_memory = policy.max_memory.is_some() || policy.max_memory_hard.is_some();
-    loop {
-        match stop.recv_timeout(interval) {
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            _ => return,
-        }
-        let (tx, rx) = bounded(1);
-        if !ask(tx) {
-            return;
-        }
-        let Ok(workers) = rx.recv_timeout(Duration::from_secs(10)) else { return };
-        let now = Instant::now();
-        for mut w in workers {
-            if needs_memory {
-                w.rss = tree_rss(w.pid);
-            }
-            let kill = over_hard_memory(&w, &policy);
-            let reason = if kill { Some(RecycleReason::Memory) } else { should_recycle(&w, now) };
-            if let Some(reason) = reason {
-                if !order(RecycleOrder { worker: w.id, reason, kill, rss: w.rss }) {
-                    return;
-                }
-            }
-        }
+    /// A success: the next failure starts from `first` again.
+    pub(crate) fn reset(&mut self) {
+        self.failures = 0;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn facts(limits: Limits) -> WorkerFacts {
         WorkerFacts { id: 1, pid: 1, spawned: Instant::now(), assigned: 0, limits, rss: None }
@@ -341,14 +300,19 @@ mod tests {
     }
 
     #[test]
-    fn tree_rss_counts_children() {
-        let me = std::process::id();
-        let own = crate::stats::rss_bytes(me).unwrap();
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
-        let tree = tree_rss(me).unwrap();
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(tree > own, "tree {tree} vs own {own}");
-        assert_eq!(tree_rss(u32::MAX), None);
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let mut b = Backoff::new((Duration::from_millis(100), Duration::from_secs(1)));
+        assert_eq!(b.delay(), Duration::ZERO);
+        let delays: Vec<u64> = (0..6).map(|_| b.fail().as_millis() as u64).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(b.failures(), 6);
+        b.reset();
+        assert_eq!((b.failures(), b.delay()), (0, Duration::ZERO));
+        assert_eq!(b.fail(), Duration::from_millis(100));
+        let mut many = Backoff::new((Duration::from_secs(1), Duration::from_secs(3600)));
+        for _ in 0..100 {
+            many.fail();
+        }
+        assert_eq!(many.delay(), Duration::from_secs(3600), "no overflow after many failures");
     }
 }

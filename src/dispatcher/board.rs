@@ -1,0 +1,673 @@
+//! The call side's shared state: the ready workers and their free capacity, the FIFO queue of
+//! callers waiting for one, and the counters that record every call's one outcome.
+//!
+//! Pure: no threads, no I/O, no clock (times are passed in). It lives under one mutex shared by
+//! the callers and the dispatcher and is held only for these decisions, never across I/O. A
+//! caller takes a [`Lease`] on a worker here (or waits for one, in order), runs its call on the
+//! worker itself, and gives the lease back with what happened; a worker freed while callers
+//! wait goes straight to the first of them. What the dispatcher must act on comes back as
+//! [`Notice`]s; everything else never wakes it.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use serde_json::Value;
+
+use crate::error::{Error, Result, TimeoutKind};
+use crate::stats::Window;
+use crate::worker::{KillReason, WorkerId};
+
+/// The right to run one call on one worker. Given back with [`Board::give_back`].
+#[derive(Debug)]
+pub(crate) struct Lease<T> {
+    pub(crate) worker: WorkerId,
+    pub(crate) conn: T,
+    /// The call's frame was already written to the worker by the thread that handed the lease
+    /// over (see [`Handoff`]).
+    pub(crate) sent: bool,
+}
+
+/// A lease on its way to a waiting caller. The thread that freed the worker delivers it once
+/// the board's lock is released, and may first write the waiting call's `frame` itself, so the
+/// worker starts on it while the waiting caller is still waking up.
+#[derive(Debug)]
+pub(crate) struct Handoff<T> {
+    pub(crate) lease: Lease<T>,
+    pub(crate) to: Sender<Lease<T>>,
+    pub(crate) frame: Option<Arc<Vec<u8>>>,
+    /// The waiting call's queue deadline: past it, its frame is not written.
+    pub(crate) by: Instant,
+}
+
+/// What a board operation leaves to do once its lock is released.
+#[derive(Debug)]
+pub(crate) struct Effects<T> {
+    pub(crate) notices: Vec<Notice>,
+    pub(crate) handoffs: Vec<Handoff<T>>,
+}
+
+impl<T> Default for Effects<T> {
+    fn default() -> Self {
+        Effects { notices: Vec::new(), handoffs: Vec::new() }
+    }
+}
+
+/// What the dispatcher must act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Notice {
+    /// The worker reached the early point of its `max_requests` budget: start its replacement.
+    Due(WorkerId),
+    /// A closed worker has no call left that anyone waits for: stop it (or kill it, if calls
+    /// that timed out still hold its slots).
+    Drained(WorkerId),
+    /// Thread profile: every slot of the worker is held by a call that timed out.
+    Wedged(WorkerId),
+    /// Kill the worker.
+    Kill(WorkerId, KillReason),
+    /// The worker could not take a call (it died, or wrote unasked, while idle).
+    Unusable(WorkerId),
+    /// A call was refused because the queue was full.
+    QueueFull,
+}
+
+/// How a lease comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Return {
+    /// The call finished (well or not); the worker can take another.
+    Done,
+    /// Thread profile: the call timed out but its thread still runs; it keeps its slot until
+    /// its reply comes ([`Board::late_reply`]).
+    Abandoned,
+    /// The worker died during the call.
+    Died,
+    /// The worker must be killed.
+    Kill(KillReason),
+    /// The call never reached the worker, which cannot be trusted with another.
+    Unusable,
+}
+
+/// Whether calls are let in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Gate {
+    Open,
+    /// No worker can start and none is ready: calls fail fast.
+    Degraded(String),
+    Closed,
+}
+
+/// What a caller gets when it asks for a worker.
+pub(crate) enum Admit<T> {
+    /// A worker is free.
+    Run(Lease<T>),
+    /// Every worker is busy: wait on the receiver for a lease, in order; `u64` names the place
+    /// in the queue, for [`Board::withdraw`].
+    Wait(Receiver<Lease<T>>, u64),
+}
+
+/// Outcome counters and latency windows, for `stats()`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) ok: u64,
+    pub(crate) failed: u64,
+    pub(crate) timeouts: u64,
+    pub(crate) queue_high_water: usize,
+    pub(crate) queue_wait: Window,
+    pub(crate) execution: Window,
+}
+
+/// One worker as the call side sees it.
+#[derive(Debug)]
+pub(crate) struct Seat<T> {
+    pub(crate) id: WorkerId,
+    conn: T,
+    capacity: usize,
+    /// Leases out, abandoned ones included.
+    pub(crate) busy: usize,
+    /// Thread profile: slots held by calls that timed out and have not returned.
+    pub(crate) abandoned: usize,
+    /// Calls given to it so far.
+    assigned: u64,
+    pub(crate) served: u64,
+    pub(crate) errors: u64,
+    /// Its `max_requests` after jitter.
+    limit: Option<u64>,
+    /// Takes new calls.
+    open: bool,
+    told_due: bool,
+    told_wedged: bool,
+    /// Calls whose callers saw it die under them (so its death was a call's doing).
+    pub(crate) lost: usize,
+}
+
+impl<T> Seat<T> {
+    fn has_room(&self) -> bool {
+        self.open && self.busy < self.capacity && self.limit.map_or(true, |l| self.assigned < l)
+    }
+
+    /// Whether it has been given its last call (`max_requests` is exact).
+    #[cfg(test)]
+    pub(crate) fn spent(&self) -> bool {
+        self.limit.is_some_and(|l| self.assigned >= l)
+    }
+
+    /// Calls given to it: finished plus running.
+    pub(crate) fn assigned(&self) -> u64 {
+        self.assigned
+    }
+}
+
+struct Waiter<T> {
+    place: u64,
+    tx: Sender<Lease<T>>,
+    frame: Option<Arc<Vec<u8>>>,
+    by: Instant,
+}
+
+/// See the module docs.
+pub(crate) struct Board<T> {
+    seats: Vec<Seat<T>>,
+    waiters: VecDeque<Waiter<T>>,
+    next_place: u64,
+    max_queue: usize,
+    pub(crate) gate: Gate,
+    /// The commands the workers serve, once the first is ready.
+    pub(crate) commands: Option<HashSet<String>>,
+    pub(crate) counters: Counters,
+}
+
+impl<T: Clone> Board<T> {
+    pub(crate) fn new(max_queue: usize) -> Self {
+        Board {
+            seats: Vec::new(),
+            waiters: VecDeque::new(),
+            next_place: 0,
+            max_queue,
+            gate: Gate::Open,
+            commands: None,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Lets a call in: a lease on the least-loaded worker with room, else a place in the queue,
+    /// else (refused, and counted as failed) why not. A waiting call leaves its `frame` (if it
+    /// may be written by another thread) and its queue deadline `by`.
+    pub(crate) fn admit(
+        &mut self,
+        command: &str,
+        frame: Option<Arc<Vec<u8>>>,
+        by: Instant,
+        fx: &mut Effects<T>,
+    ) -> Result<Admit<T>> {
+        let refused = match &self.gate {
+            Gate::Open => None,
+            Gate::Closed => Some(Error::ShuttingDown),
+            Gate::Degraded(last_error) => Some(Error::Degraded { last_error: last_error.clone() }),
+        };
+        let refused = refused.or_else(|| {
+            let commands = self.commands.as_ref()?;
+            if commands.contains(command) {
+                return None;
+            }
+            let mut known: Vec<String> = commands.iter().cloned().collect();
+            known.sort();
+            Some(Error::UnknownCommand { command: command.to_string(), known })
+        });
+        if let Some(e) = refused {
+            self.counters.failed += 1;
+            return Err(e);
+        }
+        if self.waiters.is_empty() {
+            if let Some(lease) = self.pick(&mut fx.notices) {
+                return Ok(Admit::Run(lease));
+            }
+        }
+        if self.waiters.len() >= self.max_queue {
+            self.counters.failed += 1;
+            fx.notices.push(Notice::QueueFull);
+            return Err(Error::QueueFull { max_queue: self.max_queue });
+        }
+        let (tx, rx) = bounded(1);
+        let place = self.next_place;
+        self.next_place += 1;
+        self.waiters.push_back(Waiter { place, tx, frame, by });
+        self.counters.queue_high_water = self.counters.queue_high_water.max(self.waiters.len());
+        Ok(Admit::Wait(rx, place))
+    }
+
+    /// A lease on the least-loaded worker with room, preferring the one that has served least.
+    fn pick(&mut self, notices: &mut Vec<Notice>) -> Option<Lease<T>> {
+        let seat = self.seats.iter_mut().filter(|s| s.has_room()).min_by_key(|s| (s.busy, s.served))?;
+        seat.busy += 1;
+        seat.assigned += 1;
+        if let Some(limit) = seat.limit {
+            // A quarter of the budget early, so the replacement is usually ready in time.
+            if !seat.told_due && seat.assigned + limit / 4 >= limit {
+                seat.told_due = true;
+                notices.push(Notice::Due(seat.id));
+            }
+        }
+        Some(Lease { worker: seat.id, conn: seat.conn.clone(), sent: false })
+    }
+
+    /// Hands free capacity to waiting callers, first come first served (delivered by the
+    /// caller of the board once its lock is released).
+    fn serve_waiters(&mut self, fx: &mut Effects<T>) {
+        while !self.waiters.is_empty() {
+            let Some(lease) = self.pick(&mut fx.notices) else { return };
+            let w = self.waiters.pop_front().expect("not empty");
+            fx.handoffs.push(Handoff { lease, to: w.tx, frame: w.frame, by: w.by });
+        }
+    }
+
+    /// A waiting caller's deadline passed: true if it was still waiting (it is removed and
+    /// its time-out counted); false if a lease (or the queue's end) reached it first.
+    pub(crate) fn withdraw(&mut self, place: u64) -> bool {
+        let Some(i) = self.waiters.iter().position(|w| w.place == place) else { return false };
+        self.waiters.remove(i);
+        self.counters.failed += 1;
+        self.counters.timeouts += 1;
+        true
+    }
+
+    /// Gives a lease back with how its call went, and records the call's one outcome:
+    /// `result` with its queue wait and execution time (`None` for a lease that ran no call).
+    pub(crate) fn give_back(
+        &mut self,
+        lease: Lease<T>,
+        how: Return,
+        outcome: Option<(&Result<Value>, Duration, Duration)>,
+        fx: &mut Effects<T>,
+    ) {
+        if let Some((result, queue_wait, execution)) = outcome {
+            self.record(result);
+            self.counters.queue_wait.record(queue_wait);
+            self.counters.execution.record(execution);
+        }
+        let Some(seat) = self.seat_mut(lease.worker) else { return };
+        let ran = outcome.is_some();
+        if ran {
+            seat.served += 1;
+            if outcome.is_some_and(|(r, _, _)| r.is_err()) {
+                seat.errors += 1;
+            }
+        } else {
+            seat.assigned -= 1;
+        }
+        match how {
+            Return::Done => seat.busy -= 1,
+            Return::Abandoned => {
+                seat.abandoned += 1;
+                if seat.abandoned >= seat.capacity && seat.open && !seat.told_wedged {
+                    seat.told_wedged = true;
+                    fx.notices.push(Notice::Wedged(seat.id));
+                }
+            }
+            Return::Died => {
+                seat.busy -= 1;
+                seat.open = false;
+                seat.lost += 1;
+            }
+            Return::Kill(reason) => {
+                seat.busy -= 1;
+                seat.open = false;
+                fx.notices.push(Notice::Kill(seat.id, reason));
+            }
+            Return::Unusable => {
+                seat.busy -= 1;
+                seat.open = false;
+                fx.notices.push(Notice::Unusable(seat.id));
+            }
+        }
+        self.after_release(lease.worker, fx);
+    }
+
+    /// Counts a call's outcome (one that never got a lease is counted where it was refused).
+    pub(crate) fn record(&mut self, result: &Result<Value>) {
+        match result {
+            Ok(_) => self.counters.ok += 1,
+            Err(Error::Timeout(_)) => {
+                self.counters.failed += 1;
+                self.counters.timeouts += 1;
+            }
+            Err(_) => self.counters.failed += 1,
+        }
+    }
+
+    /// Counts a queue time-out of a caller that a lease reached just too late.
+    pub(crate) fn record_queue_timeout(&mut self) {
+        self.record(&Err(Error::Timeout(TimeoutKind::Queue)));
+    }
+
+    /// Thread profile: the reply of a call whose caller gave up has come, so its slot is free.
+    pub(crate) fn late_reply(&mut self, worker: WorkerId, fx: &mut Effects<T>) {
+        let Some(seat) = self.seat_mut(worker) else { return };
+        if seat.abandoned == 0 {
+            return;
+        }
+        seat.abandoned -= 1;
+        seat.busy -= 1;
+        self.after_release(worker, fx);
+    }
+
+    fn after_release(&mut self, worker: WorkerId, fx: &mut Effects<T>) {
+        let Some(seat) = self.seat_mut(worker) else { return };
+        if !seat.open && seat.busy == seat.abandoned {
+            fx.notices.push(Notice::Drained(worker));
+        } else if seat.open {
+            self.serve_waiters(fx);
+        }
+    }
+
+    // ---- the dispatcher's side ----------------------------------------------------------------
+
+    /// A worker is ready: it takes calls from now on, the queue's first.
+    pub(crate) fn add(
+        &mut self,
+        id: WorkerId,
+        conn: T,
+        capacity: usize,
+        limit: Option<u64>,
+        fx: &mut Effects<T>,
+    ) {
+        self.seats.push(Seat {
+            id,
+            conn,
+            capacity,
+            busy: 0,
+            abandoned: 0,
+            assigned: 0,
+            served: 0,
+            errors: 0,
+            limit,
+            open: true,
+            told_due: false,
+            told_wedged: false,
+            lost: 0,
+        });
+        self.serve_waiters(fx);
+    }
+
+    /// The worker takes no new calls. Returns (calls running, of which abandoned).
+    pub(crate) fn close(&mut self, id: WorkerId) -> (usize, usize) {
+        match self.seat_mut(id) {
+            Some(s) => {
+                s.open = false;
+                (s.busy, s.abandoned)
+            }
+            None => (0, 0),
+        }
+    }
+
+    /// Forgets a worker that exited; its seat as it was then.
+    pub(crate) fn remove(&mut self, id: WorkerId) -> Option<Seat<T>> {
+        let i = self.seats.iter().position(|s| s.id == id)?;
+        Some(self.seats.remove(i))
+    }
+
+    /// Takes a process worker that is idle (for a health check), unless callers wait for it.
+    pub(crate) fn take_idle(&mut self, id: WorkerId) -> Option<Lease<T>> {
+        if !self.waiters.is_empty() {
+            return None;
+        }
+        let s = self.seat_mut(id).filter(|s| s.open && s.busy == 0)?;
+        s.busy += 1;
+        s.assigned += 1; // undone when it comes back with no call run
+        Some(Lease { worker: id, conn: s.conn.clone(), sent: false })
+    }
+
+    /// Fails every waiting caller: each sees its receiver disconnected and reads the gate.
+    pub(crate) fn drop_waiters(&mut self) {
+        self.waiters.clear();
+    }
+
+    /// Callers waiting now.
+    pub(crate) fn queued(&self) -> usize {
+        self.waiters.len()
+    }
+
+    pub(crate) fn seat(&self, id: WorkerId) -> Option<&Seat<T>> {
+        self.seats.iter().find(|s| s.id == id)
+    }
+
+    fn seat_mut(&mut self, id: WorkerId) -> Option<&mut Seat<T>> {
+        self.seats.iter_mut().find(|s| s.id == id)
+    }
+
+    /// The connections of the open workers, for health checks.
+    pub(crate) fn open_conns(&self) -> Vec<(WorkerId, T, bool)> {
+        self.seats.iter().filter(|s| s.open).map(|s| (s.id, s.conn.clone(), s.busy == 0)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Fx = Effects<&'static str>;
+
+    fn board(seats: &[(WorkerId, usize, Option<u64>)]) -> Board<&'static str> {
+        let mut b = Board::new(2);
+        b.commands = Some(["echo".to_string()].into_iter().collect());
+        for &(id, cap, limit) in seats {
+            b.add(id, "conn", cap, limit, &mut Fx::default());
+        }
+        b
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    fn admit(b: &mut Board<&'static str>, fx: &mut Fx) -> Result<Admit<&'static str>> {
+        b.admit("echo", None, far(), fx)
+    }
+
+    fn run(b: &mut Board<&'static str>) -> Lease<&'static str> {
+        match admit(b, &mut Fx::default()) {
+            Ok(Admit::Run(l)) => l,
+            Ok(Admit::Wait(..)) => panic!("queued"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn wait(b: &mut Board<&'static str>) -> (Receiver<Lease<&'static str>>, u64) {
+        match admit(b, &mut Fx::default()) {
+            Ok(Admit::Wait(rx, place)) => (rx, place),
+            _ => panic!("not queued"),
+        }
+    }
+
+    /// Does what the thread that released the lock does: hands the leases over.
+    fn deliver(fx: Fx) -> Vec<Notice> {
+        for h in fx.handoffs {
+            let _ = h.to.send(h.lease);
+        }
+        fx.notices
+    }
+
+    fn ok() -> Result<Value> {
+        Ok(Value::Null)
+    }
+
+    const Q: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn calls_go_to_the_least_loaded_worker_then_queue_in_order_up_to_max_queue() {
+        let mut b = board(&[(1, 2, None), (2, 1, None)]);
+        let a = run(&mut b);
+        let c = run(&mut b);
+        assert_ne!(a.worker, c.worker, "spread over the workers");
+        let d = run(&mut b);
+        assert_eq!(d.worker, 1, "worker 1 has a second slot");
+        let (first, _) = wait(&mut b);
+        let (second, _) = wait(&mut b);
+        let mut fx = Fx::default();
+        assert!(matches!(admit(&mut b, &mut fx), Err(Error::QueueFull { max_queue: 2 })));
+        assert_eq!(fx.notices, [Notice::QueueFull]);
+        // A freed slot goes to the first waiter, then the next one to the second.
+        let mut fx = Fx::default();
+        b.give_back(c, Return::Done, Some((&ok(), Q, Q)), &mut fx);
+        deliver(fx);
+        assert!(first.try_recv().is_ok() && second.try_recv().is_err());
+        let mut fx = Fx::default();
+        b.give_back(a, Return::Done, Some((&ok(), Q, Q)), &mut fx);
+        deliver(fx);
+        assert!(second.try_recv().is_ok());
+        assert_eq!((b.counters.ok, b.counters.failed, b.counters.queue_high_water), (2, 1, 2));
+    }
+
+    #[test]
+    fn a_handoff_carries_the_waiting_calls_frame_and_deadline() {
+        let mut b = board(&[(1, 1, None)]);
+        let a = run(&mut b);
+        let frame = Arc::new(vec![1, 2, 3]);
+        let by = far();
+        let Ok(Admit::Wait(_rx, _)) = b.admit("echo", Some(frame.clone()), by, &mut Fx::default()) else {
+            panic!()
+        };
+        let mut fx = Fx::default();
+        b.give_back(a, Return::Done, Some((&ok(), Q, Q)), &mut fx);
+        let h = fx.handoffs.pop().expect("one handoff");
+        assert_eq!((h.frame, h.by, h.lease.worker, h.lease.sent), (Some(frame), by, 1, false));
+        assert_eq!(b.seat(1).unwrap().busy, 1, "the worker is the waiter's now");
+    }
+
+    #[test]
+    fn a_waiter_that_gave_up_in_time_is_removed_and_its_time_out_counted_once() {
+        let mut b = board(&[(1, 1, None)]);
+        let a = run(&mut b);
+        let (_gone, place) = wait(&mut b);
+        let (next, _) = wait(&mut b);
+        assert!(b.withdraw(place));
+        assert!(!b.withdraw(place), "withdrawn once");
+        let mut fx = Fx::default();
+        b.give_back(a, Return::Done, Some((&ok(), Q, Q)), &mut fx);
+        deliver(fx);
+        let lease = next.try_recv().expect("the next waiter got the worker");
+        assert_eq!(b.seat(1).unwrap().busy, 1);
+        assert_eq!((b.counters.timeouts, b.counters.failed), (1, 1));
+        // A lease that reached a caller after its deadline comes back unused.
+        b.give_back(lease, Return::Done, None, &mut Fx::default());
+        assert_eq!((b.seat(1).unwrap().busy, b.seat(1).unwrap().assigned()), (0, 1));
+    }
+
+    #[test]
+    fn a_waiter_too_late_to_withdraw_still_gets_its_lease() {
+        let mut b = board(&[(1, 1, None)]);
+        let a = run(&mut b);
+        let (rx, place) = wait(&mut b);
+        let mut fx = Fx::default();
+        b.give_back(a, Return::Done, Some((&ok(), Q, Q)), &mut fx);
+        // The waiter's deadline passes now, after the handoff was decided but before delivery.
+        assert!(!b.withdraw(place), "already handed the worker");
+        deliver(fx);
+        assert!(rx.try_recv().is_ok(), "the lease is not lost");
+    }
+
+    #[test]
+    fn max_requests_is_exact_and_due_is_told_a_quarter_early_once() {
+        let mut b = board(&[(1, 1, Some(8))]);
+        let mut notices = Vec::new();
+        for i in 1..=8 {
+            let mut fx = Fx::default();
+            let Ok(Admit::Run(l)) = admit(&mut b, &mut fx) else { panic!("call {i}") };
+            b.give_back(l, Return::Done, Some((&ok(), Q, Q)), &mut fx);
+            notices.extend(deliver(fx));
+            let due = notices.contains(&Notice::Due(1));
+            assert_eq!(due, i >= 6, "call {i}");
+        }
+        assert_eq!(notices.iter().filter(|n| **n == Notice::Due(1)).count(), 1);
+        assert!(b.seat(1).unwrap().spent());
+        assert!(matches!(admit(&mut b, &mut Fx::default()), Ok(Admit::Wait(..))), "never a ninth call");
+    }
+
+    #[test]
+    fn refusals_name_their_reason_and_count_as_failed() {
+        let mut b = board(&[(1, 1, None)]);
+        let err = b.admit("nope", None, far(), &mut Fx::default()).err().unwrap();
+        assert!(matches!(&err, Error::UnknownCommand { known, .. } if known == &["echo"]), "{err}");
+        b.gate = Gate::Degraded("boom".into());
+        assert!(matches!(admit(&mut b, &mut Fx::default()), Err(Error::Degraded { .. })));
+        b.gate = Gate::Closed;
+        assert!(matches!(admit(&mut b, &mut Fx::default()), Err(Error::ShuttingDown)));
+        assert_eq!(b.counters.failed, 3);
+    }
+
+    #[test]
+    fn abandoned_calls_hold_their_slots_until_their_late_replies_and_a_full_worker_is_wedged() {
+        let mut b = board(&[(1, 2, None)]);
+        let (x, y) = (run(&mut b), run(&mut b));
+        let timeout = Err(Error::Timeout(TimeoutKind::Call));
+        let mut fx = Fx::default();
+        b.give_back(x, Return::Abandoned, Some((&timeout, Q, Q)), &mut fx);
+        assert!(fx.notices.is_empty());
+        assert!(matches!(admit(&mut b, &mut fx), Ok(Admit::Wait(..))), "its slot is still taken");
+        b.drop_waiters();
+        let mut fx = Fx::default();
+        b.give_back(y, Return::Abandoned, Some((&timeout, Q, Q)), &mut fx);
+        assert_eq!(fx.notices, [Notice::Wedged(1)]);
+        b.late_reply(1, &mut Fx::default());
+        assert_eq!((b.seat(1).unwrap().busy, b.seat(1).unwrap().abandoned), (1, 1));
+        // Closed with only abandoned calls left: drained when the last reply frees a slot.
+        assert_eq!(b.close(1), (1, 1));
+        let mut fx = Fx::default();
+        b.late_reply(1, &mut fx);
+        assert_eq!(fx.notices, [Notice::Drained(1)]);
+        assert_eq!(b.counters.timeouts, 2);
+    }
+
+    #[test]
+    fn a_closed_worker_is_drained_when_its_last_call_returns() {
+        let mut b = board(&[(1, 1, None), (2, 1, None)]);
+        let a = run(&mut b);
+        let worker = a.worker;
+        assert_eq!(b.close(worker), (1, 0));
+        let mut fx = Fx::default();
+        b.give_back(a, Return::Done, Some((&ok(), Q, Q)), &mut fx);
+        assert_eq!(fx.notices, [Notice::Drained(worker)]);
+        assert_ne!(run(&mut b).worker, worker, "a closed worker gets no call");
+    }
+
+    #[test]
+    fn a_worker_that_died_in_a_call_is_marked_so_and_gets_no_more_calls() {
+        let mut b = board(&[(1, 1, None)]);
+        let a = run(&mut b);
+        let died = Err(Error::Protocol("x".into()));
+        b.give_back(a, Return::Died, Some((&died, Q, Q)), &mut Fx::default());
+        assert_eq!(b.seat(1).unwrap().lost, 1);
+        assert!(matches!(admit(&mut b, &mut Fx::default()), Ok(Admit::Wait(..))));
+        let seat = b.remove(1).unwrap();
+        assert_eq!((seat.served, seat.errors, seat.busy), (1, 1, 0));
+    }
+
+    #[test]
+    fn a_kill_or_an_unusable_worker_is_told_to_the_dispatcher_and_closes_the_worker() {
+        let mut b = board(&[(1, 1, None), (2, 1, None)]);
+        let (x, y) = (run(&mut b), run(&mut b));
+        let mut fx = Fx::default();
+        let timeout = Err(Error::Timeout(TimeoutKind::Call));
+        b.give_back(x, Return::Kill(KillReason::CallTimeout), Some((&timeout, Q, Q)), &mut fx);
+        b.give_back(y, Return::Unusable, None, &mut fx);
+        assert!(fx.notices.contains(&Notice::Kill(1, KillReason::CallTimeout)));
+        assert!(fx.notices.contains(&Notice::Unusable(2)));
+        assert!(matches!(admit(&mut b, &mut Fx::default()), Ok(Admit::Wait(..))), "both closed");
+        assert_eq!(b.seat(2).unwrap().assigned(), 0, "the unusable worker ran no call");
+    }
+
+    #[test]
+    fn an_idle_worker_can_be_taken_for_a_health_check_only_when_nobody_waits() {
+        let mut b = board(&[(1, 1, None)]);
+        let lease = b.take_idle(1).expect("idle");
+        assert!(b.take_idle(1).is_none(), "busy now");
+        let (rx, _) = wait(&mut b);
+        let mut fx = Fx::default();
+        b.give_back(lease, Return::Done, None, &mut fx);
+        deliver(fx);
+        let _call = rx.try_recv().expect("the waiting call got it");
+        assert_eq!(b.seat(1).unwrap().assigned(), 1, "the health check is not a call");
+        let (_rx, _) = wait(&mut b);
+        assert!(b.take_idle(1).is_none(), "a caller waits");
+    }
+}

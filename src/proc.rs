@@ -1,0 +1,75 @@
+//! Reading `/proc`: a process's resident memory and the memory of whole process trees. The one
+//! place the crate looks at other processes.
+
+use std::collections::{HashMap, HashSet};
+
+/// Resident set size of a process, from the `VmRSS` line of `/proc/<pid>/status`.
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Every process's children, read from `/proc` in one scan; ask it about many trees.
+pub(crate) struct ProcessTree {
+    children: HashMap<u32, Vec<u32>>,
+}
+
+impl ProcessTree {
+    /// Scans `/proc` once.
+    pub(crate) fn scan() -> Self {
+        let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+                // The command name may hold spaces and parentheses: fields start after the last ')'.
+                let ppid =
+                    stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)?.parse().ok());
+                if let Some(ppid) = ppid {
+                    children.entry(ppid).or_default().push(pid);
+                }
+            }
+        }
+        ProcessTree { children }
+    }
+
+    /// Resident memory of `pid` and all its descendants. `None` if the process is gone.
+    pub(crate) fn rss(&self, pid: u32) -> Option<u64> {
+        let mut total = rss_bytes(pid)?;
+        let mut stack = vec![pid];
+        let mut seen = HashSet::new();
+        while let Some(p) = stack.pop() {
+            for &c in self.children.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
+                if seen.insert(c) {
+                    total += rss_bytes(c).unwrap_or(0);
+                    stack.push(c);
+                }
+            }
+        }
+        Some(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_rss_is_readable() {
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn tree_rss_counts_children() {
+        let me = std::process::id();
+        let own = rss_bytes(me).unwrap();
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let tree = ProcessTree::scan().rss(me).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(tree > own, "tree {tree} vs own {own}");
+        assert_eq!(ProcessTree::scan().rss(u32::MAX), None);
+    }
+}
