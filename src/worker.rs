@@ -150,6 +150,7 @@ pub(crate) struct Conn {
     stdin: Mutex<Option<File>>,
     /// Our end of its stdout, non-blocking.
     stdout: Mutex<Reader>,
+    stdout_fd: RawFd,
     /// Readable once the process has exited (a pidfd; a pipe in tests).
     exit_fd: OwnedFd,
     threaded: bool,
@@ -185,6 +186,7 @@ impl Conn {
             pid,
             max_frame,
             stdin: Mutex::new(Some(stdin)),
+            stdout_fd: stdout.as_raw_fd(),
             stdout: Mutex::new(Reader { file: stdout, buf: FrameBuf::default() }),
             exit_fd,
             threaded,
@@ -678,7 +680,9 @@ impl Monitor {
                 fds.push(sys::poll_entry(f.as_raw_fd(), sys::POLLIN));
                 fds.len() - 1
             });
-            let out_fd = conn.stdout.lock().file.as_raw_fd();
+            // Never the stdout lock here: a caller holds it for a whole call (process profile),
+            // and this thread must keep draining stderr and watching the exit meanwhile.
+            let out_fd = conn.stdout_fd;
             let out_at = reading.then(|| {
                 fds.push(sys::poll_entry(out_fd, sys::POLLIN));
                 fds.len() - 1

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use serde_json::json;
 use snakepit::Error;
 
@@ -108,4 +110,19 @@ fn a_megabyte_payload_round_trips() {
     let back = pool.call("echo", json!({ "data": data })).unwrap();
     assert_eq!(back["data"].as_str().unwrap(), data);
     pool.shutdown().unwrap();
+}
+
+#[test]
+fn a_call_that_writes_more_to_stderr_than_a_pipe_holds_still_returns() {
+    // The worker's stderr is drained while its call runs: 1 MB of stderr (far more than the
+    // 64 KiB a pipe holds) written during one call must not block the worker until its
+    // deadline, and the last lines reach the stderr tail.
+    let pool = common::builder(1).request_timeout(Duration::from_secs(20)).build().unwrap();
+    let pids = common::worker_pids(&pool);
+    for _ in 0..3 {
+        assert_eq!(pool.call("chatter", json!({"lines": 10_000})).unwrap(), json!(10_000));
+    }
+    assert_eq!(common::worker_pids(&pool), pids, "never replaced");
+    pool.shutdown().unwrap();
+    common::assert_gone(&pids, Duration::from_secs(5));
 }
