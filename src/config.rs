@@ -186,7 +186,7 @@ impl PoolConfig {
     pub fn health_timeout(&self) -> Duration {
         self.health_timeout
     }
-    /// How often the reaper looks at the workers.
+    /// How often the housekeeper reads the workers' memory.
     pub fn reaper_interval(&self) -> Duration {
         self.reaper_interval
     }
@@ -493,7 +493,9 @@ impl PoolBuilder {
         self.config.health_timeout = timeout;
         self
     }
-    /// How often the reaper checks ages and memory. Defaults to 1 s.
+    /// How often the housekeeper thread reads the workers' process-tree memory from `/proc`
+    /// (only when `max_memory` or `max_memory_hard` is set; ages are exact timers). Defaults
+    /// to 1 s.
     pub fn reaper_interval(mut self, interval: Duration) -> Self {
         self.config.reaper_interval = interval;
         self

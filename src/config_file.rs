@@ -53,7 +53,7 @@ pub const POOL_KEYS: &[(&str, &str, &str)] = &[
     ("max_concurrent_recycles", "1", "workers recycled at the same time"),
     ("health_interval", "off", "ping idle workers this often"),
     ("health_timeout", "\"5s\"", "how long a pinged worker has to answer"),
-    ("reaper_interval", "\"1s\"", "how often ages and memory are checked"),
+    ("reaper_interval", "\"1s\"", "how often memory is read (when a memory limit is set)"),
     ("degraded_after", "3", "start-up failures in a row before a pool with no ready worker fails calls fast"),
 ];
 
