@@ -119,6 +119,22 @@ pub(crate) struct SpawnSpec {
     pub(crate) allow_unsafe_threads: bool,
 }
 
+/// Whether a launcher runs its command through a remote shell (`ssh`, by the program's file
+/// name): then every argument the pool adds is quoted, and the pool's environment is passed on
+/// the command line.
+fn is_remote_shell(program: &str) -> bool {
+    std::path::Path::new(program).file_name().is_some_and(|n| n == "ssh")
+}
+
+/// `arg` quoted for a POSIX shell: in single quotes, each `'` written as `'\''`.
+fn shell_quote(arg: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !arg.is_empty() && arg.chars().all(safe) {
+        return arg.to_string();
+    }
+    format!("'{}'", arg.replace('\'', "'\\''"))
+}
+
 /// The name of a thread of the pool: what differs first, as Linux keeps only 15 bytes.
 pub(crate) fn thread_name(kind: &str, pool: &str) -> String {
     format!("sp-{kind}-{pool}").chars().take(15).collect()
@@ -525,39 +541,56 @@ impl Worker {
         events: Sender<WorkerEvent>,
         on_late: Box<dyn Fn() + Send>,
     ) -> Result<Worker> {
-        let mut cmd = match spec.launcher.split_first() {
-            Some((program, rest)) => {
-                let mut cmd = Command::new(program);
-                cmd.args(rest).arg(&spec.python);
-                cmd
-            }
-            None => Command::new(&spec.python),
-        };
+        let mut cmd = Command::new(spec.launcher.first().map_or(spec.python.as_os_str(), |p| p.as_ref()));
+        if let Some((_, rest)) = spec.launcher.split_first() {
+            cmd.args(rest);
+        }
+        let remote = spec.launcher.first().is_some_and(|p| is_remote_shell(p));
+        let mut line: Vec<OsString> = Vec::new();
+        if remote {
+            // The remote side gets no environment from us: say it on the command line.
+            line.push("env".into());
+            let mut path = OsString::from("PYTHONPATH=");
+            path.push(&spec.python_path);
+            line.push(path);
+            line.extend(spec.env.iter().map(|(k, v)| OsString::from(format!("{k}={v}"))));
+        }
+        if !spec.launcher.is_empty() {
+            line.push(spec.python.clone().into_os_string());
+        }
         // Like `python -m snakepit`, but without the current directory on `sys.path`, where a
         // folder named `snakepit` would shadow the embedded package.
-        cmd.args(["-c", BOOTSTRAP]);
+        line.extend(["-c", BOOTSTRAP].map(OsString::from));
         if let Some(adapter) = &spec.adapter {
-            cmd.args(["--adapter", adapter]);
+            line.extend(["--adapter", adapter].map(OsString::from));
         }
         if spec.launcher.is_empty() {
             // Under a launcher (ssh, a container's exec) the worker's parent is not us.
-            cmd.arg("--parent-pid").arg(std::process::id().to_string());
+            line.extend(["--parent-pid".to_string(), std::process::id().to_string()].map(OsString::from));
         }
-        cmd.arg("--max-frame-size")
-            .arg(spec.max_frame.to_string())
-            .arg("--worker-id")
-            .arg(id.to_string())
-            .arg("--pool")
-            .arg(&spec.pool);
+        for (flag, value) in [
+            ("--max-frame-size", spec.max_frame.to_string()),
+            ("--worker-id", id.to_string()),
+            ("--pool", spec.pool.clone()),
+        ] {
+            line.extend([flag.into(), value.into()]);
+        }
         if spec.threads > 0 {
-            cmd.arg("--threads").arg(spec.threads.to_string());
+            line.extend(["--threads".to_string(), spec.threads.to_string()].map(OsString::from));
             if spec.allow_unsafe_threads {
-                cmd.arg("--allow-unsafe-threads");
+                line.push("--allow-unsafe-threads".into());
             }
         }
         if !spec.args.is_empty() {
-            cmd.arg("--").args(&spec.args);
+            line.push("--".into());
+            line.extend(spec.args.iter().map(OsString::from));
         }
+        if remote {
+            // ssh joins its arguments with spaces and the remote shell splits them again:
+            // quote each one so it arrives as it was.
+            line = line.iter().map(|a| shell_quote(&a.to_string_lossy()).into()).collect();
+        }
+        cmd.args(&line);
         cmd.env("PYTHONPATH", &spec.python_path)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
@@ -891,5 +924,22 @@ impl Monitor {
         conn.close_waiting();
         self.report = None;
         let _ = self.events.send(WorkerEvent::Exited(conn.id, exit));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting_survives_a_shell() {
+        let args = ["plain", "two words", "it's", "$HOME `x` \"q\" \\ ;|&<>*?[]", "", "a=b c"];
+        let line: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
+        assert_eq!(line[0], "plain", "safe arguments stay readable");
+        let script = format!("printf '[%s]' {}", line.join(" "));
+        let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+        let want: String = args.iter().map(|a| format!("[{a}]")).collect();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+        assert!(is_remote_shell("/usr/bin/ssh") && is_remote_shell("ssh") && !is_remote_shell("nice"));
     }
 }
