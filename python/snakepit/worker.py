@@ -3,7 +3,8 @@
 ``Worker`` holds the protocol logic and touches no file descriptors, so tests
 can drive it with in-memory streams. ``main`` does the process plumbing:
 argument parsing, logging, parent-death handling, moving the protocol off
-fds 0/1, importing the adapter, then ``Worker.serve``.
+fds 0/1, importing the adapter, then ``Worker.serve``, and at the end a fast
+exit that skips the interpreter's teardown (``_exit_fast``).
 """
 
 import os
@@ -105,7 +106,9 @@ class Worker:
         ``write(data)`` sends one encoded frame. Raises ProtocolError when the
         host sends something that is not a frame.
         """
+        # The hot path of the process profile: keep it to the calls below.
         limit = self.max_frame_size
+        respond = self.respond
         while True:
             msg = read_frame(reader, limit)
             if msg is None:
@@ -114,7 +117,7 @@ class Worker:
             if msg["type"] == "shutdown":
                 log.debug("shutdown requested; exiting")
                 return
-            data = self.respond(msg)
+            data = respond(msg)
             if data is not None:
                 write(data)
 
@@ -159,7 +162,7 @@ class Worker:
         A reply that cannot be encoded (not JSON, NaN, too large) is replaced
         by an error reply saying why.
         """
-        reply = self.handle(msg)
+        reply = self._call(msg) if msg["type"] == "call" else self.handle(msg)
         if reply is None:
             return None
         try:
@@ -194,7 +197,12 @@ class Worker:
         return _error_reply(_request_id(msg), "ProtocolError", f"unknown message type {kind!r}")
 
     def _call(self, msg):
-        rid = _request_id(msg)
+        # Every reply dict is built with "type" first and "id" second, and encoding keeps
+        # that order: the host reads the id of a reply it cannot decode from the frame's
+        # start, {"type":"result","id": or {"type":"error","id": (see _error_reply).
+        rid = msg.get("id")
+        if type(rid) is not int:
+            _request_id(msg)  # raises the ProtocolError
         name = msg.get("command")
         func = self.commands.get(name) if isinstance(name, str) else None
         if func is None:
@@ -202,17 +210,18 @@ class Worker:
                 rid, "UnknownCommand", f"unknown command {name!r}; known commands: {', '.join(self.names)}"
             )
         args = msg.get("args")
-        if args is not None and type(args) is not dict and type(args) is not list:
+        kind = type(args)
+        if kind is not list and kind is not dict and args is not None:
             return _error_reply(
                 rid, "TypeError", f"args of command {name!r} must be an object, an array or null, not {_json_type(args)}"
             )
         try:
-            if args is None:
-                value = func()
-            elif type(args) is dict:
+            if kind is list:
+                value = func(*args)
+            elif kind is dict:
                 value = func(**args)
             else:
-                value = func(*args)
+                value = func()
         except Exception as exc:  # not BaseException: SystemExit must still end the worker
             return {"type": "error", "id": rid, "error": _error_info(exc)}
         return {"type": "result", "id": rid, "value": value}
@@ -269,14 +278,22 @@ def load_worker(adapter, max_frame_size=DEFAULT_MAX_FRAME, threads=0, allow_unsa
         return None, {"type": "startup_error", "error": error}
 
 
-def main(argv=None):
-    """Run a worker; returns the process exit code."""
+def main(argv=None, *, exit_fast=True):
+    """Run a worker: the process entry point, ``sys.exit(main(sys.argv[1:]))``.
+
+    Returns the process exit code when the worker stops before it serves (a bad
+    command line exits with 2 through SystemExit). Once it has served, the worker
+    does not return when it stops (shutdown, end of input, the host gone, or a
+    protocol violation): it runs the atexit handlers and exits at once with the
+    code it would have returned, skipping the interpreter's teardown (see
+    _exit_fast). ``exit_fast=False`` returns the code instead.
+    """
     args = _parse_args(argv)
     _setup_logging(args.pool, args.worker_id)
     if not _watch_parent(args.parent_pid):
         log.warning("parent process %s is already gone; exiting", args.parent_pid)
         return EXIT_ORPHANED
-    reader, write = _take_over_stdio()
+    reader, write = _take_over_stdio(threaded=bool(args.threads))
     snakepit.ARGS[:] = args.adapter_args
 
     worker, failure = load_worker(args.adapter, args.max_frame_size, args.threads, args.allow_unsafe_threads)
@@ -287,17 +304,52 @@ def main(argv=None):
     write(encode_frame({"type": "ready", "info": worker.ready_info()}, args.max_frame_size))
     log.info("ready, serving %d commands", len(worker.names))
 
+    code = EXIT_OK
     try:
         if args.threads:
-            worker.serve_threaded(reader, write, args.threads)
+            worker.serve_threaded(reader, write, args.threads)  # returns once the calls taken are done
         else:
             worker.serve(reader, write)
     except ProtocolError as exc:
         log.error("protocol violation, exiting: %s", exc)
-        return EXIT_PROTOCOL
+        code = EXIT_PROTOCOL
     except BrokenPipeError:
         log.info("the host closed the pipe; exiting")
-    return EXIT_OK
+    if exit_fast:
+        _exit_fast(code)
+    return code
+
+
+def _exit_fast(code):
+    """End the process with ``code`` now, skipping the interpreter's teardown.
+
+    A full teardown (destroying every module and object) takes ~0.4 s with numpy
+    and scikit-learn imported, long enough under load for the host to lose
+    patience and SIGTERM the worker. Like multiprocessing's children, do what a
+    normal exit does for the program's sake, in the interpreter's order, and then
+    os._exit: wait for non-daemon threads (threading._shutdown, which also runs
+    threading's own exit hooks such as concurrent.futures'), run the atexit
+    handlers, flush the standard streams.
+    """
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        try:
+            shutdown()
+        except Exception:
+            pass
+    try:
+        import atexit
+
+        atexit._run_exitfuncs()  # reports a failing handler itself and goes on
+    except Exception:
+        pass
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
 
 
 # --- replies ---------------------------------------------------------------
@@ -320,6 +372,11 @@ def _request_id(msg):
 
 
 def _error_reply(rid, kind, message):
+    # Key order is part of the protocol: "type" first, "id" second, so the frame starts
+    # with {"type":"error","id": and the host can tell which call failed even when it
+    # cannot decode the rest (json keeps a dict's insertion order). The same holds for
+    # the result and error replies built in Worker._call, and respond() replaces a reply
+    # that cannot be encoded with one of these.
     return {"type": "error", "id": rid, "error": {"type": kind, "message": _utf8_safe(message), "traceback": ""}}
 
 
@@ -535,11 +592,12 @@ def _watchdog(ppid):
     _die_with_group()
 
 
-def _take_over_stdio():
+def _take_over_stdio(threaded=True):
     """Move the protocol to private fds; return (reader, write).
 
     Afterwards fd 1 and sys.stdout go to stderr and fd 0 reads /dev/null, so
     print(), C libraries and child processes cannot touch the frame stream.
+    ``threaded``: several threads will write (the thread profile), see _frame_writer.
     """
     proto_in = os.dup(0)  # os.dup() makes non-inheritable fds (PEP 446),
     proto_out = os.dup(1)  # so child processes never get the protocol pipes
@@ -551,7 +609,6 @@ def _take_over_stdio():
     sys.stdin = open(os.devnull, encoding="utf-8")
 
     reader = os.fdopen(proto_in, "rb", buffering=65536)
-    lock = threading.Lock()  # one frame at a time, even with several writer threads
 
     # A plain fork() (multiprocessing's default on Linux) copies every fd: a forked child
     # would keep the protocol pipes open after the worker dies, so the host would never see
@@ -570,8 +627,29 @@ def _take_over_stdio():
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=close_protocol_fds)
 
-    def write(data):
-        with lock:
-            write_all(proto_out, data)
+    return reader, _frame_writer(proto_out, threaded)
 
-    return reader, write
+
+def _frame_writer(fd, threaded):
+    """Return ``write(frame)``, which writes one whole encoded frame to ``fd``.
+
+    Usually one os.write; write_all finishes a short one. With ``threaded`` a lock
+    keeps frames from several threads whole; serve() writes from one thread only
+    and skips it.
+    """
+    os_write = os.write
+
+    def write(data):
+        written = os_write(fd, data)
+        if written != len(data):
+            write_all(fd, memoryview(data)[written:])
+
+    if not threaded:
+        return write
+    lock = threading.Lock()  # one frame at a time, even with several writer threads
+
+    def write_locked(data):
+        with lock:
+            write(data)
+
+    return write_locked

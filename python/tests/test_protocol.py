@@ -6,6 +6,7 @@ import os
 import struct
 import unittest
 
+from snakepit import protocol
 from snakepit.protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -87,6 +88,14 @@ class ReadFrameTests(unittest.TestCase):
         self.assertEqual((ctx.exception.size, ctx.exception.limit), (2**31, DEFAULT_MAX_FRAME))
         self.assertEqual(stream.requested, [4])  # only the header was asked for
 
+    def test_two_reads_per_frame(self):
+        frames = [encode_frame({"type": "call", "id": i, "command": "echo", "args": [i]}) for i in range(3)]
+        stream = TrackingReader(b"".join(frames))
+        for i in range(3):
+            self.assertEqual(read_frame(stream)["id"], i)
+        self.assertIsNone(read_frame(stream))
+        self.assertEqual(stream.requested, [n for f in frames for n in (4, len(f) - 4)] + [4])
+
     def test_length_at_limit_is_accepted(self):
         data = encode_frame({"type": "x"})
         self.assertEqual(read_frame(io.BytesIO(data), max_size=len(data) - 4), {"type": "x"})
@@ -165,6 +174,122 @@ class EncodeFrameTests(unittest.TestCase):
             for fd in (r, w):
                 if fd is not None:
                     os.close(fd)
+
+
+def _dumps(obj):
+    """What encode_frame's payload has always been."""
+    return json.dumps(obj, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+
+
+def _outcome(func, value):
+    try:
+        return "ok", func(value)
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+
+
+class _Dict(dict):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+class _Float(float):
+    pass
+
+
+class _Str(str):
+    pass
+
+
+class JsonEquivalenceTests(unittest.TestCase):
+    """The pre-bound encoder and decoder give json.dumps/json.loads' results and errors."""
+
+    def test_encoder_matches_json_dumps(self):
+        circular = []
+        circular.append(circular)
+        self_ref = {}
+        self_ref["me"] = self_ref
+        deep = []
+        inner = deep
+        for _ in range(100_000):
+            inner.append([])
+            inner = inner[0]
+        values = [
+            {"type": "result", "id": 1, "value": ["ünïcödé", "日本", "\u2028\x00\"\\", 1.5, -0.0, 1e300, 10**30, None, True]},
+            {"a": float("nan")},
+            {"a": float("inf")},
+            {"a": [float("-inf")]},
+            {"a": {1, 2}},
+            {"a": object()},
+            {"a": circular},
+            self_ref,
+            {"a": deep},
+            {1: "int", 2.5: "float", None: "none", False: "bool"},
+            {(1,): "tuple key"},
+            {"a": "\ud800"},  # the encoder passes a lone surrogate; UTF-8 encoding refuses it
+            _Dict(a=1),
+            {"a": _Dict(b=[_Int(3), _Float(1.5), _Str("s")])},
+            "top-level string",
+            [1, 2],
+            7,
+            None,
+        ]
+        for i, value in enumerate(values):
+            with self.subTest(i=i, kind=type(value).__name__):
+                self.assertEqual(_outcome(protocol._encode, value), _outcome(_dumps, value))
+                expected = _outcome(lambda v: _dumps(v).encode("utf-8"), value)
+                got = _outcome(lambda v: encode_frame(v)[4:], value)
+                self.assertEqual(got, expected)
+
+    def test_fast_encoder_in_use_where_json_has_its_c_encoder(self):
+        import json.encoder
+        import types
+
+        if json.encoder.c_make_encoder is None:
+            self.skipTest("this Python's json has no C encoder")
+        self.assertNotIsInstance(protocol._encode, types.MethodType)  # not the JSONEncoder.encode fallback
+
+    def test_decoder_matches_json_loads(self):
+        texts = [
+            '{"type":"call","id":1,"command":"echo","args":[1,"x",{"k":null}]}',
+            ' {"type":"ping","id":2}',
+            '{"type":"ping","id":2} \n',
+            '\ufeff{"type":"ping"}',
+            '{"type":"ping"} {"type":"ping"}',
+            '{"type":"ping",}',
+            '{"type":',
+            '{"a":NaN,"b":Infinity,"c":-Infinity,"d":1e400,"e":12345678901234567890}',
+            '{"a":1,"a":2}',
+            '{"s":"\\ud800\\n\\u00e9"}',
+            "[1,2]",
+            "42",
+            "",
+            " ",
+            "[" * 100_000 + "]" * 100_000,
+        ]
+        for text in texts:
+            with self.subTest(text=text[:40]):
+                got, expected = _outcome(protocol._decode, text), _outcome(json.loads, text)
+                if got[0] == "ok" and isinstance(got[1], dict) and "a" in got[1] and got[1]["a"] != got[1]["a"]:
+                    self.assertEqual(repr(got), repr(expected))  # NaN != NaN
+                else:
+                    self.assertEqual(got, expected)
+
+
+class ReplyKeyOrderTests(unittest.TestCase):
+    """The host reads the id of a reply it cannot decode from the frame's first bytes."""
+
+    def test_result_and_error_replies_start_with_type_then_id(self):
+        cases = [
+            ({"type": "result", "id": 12, "value": {"z": 1, "a": 2}}, b'{"type":"result","id":12,'),
+            ({"type": "error", "id": 13, "error": {"type": "E", "message": "m", "traceback": ""}}, b'{"type":"error","id":13,'),
+        ]
+        for msg, start in cases:
+            with self.subTest(msg=msg):
+                self.assertTrue(encode_frame(msg)[4:].startswith(start), encode_frame(msg))
 
 
 if __name__ == "__main__":

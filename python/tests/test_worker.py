@@ -12,11 +12,12 @@ import sys
 import tempfile
 import threading
 import unittest
+import unittest.mock
 
 import snakepit
 from snakepit import demo
 from snakepit.protocol import encode_frame, read_frame
-from snakepit.worker import BUILTIN_COMMANDS, Worker, _parse_args, load_worker
+from snakepit.worker import BUILTIN_COMMANDS, Worker, _frame_writer, _parse_args, load_worker
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 15  # seconds for any single wait on a child process
@@ -653,6 +654,188 @@ class ThreadProfileTests(unittest.TestCase):
             sys.modules.pop(mod, None)
             for name in ("risky", "fine"):
                 snakepit._registry.pop(name, None)
+
+
+class ReplyKeyOrderTests(unittest.TestCase):
+    """Replies start with "type" then "id": the host reads the id of a reply it cannot
+    decode from the frame's first bytes, {"type":"result","id": or {"type":"error","id":."""
+
+    def payload(self, worker, msg):
+        data = worker.respond(msg)
+        self.assertEqual(struct.unpack(">I", data[:4])[0], len(data) - 4)
+        return data[4:]
+
+    def test_result_reply(self):
+        worker = Worker(TEST_COMMANDS)
+        for msg in (call("add", {"b": 2, "a": 1}, id=21), call("echo", {"type": "x", "id": 0}, id=22)):
+            with self.subTest(msg=msg):
+                payload = self.payload(worker, msg)
+                self.assertTrue(payload.startswith(b'{"type":"result","id":%d,' % msg["id"]), payload)
+
+    def test_error_replies(self):
+        worker = Worker(TEST_COMMANDS)
+        messages = [
+            call("explode", id=31),  # the command raised
+            call("nope", id=32),  # unknown command
+            call("add", 5, id=33),  # bad args
+            {"type": "bogus", "id": 34},  # unknown message type
+            call("make_set", id=35),  # result not JSON: replaced by an error reply
+            call("make_nan", id=36),  # NaN: replaced too
+        ]
+        for msg in messages:
+            with self.subTest(msg=msg):
+                payload = self.payload(worker, msg)
+                self.assertTrue(payload.startswith(b'{"type":"error","id":%d,' % msg["id"]), payload)
+
+    def test_too_large_replacement_error_reply(self):
+        worker = Worker(TEST_COMMANDS, max_frame_size=200)
+        payload = self.payload(worker, call("make_big", id=41))
+        self.assertTrue(payload.startswith(b'{"type":"error","id":41,'), payload)
+        self.assertIn(b"FrameTooLarge", payload)
+
+
+class FrameWriterTests(unittest.TestCase):
+    def read_back(self, threaded, chunk=None):
+        frames = [encode_frame({"type": "result", "id": i, "value": "v" * (i * 7)}) for i in range(1, 6)]
+        r, w = os.pipe()
+        try:
+            write = _frame_writer(w, threaded)
+            if chunk is None:
+                for data in frames:
+                    write(data)
+            else:
+                real_write = os.write
+                calls = []
+
+                def short_write(fd, data):  # a pipe that takes at most `chunk` bytes per write
+                    calls.append(len(data))
+                    return real_write(fd, bytes(data[:chunk]))
+
+                with unittest.mock.patch("os.write", short_write):
+                    write = _frame_writer(w, threaded)
+                    for data in frames:
+                        write(data)
+                self.assertGreater(len(calls), len(frames))
+            os.close(w)
+            w = None
+            with os.fdopen(r, "rb") as reader:
+                r = None
+                self.assertEqual(reader.read(), b"".join(frames))
+        finally:
+            for fd in (r, w):
+                if fd is not None:
+                    os.close(fd)
+
+    def test_whole_frames_with_and_without_lock(self):
+        for threaded in (False, True):
+            with self.subTest(threaded=threaded):
+                self.read_back(threaded)
+
+    def test_short_writes_are_finished(self):
+        for threaded in (False, True):
+            with self.subTest(threaded=threaded):
+                self.read_back(threaded, chunk=5)
+
+
+# A stand-in for the worker's bootstrap (`from snakepit.worker import main; sys.exit(main(...))`)
+# that leaves evidence of how the process ended in SNAKEPIT_TEST_MARKS: "atexit" from an atexit
+# handler, "thread" from a non-daemon thread still running when the worker stops, and
+# "teardown" from an object's __del__, which only the interpreter's full teardown runs.
+_FAST_EXIT_SCRIPT = """
+import atexit, os, sys, threading, time
+
+def note(name, _open=open, _join=os.path.join, _marks=os.environ["SNAKEPIT_TEST_MARKS"]):
+    with _open(_join(_marks, name), "w") as f:
+        f.write(name)
+
+def at_exit():
+    note("atexit")
+    sys.stdout.write("atexit-unflushed")  # stderr by now; flushed only if someone flushes it
+    sys.__stdout__.write("dunder-unflushed")
+
+class Teardown:
+    def __del__(self, note=note):
+        note("teardown")
+
+keep = Teardown()
+atexit.register(at_exit)
+threading.Thread(target=lambda: (time.sleep(0.2), note("thread"))).start()
+
+from snakepit.worker import main
+if os.environ.get("SNAKEPIT_TEST_EXIT_FAST") == "0":
+    sys.exit(main(sys.argv[1:], exit_fast=False))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+class FastExitTests(unittest.TestCase):
+    """A worker that stops serving runs its atexit handlers and ends with os._exit."""
+
+    def run_worker(self, stdin, *args, exit_fast=True):
+        marks = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, marks)
+        env = dict(os.environ, PYTHONPATH=PYTHON_DIR, SNAKEPIT_TEST_MARKS=marks)
+        env.pop("SNAKEPIT_LOG_LEVEL", None)
+        if not exit_fast:
+            env["SNAKEPIT_TEST_EXIT_FAST"] = "0"
+        done = subprocess.run(
+            [sys.executable, "-c", _FAST_EXIT_SCRIPT, *args],
+            input=stdin,
+            capture_output=True,
+            cwd=PYTHON_DIR,
+            env=env,
+            timeout=TIMEOUT,
+        )
+        frames = []
+        stream = io.BytesIO(done.stdout)
+        while (msg := read_frame(stream)) is not None:
+            frames.append(msg)
+        return done, frames, sorted(os.listdir(marks))
+
+    def assertFastExit(self, done, marks, code=0):
+        stderr = done.stderr.decode("utf-8", "replace")
+        self.assertEqual(done.returncode, code, stderr)
+        self.assertEqual(marks, ["atexit", "thread"], "no teardown, but atexit handlers and threads finished")
+        self.assertIn("atexit-unflushed", stderr)
+        self.assertIn("dunder-unflushed", stderr)
+
+    def test_eof(self):
+        done, frames, marks = self.run_worker(b"")
+        self.assertFastExit(done, marks)
+        self.assertEqual([f["type"] for f in frames], ["ready"])
+
+    def test_shutdown(self):
+        stdin = b"".join(encode_frame(m) for m in (call("echo", [1]), {"type": "shutdown"}, call("echo", [2], id=2)))
+        done, frames, marks = self.run_worker(stdin)
+        self.assertFastExit(done, marks)
+        self.assertEqual(frames[1:], [{"type": "result", "id": 1, "value": [1]}])  # the call after shutdown: unread
+
+    def test_protocol_violation_keeps_its_exit_code(self):
+        done, _, marks = self.run_worker(struct.pack(">I", 4096), "--max-frame-size", "1024")
+        self.assertFastExit(done, marks, code=2)
+        self.assertIn("4096", done.stderr.decode("utf-8", "replace"))
+
+    def test_thread_profile_finishes_the_calls_taken_first(self):
+        stdin = b"".join(
+            encode_frame(m) for m in (call("slow", [0.3], id=1), call("slow", [0.1], id=2), {"type": "shutdown"})
+        )
+        done, frames, marks = self.run_worker(stdin, "--adapter", "snakepit.demo", "--threads", "2")
+        self.assertFastExit(done, marks)
+        replies = sorted(frames[1:], key=lambda f: f["id"])  # in the order they finished
+        self.assertEqual(replies, [{"type": "result", "id": 1, "value": 0.3}, {"type": "result", "id": 2, "value": 0.1}])
+
+    def test_without_exit_fast_the_interpreter_tears_down(self):
+        # The control: proves the "teardown" mark does show a full teardown.
+        done, frames, marks = self.run_worker(b"", exit_fast=False)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(marks, ["atexit", "teardown", "thread"])
+        self.assertEqual([f["type"] for f in frames], ["ready"])
+
+    def test_startup_failure_returns_normally(self):
+        done, frames, marks = self.run_worker(b"", "--adapter", "tests.no_such_adapter")
+        self.assertEqual(done.returncode, 3, done.stderr)
+        self.assertEqual(frames[0]["type"], "startup_error")
+        self.assertIn("teardown", marks)
 
 
 class _quiet_stderr:
