@@ -66,6 +66,7 @@ mod embed;
 mod error;
 mod events;
 mod housekeeper;
+mod mailbox;
 mod policy;
 mod pool;
 mod pool_set;

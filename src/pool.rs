@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, unbounded, Sender};
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -20,6 +20,7 @@ use crate::config::{PoolBuilder, PoolConfig, Profile};
 use crate::dispatcher::{Admit, Board, Dispatcher, Effects, Lease, Request, Return, Shared, Spawner};
 use crate::error::{Error, Result, TimeoutKind};
 use crate::events::{Emitter, Event};
+use crate::mailbox::Missed;
 use crate::stats::PoolStats;
 use crate::worker::{thread_name, Conn, Exchange, KillReason, SpawnSpec};
 use crate::{embed, housekeeper, protocol, python};
@@ -301,14 +302,14 @@ impl Pool {
         };
         let handed = match rx.recv_deadline(queue_deadline) {
             Ok(lease) => return Ok(lease),
-            Err(RecvTimeoutError::Timeout) => {
+            Err(Missed::Timeout) => {
                 if self.shared.board.lock().withdraw(place) {
                     return Err(Error::Timeout(TimeoutKind::Queue));
                 }
                 // A lease was handed to us just as the deadline passed; it is on its way.
-                rx.recv_timeout(HANDOFF_WAIT).ok()
+                rx.recv_deadline(Instant::now() + HANDOFF_WAIT).ok()
             }
-            Err(RecvTimeoutError::Disconnected) => None,
+            Err(Missed::Closed) => None,
         };
         match handed {
             Some(lease) => Ok(lease),

@@ -27,11 +27,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 use serde_json::Value;
 
 use crate::error::{Error, ExitKind, Result, TimeoutKind};
+use crate::mailbox::{mailbox, Address, Missed};
 use crate::protocol::{self, FrameBuf, Msg};
 use crate::sys;
 
@@ -149,7 +150,7 @@ struct Reader {
 /// Thread profile: the calls waiting for replies, by id.
 #[derive(Default)]
 struct Waiting {
-    replies: HashMap<u64, Sender<Result<Value>>>,
+    replies: HashMap<u64, Address<Result<Value>>>,
     /// Calls whose callers gave up at their deadline; their replies free their slots.
     abandoned: HashSet<u64>,
     /// Set once the worker can answer nothing more (it exited or broke the protocol).
@@ -345,7 +346,7 @@ impl Conn {
 
     /// Thread profile: many calls at once; the monitor thread reads the replies.
     fn exchange_threaded(&self, frame: &[u8], id: u64, deadline: Instant) -> Exchange {
-        let (tx, rx) = bounded(1);
+        let (tx, rx) = mailbox();
         {
             let mut w = self.waiting.lock();
             if w.closed {
@@ -364,7 +365,7 @@ impl Conn {
         }
         match rx.recv_deadline(deadline) {
             Ok(reply) => Exchange::Reply(reply),
-            Err(RecvTimeoutError::Timeout) => {
+            Err(Missed::Timeout) => {
                 // Whoever removes the entry decides: the monitor (with the reply) or this caller.
                 let mut w = self.waiting.lock();
                 if w.replies.remove(&id).is_some() {
@@ -377,7 +378,7 @@ impl Conn {
                     Err(_) => self.ended(),
                 }
             }
-            Err(RecvTimeoutError::Disconnected) => self.ended(),
+            Err(Missed::Closed) => self.ended(),
         }
     }
 
@@ -468,6 +469,7 @@ impl Conn {
     fn deliver(&self, id: u64, reply: Result<Value>) -> Delivery {
         let mut w = self.waiting.lock();
         if let Some(tx) = w.replies.remove(&id) {
+            // Sent under the lock: a caller that finds its entry gone finds its reply here.
             let _ = tx.send(reply);
             Delivery::Answered
         } else if w.abandoned.remove(&id) {

@@ -12,10 +12,10 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
 use serde_json::Value;
 
 use crate::error::{Error, Result, TimeoutKind};
+use crate::mailbox::{mailbox, Address, Mailbox};
 use crate::stats::Window;
 use crate::worker::{KillReason, WorkerId};
 
@@ -35,7 +35,7 @@ pub(crate) struct Lease<T> {
 #[derive(Debug)]
 pub(crate) struct Handoff<T> {
     pub(crate) lease: Lease<T>,
-    pub(crate) to: Sender<Lease<T>>,
+    pub(crate) to: Address<Lease<T>>,
     pub(crate) frame: Option<Arc<Vec<u8>>>,
     /// The waiting call's queue deadline: past it, its frame is not written.
     pub(crate) by: Instant,
@@ -103,7 +103,7 @@ pub(crate) enum Admit<T> {
     Run(Lease<T>),
     /// Every worker is busy: wait on the receiver for a lease, in order; `u64` names the place
     /// in the queue, for [`Board::withdraw`].
-    Wait(Receiver<Lease<T>>, u64),
+    Wait(Mailbox<Lease<T>>, u64),
 }
 
 /// Outcome counters and latency windows, for `stats()`.
@@ -160,7 +160,7 @@ impl<T> Seat<T> {
 
 struct Waiter<T> {
     place: u64,
-    tx: Sender<Lease<T>>,
+    tx: Address<Lease<T>>,
     frame: Option<Arc<Vec<u8>>>,
     by: Instant,
 }
@@ -228,7 +228,7 @@ impl<T: Clone> Board<T> {
             fx.notices.push(Notice::QueueFull);
             return Err(Error::QueueFull { max_queue: self.max_queue });
         }
-        let (tx, rx) = bounded(1);
+        let (tx, rx) = mailbox();
         let place = self.next_place;
         self.next_place += 1;
         self.waiters.push_back(Waiter { place, tx, frame, by });
@@ -472,7 +472,7 @@ mod tests {
         }
     }
 
-    fn wait(b: &mut Board<&'static str>) -> (Receiver<Lease<&'static str>>, u64) {
+    fn wait(b: &mut Board<&'static str>) -> (Mailbox<Lease<&'static str>>, u64) {
         match admit(b, &mut Fx::default()) {
             Ok(Admit::Wait(rx, place)) => (rx, place),
             _ => panic!("not queued"),

@@ -90,10 +90,9 @@ impl Shared {
             if let Some(frame) = &h.frame {
                 lease.sent = Instant::now() < h.by && lease.conn.send_now(frame);
             }
-            if let Err(e) = h.to.send(lease) {
+            if let Err(lease) = h.to.send(lease) {
                 // Its caller is gone (a waiter handed a lease always takes it, unless its
                 // thread died): a call written for nobody means the worker must go.
-                let lease = e.into_inner();
                 let how = if lease.sent { Return::Kill(KillReason::Protocol) } else { Return::Done };
                 let mut more = Effects::default();
                 self.board.lock().give_back(lease, how, None, &mut more);
