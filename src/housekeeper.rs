@@ -14,7 +14,7 @@ use crate::dispatcher::{Effects, Lease, RecycleOrder, Request, Return, Shared};
 use crate::policy::{over_hard_memory, should_recycle, Policy, RecycleReason};
 use crate::proc::ProcessTree;
 use crate::protocol::{self, Msg};
-use crate::worker::{Exchange, KillReason, WorkerId};
+use crate::worker::{Exchange, KillReason, Sending, WorkerId};
 
 /// Ping ids start here, far from call ids.
 const FIRST_PING: u64 = 1 << 62;
@@ -111,15 +111,17 @@ fn check_health(
         *next_ping += 1;
         let frame =
             protocol::encode_frame(&Msg::Ping { id: *next_ping }, cfg.max_frame_size).unwrap_or_default();
-        let answered = matches!(
-            conn.exchange(&frame, *next_ping, now + cfg.health_timeout, false),
-            Exchange::Reply(Ok(_))
-        );
-        let how = if answered { Return::Done } else { Return::Kill(KillReason::HealthCheck) };
+        let how = match conn.exchange(&frame, *next_ping, now + cfg.health_timeout, Sending::Ping) {
+            Exchange::Reply(Ok(_)) => Return::Done,
+            // Found dead: a crash, which its monitor reports; not a failed health check.
+            Exchange::NotSent { dead: true } => Return::Dead,
+            Exchange::NotSent { dead: false } => Return::Unusable,
+            _ => Return::Kill(KillReason::HealthCheck),
+        };
         let mut fx = Effects::default();
         match lease {
             Some(l) => shared.board.lock().give_back(l, how, None, &mut fx),
-            None if !answered => {
+            None if how == Return::Kill(KillReason::HealthCheck) => {
                 fx.notices.push(crate::dispatcher::Notice::Kill(id, KillReason::HealthCheck))
             }
             None => {}

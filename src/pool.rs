@@ -22,7 +22,7 @@ use crate::error::{Error, Result, TimeoutKind};
 use crate::events::{Emitter, Event};
 use crate::mailbox::Missed;
 use crate::stats::PoolStats;
-use crate::worker::{thread_name, Conn, Exchange, KillReason, SpawnSpec};
+use crate::worker::{thread_name, Conn, Exchange, KillReason, Sending, SpawnSpec};
 use crate::{embed, housekeeper, protocol, python};
 
 /// The largest frame a freeing caller writes for the next waiting call: one atomic pipe write
@@ -257,9 +257,9 @@ impl Pool {
             Some(q) => deadline.min(enqueued.checked_add(q).unwrap_or(far)),
             None => deadline,
         };
-        // A worker found dead (or untrustworthy) at checkout never saw the call: try another.
-        // Bounded, in case every worker of the pool is dying at once.
-        for _ in 0..=self.config.size + 1 {
+        // A worker found dead (or untrustworthy) at checkout never saw the call: try another,
+        // until the call's queue deadline (each such worker is closed, so none is tried twice).
+        loop {
             let lease = self.lease(command, &frame, queue_deadline)?;
             let started = Instant::now();
             if !lease.sent && started >= queue_deadline {
@@ -273,12 +273,12 @@ impl Pool {
                 self.shared.apply(fx);
                 return Err(Error::Timeout(TimeoutKind::Queue));
             }
-            let exchange = lease.conn.exchange(&frame, id, deadline, lease.sent);
+            let what = Sending::Call { sent: lease.sent };
+            let exchange = lease.conn.exchange(&frame, id, deadline, what);
             if let Some(result) = self.finish(lease, exchange, (id, command), enqueued, started, deadline) {
                 return result;
             }
         }
-        Err(Error::Timeout(TimeoutKind::Queue))
     }
 
     /// Takes a lease on a worker: at once if one is free and nobody waits, else in order, until
@@ -316,17 +316,13 @@ impl Pool {
             None => {
                 // The queue was emptied (shutdown, or the pool is degraded).
                 let mut board = self.shared.board.lock();
-                let err = self.gate_error(board.gate.clone());
+                let err = match board.dropped_for.clone() {
+                    crate::dispatcher::Gate::Degraded(last_error) => Error::Degraded { last_error },
+                    _ => Error::ShuttingDown,
+                };
                 board.record(&Err(err.duplicate()));
                 Err(err)
             }
-        }
-    }
-
-    fn gate_error(&self, gate: crate::dispatcher::Gate) -> Error {
-        match gate {
-            crate::dispatcher::Gate::Degraded(last_error) => Error::Degraded { last_error },
-            _ => Error::ShuttingDown,
         }
     }
 
@@ -344,9 +340,10 @@ impl Pool {
         let conn = lease.conn.clone();
         let (how, result) = match exchange {
             Exchange::Reply(result) => (Return::Done, result),
-            Exchange::NotSent => {
+            Exchange::NotSent { dead } => {
+                let how = if dead { Return::Dead } else { Return::Unusable };
                 let mut fx = Effects::default();
-                self.shared.board.lock().give_back(lease, Return::Unusable, None, &mut fx);
+                self.shared.board.lock().give_back(lease, how, None, &mut fx);
                 self.shared.apply(fx);
                 return None;
             }

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
+use std::time::Instant;
 
 /// Sends `signal` to the process group led by `pgid`. A group that no longer exists is not an
 /// error (the work is already done).
@@ -62,13 +62,17 @@ pub(crate) fn poll_entry(fd: RawFd, events: i16) -> libc::pollfd {
 
 pub(crate) use libc::{POLLIN, POLLOUT};
 
-/// Waits until one of `fds` is ready or `timeout` passes (`None`: no limit). Returns how many
-/// are ready (0 on time-out); each entry's `revents` says what happened. Retries on EINTR.
-pub(crate) fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
+/// Waits until one of `fds` is ready or `deadline` passes (`None`: no limit). Returns how many
+/// are ready (0 once the deadline has passed); each entry's `revents` says what happened. An
+/// interrupted wait resumes with the time left.
+pub(crate) fn poll(fds: &mut [libc::pollfd], deadline: Option<Instant>) -> io::Result<usize> {
     loop {
-        let ts = timeout.map(|t| libc::timespec {
-            tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
-            tv_nsec: t.subsec_nanos() as libc::c_long,
+        let ts = deadline.map(|d| {
+            let t = d.saturating_duration_since(Instant::now());
+            libc::timespec {
+                tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
+                tv_nsec: t.subsec_nanos() as libc::c_long,
+            }
         });
         let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
         // SAFETY: `fds` is a valid slice of pollfd for the call, `ts_ptr` is null or points at a

@@ -14,7 +14,7 @@
 //!   and tells the dispatcher.
 //! - **The dispatcher** signals the worker's process group and asks it to stop.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -51,6 +51,9 @@ const STDERR_LINES: usize = 20;
 const STDERR_LINE_MAX: usize = 2000;
 /// How long the monitor waits for the last stderr lines after the process exited.
 const STDERR_DRAIN: Duration = Duration::from_millis(100);
+/// How long the end of a worker's output may come before its exit does (they are not
+/// reported together); past that, a worker that closed its output and lives on is broken.
+const EXIT_AFTER_EOF: Duration = Duration::from_millis(500);
 /// How long a caller that saw its worker die waits for the monitor to record how it ended.
 const EXIT_REPORT_WAIT: Duration = Duration::from_secs(1);
 
@@ -91,9 +94,10 @@ pub(crate) enum Exchange {
     /// The worker answered: the command's result or its Python exception (or a reply that could
     /// not be decoded, which fails only this call).
     Reply(Result<Value>),
-    /// The frame never reached the worker: it was dead, or had written unasked while idle. The
-    /// call can run elsewhere; the worker cannot be trusted with another.
-    NotSent,
+    /// The frame never reached the worker, so the call can run elsewhere; the worker cannot be
+    /// trusted with another. `dead`: it has exited (or is exiting); else it wrote unasked while
+    /// idle.
+    NotSent { dead: bool },
     /// The deadline passed. `running`: the frame reached the worker, which is still busy with
     /// it. `corrupt`: the deadline passed part-way through writing the frame.
     TimedOut { running: bool, corrupt: bool },
@@ -101,6 +105,15 @@ pub(crate) enum Exchange {
     Died,
     /// The worker broke the protocol while answering.
     Broken(Error),
+}
+
+/// What an exchange sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sending {
+    /// A call; `sent`: its frame was already written (by [`Conn::send_now`]).
+    Call { sent: bool },
+    /// A health ping: it holds no call slot.
+    Ping,
 }
 
 /// How to start a worker; the same for every worker of a pool.
@@ -151,8 +164,9 @@ struct Reader {
 #[derive(Default)]
 struct Waiting {
     replies: HashMap<u64, Address<Result<Value>>>,
-    /// Calls whose callers gave up at their deadline; their replies free their slots.
-    abandoned: HashSet<u64>,
+    /// Exchanges whose callers gave up at their deadline, and whether each holds a call slot,
+    /// which its late reply frees.
+    abandoned: HashMap<u64, bool>,
     /// Set once the worker can answer nothing more (it exited or broke the protocol).
     closed: bool,
 }
@@ -220,11 +234,10 @@ impl Conn {
 
     /// Runs one exchange: writes `frame` (a call or a ping) and waits for the reply to `id`,
     /// never past `deadline`.
-    /// `sent`: the frame was already written (by [`send_now`](Conn::send_now)).
-    pub(crate) fn exchange(&self, frame: &[u8], id: u64, deadline: Instant, sent: bool) -> Exchange {
+    pub(crate) fn exchange(&self, frame: &[u8], id: u64, deadline: Instant, what: Sending) -> Exchange {
         if self.threaded {
-            self.exchange_threaded(frame, id, deadline)
-        } else if sent {
+            self.exchange_threaded(frame, id, deadline, what == Sending::Ping)
+        } else if what == (Sending::Call { sent: true }) {
             self.read_reply(&mut self.stdout.lock(), id, deadline)
         } else {
             self.exchange_alone(frame, id, deadline)
@@ -238,8 +251,8 @@ impl Conn {
         if self.threaded || frame.len() > 4096 {
             return false;
         }
-        let Some(out) = self.stdout.try_lock() else { return false };
-        if !self.idle_and_alive(&out) {
+        let Some(mut out) = self.stdout.try_lock() else { return false };
+        if self.fitness(&mut out).is_some() {
             return false;
         }
         let Some(stdin) = self.stdin.try_lock() else { return false };
@@ -247,13 +260,30 @@ impl Conn {
         stdin.as_ref().is_some_and(|f| matches!((&*f).write(frame), Ok(n) if n == frame.len()))
     }
 
-    /// Whether the process is alive and has written nothing since its last reply.
-    fn idle_and_alive(&self, out: &Reader) -> bool {
+    /// `None` if the process is alive and has written nothing since its last reply; else
+    /// `Some(dead)`: it has exited or closed its output (`true`), or wrote unasked (`false`).
+    fn fitness(&self, out: &mut Reader) -> Option<bool> {
         let mut fds = [
             sys::poll_entry(out.file.as_raw_fd(), sys::POLLIN),
             sys::poll_entry(self.exit_fd.as_raw_fd(), sys::POLLIN),
         ];
-        out.buf.is_empty() && sys::poll(&mut fds, Some(Duration::ZERO)).is_ok_and(|n| n == 0)
+        match sys::poll(&mut fds, Some(Instant::now())) {
+            Ok(0) if out.buf.is_empty() => None,
+            Ok(0) => Some(false),
+            Ok(_) if fds[1].revents != 0 => Some(true),
+            // Readable: bytes (written unasked), or the end of its output (it is exiting).
+            Ok(_) => {
+                let Reader { file, buf } = out;
+                Some(!matches!((&*file).read(buf.spare()), Ok(n) if n > 0))
+            }
+            Err(_) => Some(true),
+        }
+    }
+
+    /// Whether the process exits by `deadline` (or already has).
+    fn exits_by(&self, deadline: Instant) -> bool {
+        let mut fds = [sys::poll_entry(self.exit_fd.as_raw_fd(), sys::POLLIN)];
+        sys::poll(&mut fds, Some(deadline)).is_ok_and(|n| n > 0)
     }
 
     /// Process profile: the caller holds the only lease, and reads the reply itself.
@@ -261,12 +291,12 @@ impl Conn {
         let mut out = self.stdout.lock();
         // A worker that died, or wrote something unasked, while idle is noticed here, before
         // the call is written, so it costs the call nothing.
-        if !self.idle_and_alive(&out) {
-            return Exchange::NotSent;
+        if let Some(dead) = self.fitness(&mut out) {
+            return Exchange::NotSent { dead };
         }
         match self.write(frame, deadline) {
             Written::All => {}
-            Written::Nothing => return Exchange::NotSent,
+            Written::Nothing => return Exchange::NotSent { dead: true },
             Written::Late { partial } => return Exchange::TimedOut { running: true, corrupt: partial },
         }
         self.read_reply(&mut out, id, deadline)
@@ -292,8 +322,7 @@ impl Conn {
                         sys::poll_entry(file.as_raw_fd(), sys::POLLOUT),
                         sys::poll_entry(self.exit_fd.as_raw_fd(), sys::POLLIN),
                     ];
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match sys::poll(&mut fds, Some(left)) {
+                    match sys::poll(&mut fds, Some(deadline)) {
                         Ok(0) => return Written::Late { partial: done > 0 },
                         Ok(_) if fds[1].revents != 0 => return Written::Nothing,
                         Ok(_) => {}
@@ -321,8 +350,7 @@ impl Conn {
                     sys::poll_entry(out.file.as_raw_fd(), sys::POLLIN),
                     sys::poll_entry(self.exit_fd.as_raw_fd(), sys::POLLIN),
                 ];
-                let left = deadline.saturating_duration_since(Instant::now());
-                match sys::poll(&mut fds, Some(left)) {
+                match sys::poll(&mut fds, Some(deadline)) {
                     Ok(0) => return Exchange::TimedOut { running: true, corrupt: false },
                     Ok(_) => dead = fds[0].revents == 0 && fds[1].revents != 0,
                     Err(e) => return Exchange::Broken(Error::Protocol(format!("polling worker: {e}"))),
@@ -330,7 +358,15 @@ impl Conn {
             }
             let Reader { file, buf } = &mut *out;
             match (&*file).read(buf.spare()) {
-                Ok(0) => return Exchange::Died,
+                // The end of its output: it is exiting, or it closed its output and lives on,
+                // which breaks the protocol (it could never answer again).
+                Ok(0) if dead || self.exits_by(deadline.min(Instant::now() + EXIT_AFTER_EOF)) => {
+                    return Exchange::Died
+                }
+                Ok(0) => {
+                    let err = Error::Protocol("the worker closed its output but is still running".into());
+                    return Exchange::Broken(err);
+                }
                 Ok(n) => buf.filled(n),
                 // The process has exited and nothing more is in the pipe (a descendant may still
                 // hold it open, so no EOF comes).
@@ -345,18 +381,18 @@ impl Conn {
     }
 
     /// Thread profile: many calls at once; the monitor thread reads the replies.
-    fn exchange_threaded(&self, frame: &[u8], id: u64, deadline: Instant) -> Exchange {
+    fn exchange_threaded(&self, frame: &[u8], id: u64, deadline: Instant, ping: bool) -> Exchange {
         let (tx, rx) = mailbox();
         {
             let mut w = self.waiting.lock();
             if w.closed {
-                return Exchange::NotSent;
+                return Exchange::NotSent { dead: true };
             }
             w.replies.insert(id, tx);
         }
         let unsent = match self.write(frame, deadline) {
             Written::All => None,
-            Written::Nothing => Some(Exchange::NotSent),
+            Written::Nothing => Some(Exchange::NotSent { dead: true }),
             Written::Late { partial } => Some(Exchange::TimedOut { running: false, corrupt: partial }),
         };
         if let Some(unsent) = unsent {
@@ -369,7 +405,8 @@ impl Conn {
                 // Whoever removes the entry decides: the monitor (with the reply) or this caller.
                 let mut w = self.waiting.lock();
                 if w.replies.remove(&id).is_some() {
-                    w.abandoned.insert(id);
+                    // Its late reply frees its slot; a ping holds none.
+                    w.abandoned.insert(id, !ping);
                     return Exchange::TimedOut { running: true, corrupt: false };
                 }
                 drop(w);
@@ -451,7 +488,7 @@ impl Conn {
         if let Some(file) = stdin.as_ref() {
             // A frame the pipe cannot take whole is not sent; EOF alone stops the worker too.
             let mut fds = [sys::poll_entry(file.as_raw_fd(), sys::POLLOUT)];
-            if sys::poll(&mut fds, Some(Duration::ZERO)).is_ok_and(|n| n > 0) && frame.len() <= 4096 {
+            if sys::poll(&mut fds, Some(Instant::now())).is_ok_and(|n| n > 0) && frame.len() <= 4096 {
                 let _ = (&*file).write(frame);
             }
         }
@@ -472,8 +509,8 @@ impl Conn {
             // Sent under the lock: a caller that finds its entry gone finds its reply here.
             let _ = tx.send(reply);
             Delivery::Answered
-        } else if w.abandoned.remove(&id) {
-            Delivery::Late
+        } else if let Some(slot) = w.abandoned.remove(&id) {
+            Delivery::Late { slot }
         } else {
             Delivery::Unknown
         }
@@ -499,7 +536,7 @@ enum Written {
 
 enum Delivery {
     Answered,
-    Late,
+    Late { slot: bool },
     Unknown,
 }
 
@@ -751,8 +788,7 @@ impl Monitor {
                     drop(out);
                     // Its output ends because it is exiting (the exit is reported with the
                     // calls' errors); a worker that closes its output and lives on is broken.
-                    let mut fds = [sys::poll_entry(conn.exit_fd.as_raw_fd(), sys::POLLIN)];
-                    let exiting = sys::poll(&mut fds, Some(Duration::from_millis(500))).is_ok_and(|n| n > 0);
+                    let exiting = conn.exits_by(Instant::now() + EXIT_AFTER_EOF);
                     if conn.threaded && !exiting {
                         self.broken(Error::Protocol("the worker closed its output".into()));
                     }
@@ -820,8 +856,10 @@ impl Monitor {
     fn on_reply(&mut self, id: u64, reply: Result<Value>) -> bool {
         match self.conn.deliver(id, reply) {
             Delivery::Answered => true,
-            Delivery::Late => {
-                (self.on_late)();
+            Delivery::Late { slot } => {
+                if slot {
+                    (self.on_late)();
+                }
                 true
             }
             Delivery::Unknown => {
@@ -914,10 +952,8 @@ impl Monitor {
         // The last lines, unless a descendant that escaped the group keeps stderr open.
         let end = Instant::now() + STDERR_DRAIN;
         while let Some(fd) = self.stderr.as_ref().map(AsRawFd::as_raw_fd) {
-            let left = end.saturating_duration_since(Instant::now());
             let mut fds = [sys::poll_entry(fd as RawFd, sys::POLLIN)];
-            if left.is_zero() || !sys::poll(&mut fds, Some(left)).is_ok_and(|n| n > 0) || !self.read_stderr()
-            {
+            if !sys::poll(&mut fds, Some(end)).is_ok_and(|n| n > 0) || !self.read_stderr() {
                 break;
             }
         }

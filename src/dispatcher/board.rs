@@ -84,7 +84,9 @@ pub(crate) enum Return {
     Died,
     /// The worker must be killed.
     Kill(KillReason),
-    /// The call never reached the worker, which cannot be trusted with another.
+    /// The call never reached the worker, which has exited (or is exiting).
+    Dead,
+    /// The call never reached the worker, which wrote unasked while idle: it must be killed.
     Unusable,
 }
 
@@ -127,6 +129,9 @@ pub(crate) struct Seat<T> {
     pub(crate) busy: usize,
     /// Thread profile: slots held by calls that timed out and have not returned.
     pub(crate) abandoned: usize,
+    /// Thread profile: late replies that came before their calls were given back as
+    /// abandoned (the caller gave up, then the reply came, then the caller reached the board).
+    early_replies: usize,
     /// Calls given to it so far.
     assigned: u64,
     pub(crate) served: u64,
@@ -172,6 +177,8 @@ pub(crate) struct Board<T> {
     next_place: u64,
     max_queue: usize,
     pub(crate) gate: Gate,
+    /// The gate as it was when the queue was last emptied: what the callers it dropped read.
+    pub(crate) dropped_for: Gate,
     /// The commands the workers serve, once the first is ready.
     pub(crate) commands: Option<HashSet<String>>,
     pub(crate) counters: Counters,
@@ -185,6 +192,7 @@ impl<T: Clone> Board<T> {
             next_place: 0,
             max_queue,
             gate: Gate::Open,
+            dropped_for: Gate::Closed,
             commands: None,
             counters: Counters::default(),
         }
@@ -297,6 +305,11 @@ impl<T: Clone> Board<T> {
         }
         match how {
             Return::Done => seat.busy -= 1,
+            // Its reply already came: the slot is free.
+            Return::Abandoned if seat.early_replies > 0 => {
+                seat.early_replies -= 1;
+                seat.busy -= 1;
+            }
             Return::Abandoned => {
                 seat.abandoned += 1;
                 if seat.abandoned >= seat.capacity && seat.open && !seat.told_wedged {
@@ -313,6 +326,10 @@ impl<T: Clone> Board<T> {
                 seat.busy -= 1;
                 seat.open = false;
                 fx.notices.push(Notice::Kill(seat.id, reason));
+            }
+            Return::Dead => {
+                seat.busy -= 1;
+                seat.open = false;
             }
             Return::Unusable => {
                 seat.busy -= 1;
@@ -344,6 +361,8 @@ impl<T: Clone> Board<T> {
     pub(crate) fn late_reply(&mut self, worker: WorkerId, fx: &mut Effects<T>) {
         let Some(seat) = self.seat_mut(worker) else { return };
         if seat.abandoned == 0 {
+            // Its caller has not given the lease back yet; it will find the slot free.
+            seat.early_replies += 1;
             return;
         }
         seat.abandoned -= 1;
@@ -377,6 +396,7 @@ impl<T: Clone> Board<T> {
             capacity,
             busy: 0,
             abandoned: 0,
+            early_replies: 0,
             assigned: 0,
             served: 0,
             errors: 0,
@@ -406,6 +426,15 @@ impl<T: Clone> Board<T> {
         Some(self.seats.remove(i))
     }
 
+    /// Whether every slot of the worker is still held by a call that timed out; if not, a
+    /// later wedge is told again.
+    pub(crate) fn still_wedged(&mut self, id: WorkerId) -> bool {
+        let Some(s) = self.seat_mut(id) else { return false };
+        let wedged = s.open && s.abandoned >= s.capacity;
+        s.told_wedged = wedged;
+        wedged
+    }
+
     /// Takes a process worker that is idle (for a health check), unless callers wait for it.
     pub(crate) fn take_idle(&mut self, id: WorkerId) -> Option<Lease<T>> {
         if !self.waiters.is_empty() {
@@ -417,8 +446,10 @@ impl<T: Clone> Board<T> {
         Some(Lease { worker: id, conn: s.conn.clone(), sent: false })
     }
 
-    /// Fails every waiting caller: each sees its receiver disconnected and reads the gate.
+    /// Fails every waiting caller: each sees its mailbox closed and reads why in
+    /// `dropped_for` (the gate now, which may have opened again by the time it looks).
     pub(crate) fn drop_waiters(&mut self) {
+        self.dropped_for = self.gate.clone();
         self.waiters.clear();
     }
 
@@ -619,6 +650,21 @@ mod tests {
     }
 
     #[test]
+    fn a_late_reply_that_comes_before_its_call_is_given_back_frees_the_slot_once() {
+        let mut b = board(&[(1, 1, None)]);
+        let x = run(&mut b);
+        // The caller gave up; the reply came before the caller reached the board.
+        b.late_reply(1, &mut Fx::default());
+        let timeout = Err(Error::Timeout(TimeoutKind::Call));
+        b.give_back(x, Return::Abandoned, Some((&timeout, Q, Q)), &mut Fx::default());
+        let seat = b.seat(1).unwrap();
+        assert_eq!((seat.busy, seat.abandoned), (0, 0), "no slot leaked");
+        let y = run(&mut b);
+        b.give_back(y, Return::Abandoned, Some((&timeout, Q, Q)), &mut Fx::default());
+        assert_eq!(b.seat(1).unwrap().abandoned, 1, "the next abandoned call holds its slot");
+    }
+
+    #[test]
     fn a_closed_worker_is_drained_when_its_last_call_returns() {
         let mut b = board(&[(1, 1, None), (2, 1, None)]);
         let a = run(&mut b);
@@ -652,6 +698,13 @@ mod tests {
         b.give_back(y, Return::Unusable, None, &mut fx);
         assert!(fx.notices.contains(&Notice::Kill(1, KillReason::CallTimeout)));
         assert!(fx.notices.contains(&Notice::Unusable(2)));
+        let mut b2 = board(&[(3, 1, None)]);
+        let z = run(&mut b2);
+        let mut fx2 = Fx::default();
+        b2.give_back(z, Return::Dead, None, &mut fx2);
+        let told = fx2.notices.iter().any(|n| matches!(n, Notice::Kill(..) | Notice::Unusable(_)));
+        assert!(!told, "a dead worker's exit is reported by its monitor, not by the call side");
+        assert!(matches!(admit(&mut b2, &mut Fx::default()), Ok(Admit::Wait(..))));
         assert!(matches!(admit(&mut b, &mut Fx::default()), Ok(Admit::Wait(..))), "both closed");
         assert_eq!(b.seat(2).unwrap().assigned(), 0, "the unusable worker ran no call");
     }

@@ -149,6 +149,9 @@ enum Timer {
     Ttl(WorkerId),
     /// A stopping worker's next escalation (SIGTERM, then SIGKILL).
     Escalate(WorkerId),
+    /// A thread worker whose slots were all held by timed-out calls: replace it if they still
+    /// are.
+    Wedged(WorkerId),
     /// Something to re-check then (a restart after backoff, a recycle retry, the end of the
     /// shutdown grace).
     Wake,
@@ -273,6 +276,10 @@ pub(crate) struct Dispatcher {
     /// The CPU-bound-on-a-GIL warning has been logged.
     warned_gil: bool,
 }
+
+/// How long every slot of a thread worker must stay held by timed-out calls before it is
+/// replaced: calls that overran their deadline by a little return soon and free their slots.
+const WEDGE_GRACE: Duration = Duration::from_secs(1);
 
 /// A worker that dies while idle within this time of getting ready counts towards restart
 /// backoff (a crash loop); one that dies during a call does not: that was the call's doing.
@@ -438,12 +445,24 @@ impl Dispatcher {
                     }
                 }
                 Timer::Escalate(id) => self.escalate(id, now),
+                Timer::Wedged(id) => {
+                    if self.shared.board.lock().still_wedged(id) {
+                        log::warn!(
+                            "[{}] worker {id}: every call slot has been held by a timed-out call for {WEDGE_GRACE:?}; \
+                             replacing it",
+                            self.cfg.name
+                        );
+                        self.recycle(id, RecycleReason::Wedged, None, None, now);
+                    }
+                }
                 Timer::Wake => self.grace_timer(now),
             }
         }
     }
 
     fn snapshot(&self, now: Instant) -> PoolStats {
+        // `/proc` is read before the board is locked: callers never wait on it.
+        let rss: Vec<Option<u64>> = self.slots.values().map(|s| crate::proc::rss_bytes(s.pid())).collect();
         let board = self.shared.board.lock();
         let c = &board.counters;
         PoolStats {
@@ -466,7 +485,8 @@ impl Dispatcher {
             workers: self
                 .slots
                 .iter()
-                .map(|(&id, s)| {
+                .zip(rss)
+                .map(|((&id, s), rss_bytes)| {
                     let seat = board.seat(id);
                     WorkerStats {
                         id,
@@ -482,7 +502,7 @@ impl Dispatcher {
                         calls_served: seat.map_or(0, |x| x.served),
                         errors: seat.map_or(0, |x| x.errors),
                         age_ms: now.saturating_duration_since(s.spawned).as_millis() as u64,
-                        rss_bytes: crate::proc::rss_bytes(s.pid()),
+                        rss_bytes,
                         max_requests: s.limits.max_requests,
                         recycle_in_ms: s
                             .limits

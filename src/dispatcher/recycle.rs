@@ -16,13 +16,7 @@ impl Dispatcher {
     pub(super) fn on_notice(&mut self, notice: Notice, now: Instant) {
         match notice {
             Notice::Due(id) => self.recycle(id, RecycleReason::MaxRequests, None, None, now),
-            Notice::Wedged(id) => {
-                log::warn!(
-                    "[{}] worker {id}: every call slot is held by a call that timed out; replacing it",
-                    self.cfg.name
-                );
-                self.recycle(id, RecycleReason::Wedged, None, None, now);
-            }
+            Notice::Wedged(id) => self.schedule(now + super::WEDGE_GRACE, Timer::Wedged(id)),
             Notice::Drained(id) => self.stop_if_drained(id, now),
             Notice::Kill(id, KillReason::HealthCheck) => {
                 let order =
@@ -39,11 +33,10 @@ impl Dispatcher {
                 self.kill(id, reason, now);
             }
             Notice::Unusable(id) => {
-                // Dead already (its exit is on the way), or it wrote to stdout while idle.
-                if self.slots.get(&id).is_some_and(|s| !s.worker.conn.has_exited()) {
+                if let Some(s) = self.slots.get(&id) {
                     let err = Error::Protocol("the worker wrote to its output while idle".into());
                     log::warn!("[{}] worker {id}: {err}; killing it", self.cfg.name);
-                    self.slots[&id].worker.conn.mark_broken(err);
+                    s.worker.conn.mark_broken(err);
                     self.kill(id, KillReason::Protocol, now);
                 }
             }

@@ -235,11 +235,32 @@ fn a_wedged_thread_worker_is_replaced_make_before_break_then_killed() {
     h.give_back(a, Return::Abandoned, 20);
     assert_eq!(h.launched(), [0]);
     h.give_back(b, Return::Abandoned, 21);
+    assert_eq!(h.launched(), [0], "calls that just overran may still return");
+    h.d.fire_timers(h.at(21) + WEDGE_GRACE);
     assert_eq!(h.launched(), [0, 1], "a replacement for the wedged worker");
     assert_eq!(h.life(0), Some(Life::Ready), "it keeps its place until the replacement is ready");
     h.ready(1, 30);
     assert_eq!(h.killed(0), Some(KillReason::Wedged), "only timed-out calls were left on it");
     assert_eq!(h.d.counts.recycles.wedged, 1);
+}
+
+#[test]
+fn a_thread_worker_whose_timed_out_calls_return_within_the_grace_is_kept() {
+    let mut h = harness(pool(1).profile(Profile::Thread).threads_per_worker(2));
+    h.ready(0, 10);
+    let (a, b) = (h.lease(), h.lease());
+    h.give_back(a, Return::Abandoned, 20);
+    h.give_back(b, Return::Abandoned, 21);
+    // One of the two returns late, within the grace: the worker can take a call again.
+    h.d.shared.board.lock().late_reply(0, &mut Effects::default());
+    h.d.fire_timers(h.at(21) + WEDGE_GRACE);
+    assert_eq!(h.launched(), [0], "not replaced");
+    assert_eq!(h.d.counts.recycles.wedged, 0);
+    // Wedged again later: told again, and replaced once the grace passes.
+    let c = h.lease();
+    h.give_back(c, Return::Abandoned, 2000);
+    h.d.fire_timers(h.at(2000) + WEDGE_GRACE);
+    assert_eq!(h.launched(), [0, 1]);
 }
 
 #[test]
