@@ -5,9 +5,11 @@
 //! pools; `batch` runs a file of such lines; `stats` prints every pool's snapshot; `check`
 //! validates the file without starting anything. `--help` says more.
 //!
-//! Ctrl-C stops taking work, lets the calls in flight finish within the pools' grace period
-//! (`shutdown_timeout`), shuts the pools down and exits 130; a second Ctrl-C quits at once
-//! (the workers then die with the process). Set `RUST_LOG=info` to watch the pools.
+//! Ctrl-C, SIGTERM (`kill`, `docker stop`, `systemctl stop`) and SIGHUP all stop the CLI the
+//! same way: it stops taking work, lets the calls in flight finish within the pools' grace
+//! period (`shutdown_timeout`), shuts the pools down and exits 130. While the pools are still
+//! starting it exits 130 without waiting for them. A second signal quits at once (the workers
+//! then die with the process). Set `RUST_LOG=info` to watch the pools.
 
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -52,8 +54,10 @@ A reply:    {"id": 7, "ok": true, "value": ...}
                                              "type": "ValueError", "traceback": "..."}}
   (`type` and `traceback` for a Python exception only).
 
-Ctrl-C stops taking work, lets calls in flight finish within the pools' grace period, shuts
-the pools down and exits 130. Exit codes: 0 ok, 1 failed, 2 bad usage, 130 interrupted.
+Ctrl-C, SIGTERM or SIGHUP stops taking work, lets calls in flight finish within the pools'
+grace period, shuts the pools down and exits 130; while the pools are still starting, it exits
+130 without waiting for them; a second signal quits at once. SIGHUP stays ignored under nohup.
+Exit codes: 0 ok, 1 failed, 2 bad usage, 130 interrupted (by any of the three signals).
 "#;
 
 /// Calls `serve` runs at the same time.
@@ -66,6 +70,8 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 const EXIT_OK: u8 = 0;
 const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
+/// After Ctrl-C, and also after SIGTERM or SIGHUP: the handler cannot tell them apart, and one
+/// code for "stopped on request, calls in flight drained" is simpler to script against.
 const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
@@ -77,13 +83,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let interrupt = match Interrupt::install() {
-        Ok(interrupt) => interrupt,
-        Err(e) => {
-            eprintln!("snakepit: cannot handle Ctrl-C: {e}");
-            return ExitCode::from(EXIT_FAILED);
-        }
-    };
     let config = cli.config.as_path();
     let result = match cli.command {
         Command::Help => {
@@ -91,11 +90,16 @@ fn main() -> ExitCode {
             Ok(EXIT_OK)
         }
         Command::Check => check(config),
-        Command::Call { pool, command, args } => call(config, &interrupt, &pool, &command, args),
-        Command::Serve => serve(config, &interrupt),
-        Command::Batch { file, concurrency } => batch(config, &interrupt, &file, concurrency),
-        Command::Stats => stats(config, &interrupt),
         Command::Doctor => doctor(config),
+        // Only the subcommands that start pools handle the signals: the others have nothing to
+        // drain and die of them as usual.
+        command => match Interrupt::install() {
+            Ok(interrupt) => with_pools(config, &interrupt, command),
+            Err(e) => {
+                eprintln!("snakepit: cannot handle Ctrl-C and SIGTERM: {e}");
+                return ExitCode::from(EXIT_FAILED);
+            }
+        },
     };
     ExitCode::from(result.unwrap_or_else(|e| {
         report(&e);
@@ -180,6 +184,17 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
 // ---------------------------------------------------------------------------------------------
 // Subcommands
 
+/// The subcommands that start pools.
+fn with_pools(config: &Path, interrupt: &Interrupt, command: Command) -> Result<u8, Error> {
+    match command {
+        Command::Call { pool, command, args } => call(config, interrupt, &pool, &command, args),
+        Command::Serve => serve(config, interrupt),
+        Command::Batch { file, concurrency } => batch(config, interrupt, &file, concurrency),
+        Command::Stats => stats(config, interrupt),
+        Command::Help | Command::Check | Command::Doctor => unreachable!("{command:?} starts no pool"),
+    }
+}
+
 /// `check`: validates the file without starting anything.
 fn check(path: &Path) -> Result<u8, Error> {
     let config = Config::from_path(path)?;
@@ -240,7 +255,7 @@ fn call(path: &Path, interrupt: &Interrupt, pool: &str, command: &str, args: Val
     if !known.iter().any(|name| name == pool) {
         return Err(Error::UnknownPool { name: pool.to_string(), known });
     }
-    let set = start(&config, Some(pool))?;
+    let set = start(&config, Some(pool), interrupt)?;
     let (result, interrupted) = watching_interrupt(&set, interrupt, || set.call(pool, command, args))?;
     match result {
         Ok(value) => println!("{}", serde_json::to_string(&value)?),
@@ -253,7 +268,7 @@ fn call(path: &Path, interrupt: &Interrupt, pool: &str, command: &str, args: Val
 
 /// `serve`: JSON requests on stdin, JSON replies on stdout, until EOF or Ctrl-C.
 fn serve(path: &Path, interrupt: &Interrupt) -> Result<u8, Error> {
-    let set = start(&Config::from_path(path)?, None)?;
+    let set = start(&Config::from_path(path)?, None, interrupt)?;
     let lines = read_stdin_lines()?;
     let interrupted =
         run_requests(&set, &lines, SERVE_CONCURRENCY, interrupt, &Tally::default(), MissingId::Null)?;
@@ -268,7 +283,7 @@ fn batch(path: &Path, interrupt: &Interrupt, file: &Path, concurrency: usize) ->
         std::fs::read(file).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
     let lines = split_lines(&text);
     let total = lines.len() as u64;
-    let set = start(&config, None)?;
+    let set = start(&config, None, interrupt)?;
     let (tx, queue) = unbounded();
     for line in lines {
         let _ = tx.send(line);
@@ -306,7 +321,7 @@ fn batch(path: &Path, interrupt: &Interrupt, file: &Path, concurrency: usize) ->
 
 /// `stats`: starts the pools and prints every pool's snapshot.
 fn stats(path: &Path, interrupt: &Interrupt) -> Result<u8, Error> {
-    let set = start(&Config::from_path(path)?, None)?;
+    let set = start(&Config::from_path(path)?, None, interrupt)?;
     let (stats, interrupted) = watching_interrupt(&set, interrupt, || set.stats())?;
     match stats {
         Ok(stats) => println!("{}", serde_json::to_string_pretty(&stats)?),
@@ -320,14 +335,37 @@ fn stats(path: &Path, interrupt: &Interrupt) -> Result<u8, Error> {
 // ---------------------------------------------------------------------------------------------
 // Pools, Ctrl-C and errors
 
-/// Starts every pool of the file, or only the one named `only`.
-fn start(config: &Config, only: Option<&str>) -> Result<PoolSet, Error> {
-    config
+/// Starts every pool of the file, or only the one named `only`; on an interrupt before they are
+/// all ready, exits the process with 130 at once.
+///
+/// Start-up can take long (a slow import, a large model to load), and `build` blocks until every
+/// worker is ready with no way to cancel it. So it runs on a thread of its own while this one
+/// waits for either its result or the interrupt. No call has been made yet, so there is nothing
+/// to drain, and waiting for the build only to shut it down would take as long as start-up: the
+/// process exits, leaving the build thread behind. The workers go with it, as the library
+/// promises: each worker sets its parent-death signal before it imports the adapter, bound to
+/// its pool's dispatcher thread, which dies with the process; a worker not that far yet sees it
+/// was orphaned (its `--parent-pid` is gone) and exits; and a worker that dies kills its own
+/// process group, so the adapter's child processes go too.
+fn start(config: &Config, only: Option<&str>, interrupt: &Interrupt) -> Result<PoolSet, Error> {
+    let builder = config
         .builders()
         .into_iter()
         .filter(|b| only.map_or(true, |name| b.config().name() == name))
-        .fold(PoolSet::builder(), PoolSetBuilder::pool)
-        .build()
+        .fold(PoolSet::builder(), PoolSetBuilder::pool);
+    let (tx, built) = bounded(1);
+    std::thread::Builder::new().name("cli-start".into()).spawn(move || {
+        let _ = tx.send(builder.build());
+    })?;
+    select! {
+        recv(built) -> set => set.unwrap_or_else(|_| {
+            Err(io::Error::new(io::ErrorKind::Other, "the thread starting the pools panicked").into())
+        }),
+        recv(interrupt.pressed) -> _ => {
+            eprintln!("snakepit: the pools were still starting: quitting without waiting for them");
+            std::process::exit(i32::from(EXIT_INTERRUPTED));
+        }
+    }
 }
 
 /// Shuts the pools down; in-flight calls get the grace period. What went wrong is only
@@ -338,30 +376,50 @@ fn shut_down(set: &PoolSet) {
     }
 }
 
-/// Ctrl-C, seen as a channel that disconnects at the first press, so that any number of
-/// `select!`s see it. A second press quits at once.
+/// Ctrl-C, SIGTERM or SIGHUP (ctrlc's `termination` feature: one handler for all three, which
+/// cannot tell them apart), seen as a channel that disconnects at the first signal, so that any
+/// number of `select!`s see it. A second signal quits at once.
 struct Interrupt {
     pressed: Receiver<()>,
 }
 
 impl Interrupt {
-    /// Sets the process's Ctrl-C handler (once per process).
+    /// Sets the process's handler for the three signals (once per process). SIGHUP stays
+    /// ignored if it was, as `nohup` leaves it: a hang-up must not stop a server run that way.
     fn install() -> Result<Interrupt, ctrlc::Error> {
         let (tx, pressed) = bounded::<()>(0);
         let tx = Mutex::new(Some(tx));
+        let hangup_ignored = hangup_ignored();
         ctrlc::set_handler(move || {
             if tx.lock().take().is_some() {
-                eprintln!("snakepit: interrupted: finishing the calls in flight (Ctrl-C again to quit now)");
+                eprintln!(
+                    "snakepit: interrupted: stopping; calls in flight get the grace period \
+                     (a second Ctrl-C, SIGTERM or SIGHUP quits now)"
+                );
             } else {
                 eprintln!("snakepit: interrupted again: quitting now");
                 std::process::exit(i32::from(EXIT_INTERRUPTED));
             }
         })?;
+        if hangup_ignored {
+            // SAFETY: sets a signal's disposition to "ignore"; no handler code is involved.
+            unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
+        }
         Ok(Interrupt { pressed })
     }
 
     fn is_pressed(&self) -> bool {
         matches!(self.pressed.try_recv(), Err(TryRecvError::Disconnected))
+    }
+}
+
+/// Whether SIGHUP is ignored (inherited from `nohup`, say), read without changing it.
+fn hangup_ignored() -> bool {
+    // SAFETY: `sigaction` with no new action only fills in `old`, a plain C struct for which
+    // all zeros is a valid value.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
     }
 }
 

@@ -246,6 +246,76 @@ fn sigint_lets_the_call_in_flight_finish_then_exits_130_leaving_no_worker() {
     assert_no_worker_left(&dir);
 }
 
+#[test]
+fn sigterm_drains_like_ctrl_c_then_exits_130_leaving_no_worker() {
+    // What `docker stop`, `systemctl stop` and `kill` send: the call in flight must finish and
+    // print its reply, as on Ctrl-C, rather than the CLI dying at once.
+    let dir = TempDir::new("sigterm");
+    let config = dir.write("pools.json", &two_pools(&dir).to_string());
+    let mut cli = Running::spawn(&[arg("--config"), config.into(), arg("serve")]);
+    let started = dir.path().join("slow-started");
+    let args = json!({"seconds": 1.0, "started": started});
+    cli.send(&json!({"id": "slow", "pool": "blue", "command": "slow", "args": args}).to_string());
+    assert!(wait_until(REPLY_TIMEOUT, || started.exists()), "the slow call never started");
+    let pids = workers_of(&dir);
+    assert_eq!(pids.len(), 3, "the pools have started: {pids:?}");
+    cli.signal("TERM");
+
+    // stdin stays open: the CLI stops reading it by itself.
+    let out = cli.wait();
+    out.assert_code(130);
+    let replies: Vec<Value> =
+        out.stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(
+        replies,
+        vec![json!({"id": "slow", "ok": true, "value": 1.0})],
+        "the call in flight finished: {out:?}"
+    );
+    assert_gone(&pids, Duration::from_secs(5));
+    assert_no_worker_left(&dir);
+}
+
+#[test]
+fn sigint_while_the_pools_start_exits_130_without_waiting_leaving_no_worker() {
+    // One pool starts at once; the other's adapter takes far longer to import than this test
+    // waits for the CLI to exit, so only an exit that does not wait for start-up passes.
+    let dir = TempDir::new("sigint-startup");
+    let importing = dir.path().join("importing");
+    std::fs::create_dir(&importing).expect("create the pid folder");
+    let config = json!({
+        "defaults": {"python_path": [fixtures()], "startup_timeout": "600s", "shutdown_timeout": "10s"},
+        "pools": [
+            {"name": "default", "size": 1, "adapter": "cli_adapter", "env": {"CLI_RUN": dir.tag()}},
+            {"name": "slow", "size": 2, "adapter": "cli_slow_import_adapter",
+             "env": {"CLI_RUN": dir.tag(), "SLOW_IMPORT_SECONDS": "600", "SLOW_IMPORT_PID_DIR": importing}}
+        ]
+    });
+    let config = dir.write("pools.json", &config.to_string());
+    let cli = Running::spawn(&[arg("--config"), config.into(), arg("serve")]);
+    // The slow workers' pids, from the workers themselves, once both are importing.
+    let importing_pids = || -> Vec<u32> {
+        let entries = std::fs::read_dir(&importing).expect("the pid folder is readable");
+        entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
+    };
+    assert!(wait_until(REPLY_TIMEOUT, || importing_pids().len() == 2), "the slow imports never began");
+    // And every other process started for the test: the default pool's worker.
+    let mut pids = importing_pids();
+    assert!(wait_until(REPLY_TIMEOUT, || workers_of(&dir).len() == 3), "{:?}", workers_of(&dir));
+    pids.extend(workers_of(&dir));
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 3, "two slow workers and the default one: {pids:?}");
+    cli.interrupt();
+
+    // Bounded far below the slow import (600 s): the CLI must not wait for start-up to end.
+    let out = cli.wait_for(Duration::from_secs(30));
+    out.assert_code(130);
+    assert_eq!(out.stdout, "", "no call was made: {out:?}");
+    assert!(out.stderr.contains("starting"), "the message says what was cut short: {out:?}");
+    assert_gone(&pids, Duration::from_secs(5));
+    assert_no_worker_left(&dir);
+}
+
 // ---------------------------------------------------------------------------------------------
 // batch
 
@@ -462,9 +532,16 @@ impl Running {
     }
 
     fn interrupt(&self) {
-        let status =
-            Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().expect("kill runs");
-        assert!(status.success(), "kill -INT failed");
+        self.signal("INT");
+    }
+
+    /// Sends the signal `name` (`"INT"`, `"TERM"`, ...) to the CLI process.
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{name} failed");
     }
 
     fn close_stdin_and_wait(mut self) -> Finished {
