@@ -72,21 +72,33 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file. Relative `python_path` folders (and a
+    /// relative `python` path such as `.venv/bin/python`) are read from the file's folder, not
+    /// from the current directory; a folder that does not exist is a problem. (Under a
+    /// `launcher` they name places on the far side and are passed on as written.)
     pub fn from_path(path: impl AsRef<Path>) -> Result<Config> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
             problems: vec![format!("{}: cannot read: {e}", path.display())],
         })?;
-        Config::from_json_str(&text)
+        let base = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Config::parse(&text, &base)
     }
 
-    /// Parses and validates a configuration from JSON text.
+    /// Parses and validates a configuration from JSON text. Relative paths are read from the
+    /// current directory.
     pub fn from_json_str(text: &str) -> Result<Config> {
+        Config::parse(text, Path::new("."))
+    }
+
+    fn parse(text: &str, base: &Path) -> Result<Config> {
         let root: Value = serde_json::from_str(text)
             .map_err(|e| Error::ConfigFile { problems: vec![format!("not valid JSON: {e}")] })?;
         let mut problems = Vec::new();
-        let pools = parse_root(&root, &mut problems);
+        let pools = parse_root(&root, base, &mut problems);
         if problems.is_empty() {
             Ok(Config { pools })
         } else {
@@ -105,13 +117,13 @@ impl Config {
     }
 }
 
-fn parse_root(root: &Value, problems: &mut Vec<String>) -> Vec<PoolBuilder> {
+fn parse_root(root: &Value, base: &Path, problems: &mut Vec<String>) -> Vec<PoolBuilder> {
     let Some(obj) = root.as_object() else {
         problems.push(format!("(top level): expected an object, found {}", json_kind(root)));
         return Vec::new();
     };
     if !obj.contains_key("pools") {
-        return parse_legacy(obj, problems);
+        return parse_legacy(obj, base, problems);
     }
     for key in obj.keys() {
         if !TOP_KEYS.contains(&key.as_str()) {
@@ -161,8 +173,8 @@ fn parse_root(root: &Value, problems: &mut Vec<String>) -> Vec<PoolBuilder> {
         // The pool's own keys override the defaults.
         let mut merged = defaults.clone();
         merged.extend(pool.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let builder =
-            parse_pool(&merged, &at, |k| if pool.contains_key(k) { &at } else { "defaults" }, problems);
+        let origin = |k: &str| if pool.contains_key(k) { at.as_str() } else { "defaults" };
+        let builder = parse_pool(&merged, &at, origin, base, problems);
         let name = builder.config.name.clone();
         if let Some((_, first)) = names.iter().find(|(n, _)| *n == name) {
             problems.push(format!("{at}.name: {name:?} is already the name of pools[{first}]"));
@@ -174,7 +186,7 @@ fn parse_root(root: &Value, problems: &mut Vec<String>) -> Vec<PoolBuilder> {
 }
 
 /// The small single-pool form: pool keys at the top level (`pool_size` for `size`).
-fn parse_legacy(obj: &Map<String, Value>, problems: &mut Vec<String>) -> Vec<PoolBuilder> {
+fn parse_legacy(obj: &Map<String, Value>, base: &Path, problems: &mut Vec<String>) -> Vec<PoolBuilder> {
     let mut pool = Map::new();
     for (k, v) in obj {
         let key = if k == "pool_size" { "size" } else { k.as_str() };
@@ -183,19 +195,24 @@ fn parse_legacy(obj: &Map<String, Value>, problems: &mut Vec<String>) -> Vec<Poo
         }
         pool.insert(key.to_string(), v.clone());
     }
-    vec![parse_pool(&pool, "", |_| "", problems)]
+    vec![parse_pool(&pool, "", |_| "", base, problems)]
 }
 
 /// Reads one pool's keys into a builder, recording every problem. `origin(key)` says where a
-/// key came from (the pool or `defaults`), for the problem's path.
+/// key came from (the pool or `defaults`), for the problem's path. Relative paths are read
+/// from `base` (unless the pool has a launcher: then they are the far side's).
 fn parse_pool<'a>(
     pool: &Map<String, Value>,
     at: &str,
     origin: impl Fn(&str) -> &'a str,
+    base: &Path,
     problems: &mut Vec<String>,
 ) -> PoolBuilder {
     let mut b = PoolBuilder::default();
+    let local = !pool.get("launcher").is_some_and(|l| !l.is_null());
+    let resolve = |p: &str| if local { base.join(p) } else { PathBuf::from(p) };
     for (key, value) in pool {
+        let mut missing = Vec::new();
         let place = origin(key);
         let path = if place.is_empty() { key.clone() } else { format!("{place}.{key}") };
         let mut bad =
@@ -252,7 +269,9 @@ fn parse_pool<'a>(
                     b
                 }
             },
+            // A path (with a `/`) is read from the file's folder; a bare name is looked up on PATH.
             "python" => match value.as_str() {
+                Some(s) if s.contains('/') => b.python(resolve(s)),
                 Some(s) if !s.is_empty() => b.python(s),
                 _ => {
                     bad("a path or command name");
@@ -260,7 +279,16 @@ fn parse_pool<'a>(
                 }
             },
             "python_path" => match strings(value) {
-                Some(dirs) => dirs.into_iter().fold(b, |b, d| b.python_path(PathBuf::from(d))),
+                Some(dirs) => dirs.into_iter().fold(b, |b, d| {
+                    let dir = resolve(&d);
+                    if local && !dir.is_dir() {
+                        missing.push(format!(
+                            "{path}: folder {d:?} does not exist (looked for {})",
+                            dir.display()
+                        ));
+                    }
+                    b.python_path(dir)
+                }),
                 None => {
                     bad("an array of folder names");
                     b
@@ -360,6 +388,7 @@ fn parse_pool<'a>(
                 b
             }
         };
+        problems.extend(missing);
     }
     // Whatever the per-key checks let through, the builder's own validation still sees.
     for e in b.config.problems() {
@@ -613,5 +642,36 @@ mod tests {
         assert!(got[0].starts_with("pools[0].name: "), "{got:?}");
         let got = problems(r#"{"pools": [{"name": "a", "max_memory": "1GB", "max_memory_hard": "1MB"}]}"#);
         assert!(got[0].starts_with("pools[0].max_memory_hard: "), "{got:?}");
+    }
+
+    #[test]
+    fn relative_paths_in_a_file_are_read_from_its_folder_and_missing_folders_are_problems() {
+        let dir = std::env::temp_dir().join(format!("snakepit-config-paths-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("adapters")).unwrap();
+        let file = dir.join("pools.json");
+        std::fs::write(
+            &file,
+            r#"{"pools": [{"name": "a", "python_path": ["adapters"], "python": ".venv/bin/python"},
+                          {"name": "b", "python_path": ["nope"]},
+                          {"name": "c", "python_path": ["remote/dir"], "launcher": ["ssh", "h"]}]}"#,
+        )
+        .unwrap();
+        let problems = match Config::from_path(&file) {
+            Err(Error::ConfigFile { problems }) => problems,
+            other => panic!("expected the missing folder to be a problem, got {other:?}"),
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("pools[1].python_path: folder \"nope\" does not exist"),
+            "{problems:?}"
+        );
+        assert!(problems[0].contains(&dir.join("nope").display().to_string()), "{problems:?}");
+        std::fs::create_dir_all(dir.join("nope")).unwrap();
+        let config = Config::from_path(&file).unwrap();
+        let pools = config.builders();
+        assert_eq!(pools[0].config.python_path, [dir.join("adapters")]);
+        assert_eq!(pools[0].config.python.as_deref(), Some(dir.join(".venv/bin/python").as_path()));
+        assert_eq!(pools[2].config.python_path, [PathBuf::from("remote/dir")], "the far side's, as written");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
