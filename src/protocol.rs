@@ -229,6 +229,16 @@ impl FrameBuf {
         self.start == self.end
     }
 
+    /// The bytes held and not yet taken as frames.
+    pub(crate) fn held(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Drops the first `n` bytes held (text that is not a frame).
+    pub(crate) fn skip(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+    }
+
     /// The length the header of the next frame announces, once its 4 bytes are here.
     fn frame_len(&self) -> Option<usize> {
         let h = self.buf.get(self.start..self.start + 4).filter(|_| self.end - self.start >= 4)?;
@@ -249,6 +259,15 @@ impl FrameBuf {
         self.start = at + len;
         Ok(Some(&self.buf[at..at + len]))
     }
+}
+
+/// Where a worker's first frame (`ready` or `startup_error`) starts in `bytes`, found by its
+/// opening (the worker writes `type` first): whatever comes before it is not the worker's, but
+/// text the interpreter wrote to stdout before the worker took it over (a `sitecustomize`
+/// module or a `.pth` file that prints).
+pub(crate) fn first_frame_at(bytes: &[u8]) -> Option<usize> {
+    const OPENINGS: [&[u8]; 2] = [br#"{"type":"ready""#, br#"{"type":"startup_error""#];
+    (4..bytes.len()).find(|&i| OPENINGS.iter().any(|o| bytes[i..].starts_with(o))).map(|i| i - 4)
 }
 
 /// What kind of JSON value `v` is, for error messages ("a number", "an object", ...).
@@ -369,6 +388,33 @@ mod tests {
         let mut wire = Vec::new();
         write_frame(&mut wire, &big, DEFAULT_MAX_FRAME).unwrap();
         assert_eq!(feed(&wire, 10_240, DEFAULT_MAX_FRAME).unwrap(), vec![big]);
+    }
+
+    #[test]
+    fn the_first_frame_is_found_behind_text_printed_before_the_worker_started() {
+        let ready = Msg::Ready {
+            info: WorkerInfo {
+                pid: 1,
+                python_version: "3.11.7".into(),
+                implementation: "cpython".into(),
+                free_threaded: false,
+                gil_enabled: true,
+                protocol_version: PROTOCOL_VERSION,
+                commands: vec![],
+                cpu_bound: vec![],
+            },
+        };
+        let mut wire = b"hello from sitecustomize\n".to_vec();
+        let junk = wire.len();
+        write_frame(&mut wire, &ready, DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(first_frame_at(&wire), Some(junk));
+        assert_eq!(first_frame_at(&wire[junk..]), Some(0), "nothing before it");
+        assert_eq!(first_frame_at(b"no frame here"), None);
+        let mut fb = FrameBuf::default();
+        fb.spare()[..wire.len()].copy_from_slice(&wire);
+        fb.filled(wire.len());
+        fb.skip(junk);
+        assert_eq!(decode(fb.next_frame(DEFAULT_MAX_FRAME).unwrap().unwrap()).unwrap(), ready);
     }
 
     #[test]

@@ -496,6 +496,15 @@ impl Conn {
         true
     }
 
+    /// Keeps `line` among the last lines reported with the worker's death.
+    fn remember(&self, line: String) {
+        let mut tail = self.stderr_tail.lock();
+        while tail.len() >= STDERR_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+
     /// The last lines the worker wrote to stderr, oldest first.
     pub(crate) fn stderr_tail(&self) -> Vec<String> {
         self.stderr_tail.lock().iter().cloned().collect()
@@ -673,6 +682,7 @@ impl Worker {
             pool: spec.pool.clone(),
             on_late,
             report: Some(report),
+            synced: false,
         };
         let handle = std::thread::Builder::new()
             .name(thread_name(&format!("w{id}"), &spec.pool))
@@ -738,6 +748,8 @@ struct Monitor {
     on_late: Box<dyn Fn() + Send>,
     /// Dropped once the exit is recorded.
     report: Option<Sender<()>>,
+    /// The first frame has been found (text the interpreter printed before it is skipped).
+    synced: bool,
 }
 
 impl Monitor {
@@ -802,6 +814,32 @@ impl Monitor {
                     self.broken(Error::Protocol(format!("worker {} stdout: {e}", conn.id)));
                     return false;
                 }
+            }
+            if !self.synced {
+                // Until the first frame, anything else on stdout was printed by the interpreter
+                // before the worker took stdout over: skip it, and say so.
+                let held = out.buf.held();
+                let (skip, found) = match protocol::first_frame_at(held) {
+                    Some(at) => (at, true),
+                    // A frame's opening may straddle two reads: keep the tail.
+                    None => (held.len().saturating_sub(32), false),
+                };
+                if skip > 0 {
+                    let text = String::from_utf8_lossy(&held[..skip.min(STDERR_LINE_MAX)]).into_owned();
+                    log::warn!(
+                        "[{}] worker {}: the interpreter wrote {skip} bytes to stdout before the worker started \
+                         (a sitecustomize module or .pth file that prints?); skipped: {:?}",
+                        self.pool,
+                        conn.id,
+                        text.trim_end()
+                    );
+                    conn.remember(format!("(printed to stdout at start-up) {}", text.trim_end()));
+                    out.buf.skip(skip);
+                }
+                if !found {
+                    continue;
+                }
+                self.synced = true;
             }
             loop {
                 let frame = match out.buf.next_frame(conn.max_frame) {
@@ -921,11 +959,7 @@ impl Monitor {
             text.truncate(cut);
         }
         log::debug!(target: "snakepit::python", "[{}] worker {}: {text}", self.pool, self.conn.id);
-        let mut tail = self.conn.stderr_tail.lock();
-        if tail.len() == STDERR_LINES {
-            tail.pop_front();
-        }
-        tail.push_back(text);
+        self.conn.remember(text);
     }
 
     /// The process has exited: kill what is left of its group, reap it, take its last stderr

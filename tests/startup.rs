@@ -4,6 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use snakepit::{Error, Pool, TimeoutKind};
 
 /// Pids of live workers of the pool named `pool` that are children of this test process
@@ -102,4 +103,17 @@ fn the_process_scan_above_does_see_live_workers() {
     assert_eq!(seen, pids);
     pool.shutdown().unwrap();
     assert!(my_workers("probe").is_empty());
+}
+
+#[test]
+fn text_the_interpreter_prints_to_stdout_before_the_worker_starts_is_skipped() {
+    // A sitecustomize module on the path prints at interpreter start-up, before the worker
+    // takes stdout over. It used to be read as a frame header ("frame too large").
+    let pool = common::builder(2).python_path(common::fixtures().join("noisy_site")).build().unwrap();
+    let pids = common::worker_pids(&pool);
+    for i in 0..5 {
+        assert_eq!(pool.call("add", json!([i, 1])).unwrap(), json!(i + 1));
+    }
+    pool.shutdown().unwrap();
+    common::assert_gone(&pids, Duration::from_secs(5));
 }
