@@ -122,39 +122,81 @@ class Worker:
                 write(data)
 
     def serve_threaded(self, reader, write, threads):
-        """Like serve(), but calls run on ``threads`` threads at once, replies written as they
-        finish (out of order, matched by id). Pings are answered by this reading loop, even
-        while every thread is busy. At EOF or shutdown the calls already taken finish first.
-        """
-        from concurrent.futures import ThreadPoolExecutor
+        """Like serve(), but calls run on up to ``threads`` threads at once, each reply written
+        as soon as its call finishes (out of order, matched by id). Pings (and every message
+        but a call) are answered by this reading loop, even while every thread is busy. At EOF
+        or shutdown the calls already taken finish before this returns.
 
-        def run(msg):
-            try:
-                data = self.respond(msg)
-            except BaseException as exc:  # SystemExit from a command ends the worker, as in serve()
-                log.error("command %r ended the worker: %r", msg.get("command"), exc)
-                os._exit(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
-            try:
-                write(data)
-            except OSError:
-                pass  # the host is gone; the reading loop sees EOF
+        ``write(data)`` sends one or more whole encoded frames; it is called by one thread
+        at a time.
+        """
+        # The hot path of the thread profile. A call costs one put here and one get on a call
+        # thread (a ThreadPoolExecutor's Future, locks and semaphore cost several times the
+        # work of an echo), and its reply goes out in one write with the replies of calls that
+        # finished meanwhile (_reply_sender). CPython's C SimpleQueue has a put wake a sleeping
+        # get only when no woken one is on its way, and a get that takes a call wake the next
+        # sleeper: a burst of calls does not wake every idle thread at once to fight over the
+        # GIL, yet a call left in the queue finds a thread as long as one is free, so a call
+        # that blocks delays no other call.
+        try:
+            from _queue import SimpleQueue
+        except ImportError:  # an implementation without the C module
+            from queue import SimpleQueue
+
+        respond = self.respond
+        send = _reply_sender(write)
+        calls = SimpleQueue()  # taken calls, then one None per thread at the end
+        get = calls.get
+        put = calls.put
+        pool = []  # the call threads, started when a call finds none free, at most `threads`
+        # One token per call thread done with its call and bound for get(), that no call put
+        # since has counted on: call threads append, only this loop pops.
+        free = []
+        free_pop = free.pop
+
+        def run(free_append=free.append):
+            while True:
+                msg = get()
+                if msg is None:
+                    return
+                try:
+                    data = respond(msg)
+                except BaseException as exc:  # SystemExit from a command ends the worker, as in serve()
+                    log.error("command %r ended the worker: %r", msg.get("command"), exc)
+                    os._exit(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
+                try:
+                    send(data)
+                except OSError:
+                    pass  # the host is gone; the reading loop sees EOF
+                free_append(None)
 
         limit = self.max_frame_size
-        executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="snakepit-call")
         try:
             while True:
                 msg = read_frame(reader, limit)
-                if msg is None or msg["type"] == "shutdown":
+                if msg is None:
                     return
-                if msg["type"] == "call":
+                kind = msg["type"]
+                if kind == "call":
                     _request_id(msg)  # a call without an integer id is a protocol error, here
-                    executor.submit(run, msg)
+                    put(msg)
+                    if free:
+                        free_pop()
+                    elif len(pool) < threads:  # every thread is busy: one more, for this call
+                        thread = threading.Thread(target=run, name=f"snakepit-call-{len(pool)}", daemon=False)
+                        thread.start()
+                        pool.append(thread)
                     continue
-                data = self.respond(msg)
+                if kind == "shutdown":
+                    return
+                data = respond(msg)
                 if data is not None:
-                    write(data)
+                    send(data)
         finally:
-            executor.shutdown(wait=True)
+            for _ in pool:
+                put(None)  # after every call taken: each thread finishes those first
+            for thread in pool:
+                thread.join()
 
     def respond(self, msg):
         """Handle ``msg`` and return its encoded reply frame, or None.
@@ -362,6 +404,42 @@ def _ping():
 def _echo(*args, **kwargs):
     """Return the arguments: the list when called with an array, else the object."""
     return list(args) if args else kwargs
+
+
+def _reply_sender(write):
+    """Return ``send(data)``: ``write(data)`` from any thread, whole frames, never interleaved.
+
+    A thread that finds another thread writing leaves its frame to that thread, which writes
+    it next, together with any others left meanwhile, in one ``write``: no frame waits for
+    more than the write in progress. A write's error goes to the thread that made it.
+    """
+    pending = []  # frames left by other threads for the one writing
+    lock = threading.Lock()  # guards pending and writing; never held across a write
+    writing = False
+    join = b"".join
+
+    def send(data):
+        nonlocal writing
+        with lock:
+            if writing:
+                pending.append(data)
+                return
+            writing = True
+        try:
+            while True:
+                write(data)
+                with lock:
+                    if not pending:
+                        writing = False
+                        return
+                    data = pending[0] if len(pending) == 1 else join(pending)
+                    pending.clear()
+        except BaseException:
+            with lock:
+                writing = False
+            raise
+
+    return send
 
 
 def _request_id(msg):

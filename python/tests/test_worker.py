@@ -16,8 +16,8 @@ import unittest.mock
 
 import snakepit
 from snakepit import demo
-from snakepit.protocol import encode_frame, read_frame
-from snakepit.worker import BUILTIN_COMMANDS, Worker, _frame_writer, _parse_args, load_worker
+from snakepit.protocol import ProtocolError, encode_frame, read_frame, write_all
+from snakepit.worker import BUILTIN_COMMANDS, Worker, _frame_writer, _parse_args, _reply_sender, load_worker
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 15  # seconds for any single wait on a child process
@@ -500,6 +500,14 @@ class ProcessTests(unittest.TestCase):
         self.assertIsNone(w.recv())
         self.assertEqual(w.wait(), 5)
 
+    def test_system_exit_from_command_ends_a_thread_profile_worker(self):
+        w = self.start("--adapter", "tests.noisy_adapter", "--threads", "2", "--allow-unsafe-threads")
+        self.assertEqual(w.recv()["type"], "ready")
+        self.assertEqual(w.call("echo", [1], id=1)["value"], [1])
+        w.send(call("quit_worker", [5], id=2))
+        self.assertIsNone(w.recv())
+        self.assertEqual(w.wait(), 5)
+
     def test_bad_adapter(self):
         w = self.start("--adapter", "tests.no_such_adapter")
         msg = w.recv()
@@ -654,6 +662,307 @@ class ThreadProfileTests(unittest.TestCase):
             sys.modules.pop(mod, None)
             for name in ("risky", "fine"):
                 snakepit._registry.pop(name, None)
+
+
+def split_frames(data):
+    """The frames in ``data``, which must hold whole frames only."""
+    frames, stream = [], io.BytesIO(data)
+    while (msg := read_frame(stream)) is not None:
+        frames.append(msg)
+    return frames
+
+
+class WriteRecorder:
+    """A ``write`` for serve_threaded that records each write and notices two at once."""
+
+    def __init__(self, fd=None, delay=0.0):
+        self.fd = fd
+        self.delay = delay
+        self.writes = []
+        self.overlapped = False
+        self.busy = threading.Lock()
+
+    def __call__(self, data):
+        if not self.busy.acquire(blocking=False):
+            self.overlapped = True
+            self.busy.acquire()  # the other write is quick
+        try:
+            if self.delay:
+                threading.Event().wait(self.delay)  # a slow pipe: lets other threads finish meanwhile
+            self.writes.append(bytes(data))
+            if self.fd is not None:
+                write_all(self.fd, data)
+        finally:
+            self.busy.release()
+
+    def frames(self):
+        return split_frames(b"".join(self.writes))
+
+
+def serve_in_thread(worker, reader, write, threads):
+    """Run worker.serve_threaded on a thread; returns (thread, outcome: a list that gets
+    "returned" or the exception)."""
+    outcome = []
+
+    def target():
+        try:
+            worker.serve_threaded(reader, write, threads)
+            outcome.append("returned")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+class PipeServer:
+    """Worker.serve_threaded on a thread, fed through a pipe as the host would, with a
+    thread reading its replies. Commands: ``hold(tag)`` blocks until ``gate`` opens (at the
+    latest at clean-up), telling ``started`` first; ``tag(x)`` returns x."""
+
+    def __init__(self, test, threads, delay=0.0):
+        self.gate = threading.Event()
+        self.started = queue.Queue()
+
+        def hold(tag):
+            self.started.put(tag)
+            if not self.gate.wait(TIMEOUT):
+                raise RuntimeError("the gate never opened")
+            return tag
+
+        def tag(x):
+            return x
+
+        self.worker = Worker({"hold": hold, "tag": tag})
+        rin, self.host_out = os.pipe()
+        self.host_in, wout = os.pipe()
+        self.wout = wout
+        self.reader = os.fdopen(rin, "rb", buffering=65536)
+        self.write = WriteRecorder(wout, delay)
+        self.replies = queue.Queue()
+        self.server, self.outcome = serve_in_thread(self.worker, self.reader, self.write, threads)
+        self.receiver = threading.Thread(target=self._receive, daemon=True)
+        self.receiver.start()
+        test.addCleanup(self.close)
+
+    def _receive(self):
+        with os.fdopen(self.host_in, "rb") as stream:
+            while True:
+                try:
+                    msg = read_frame(stream)
+                except Exception as exc:
+                    msg = exc
+                self.replies.put(msg)
+                if not isinstance(msg, dict):
+                    return
+
+    def send(self, *messages):
+        write_all(self.host_out, b"".join(encode_frame(m) for m in messages))
+
+    def recv(self, timeout=TIMEOUT):
+        try:
+            msg = self.replies.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no reply within {timeout}s") from None
+        if isinstance(msg, Exception):
+            raise msg
+        return msg
+
+    def assertNothing(self, test, seconds=0.2):
+        try:
+            msg = self.replies.get(timeout=seconds)
+        except queue.Empty:
+            return
+        test.fail(f"unexpected reply {msg!r}")
+
+    def wait_started(self, n):
+        return sorted(self.started.get(timeout=TIMEOUT) for _ in range(n))
+
+    def end_input(self):
+        if self.host_out is not None:
+            os.close(self.host_out)
+            self.host_out = None
+
+    def finish(self):
+        """EOF, then wait (bounded) for serve_threaded to return; its outcome."""
+        self.end_input()
+        self.server.join(TIMEOUT)
+        if self.server.is_alive():
+            raise AssertionError(f"serve_threaded did not return within {TIMEOUT}s")
+        return self.outcome[0]
+
+    def close(self):
+        self.gate.set()
+        self.end_input()
+        self.server.join(TIMEOUT)
+        if self.wout is not None and not self.server.is_alive():
+            os.close(self.wout)  # the receiver sees EOF
+            self.wout = None
+            self.receiver.join(TIMEOUT)
+        self.reader.close()
+
+
+class ThreadedServeTests(unittest.TestCase):
+    """Worker.serve_threaded: the thread profile's loop."""
+
+    def test_many_concurrent_calls_are_each_answered_once(self):
+        worker = Worker(TEST_COMMANDS)
+        messages = []
+        for i in range(1, 1501):
+            messages.append(call("add", [i, 1000000], id=i))
+            if i % 100 == 0:
+                messages.append({"type": "ping", "id": -i})
+        write = WriteRecorder(delay=0.0005)
+        reader = io.BytesIO(b"".join(encode_frame(m) for m in messages))
+        thread, outcome = serve_in_thread(worker, reader, write, threads=8)
+        thread.join(TIMEOUT)
+        self.assertEqual(outcome, ["returned"])
+        self.assertFalse(write.overlapped, "two writes at once")
+        frames = write.frames()  # fails unless every write holds whole frames
+        results = {f["id"]: f["value"] for f in frames if f["type"] == "result"}
+        self.assertEqual(len(frames), 1515)
+        self.assertEqual(results, {i: i + 1000000 for i in range(1, 1501)})
+        self.assertEqual(sorted(f["id"] for f in frames if f["type"] == "pong"), list(range(-1500, 0, 100)))
+        # Replies that finish during a write go out together in the next one.
+        self.assertLess(len(write.writes), len(frames))
+
+    def test_replies_and_errors_as_in_respond(self):
+        worker = Worker(TEST_COMMANDS, max_frame_size=200)
+        messages = [
+            call("make_set", id=1),
+            call("make_big", id=2),
+            call("explode", id=3),
+            call("nope", id=4),
+            {"type": "bogus", "id": 5},
+            {"type": "bogus"},  # no id: ignored
+            call("no_args", id=6),
+            {"type": "ping", "id": 7},
+        ]
+        write = WriteRecorder()
+        with self.assertLogs("snakepit.worker", "WARNING") as logs:
+            reader = io.BytesIO(b"".join(encode_frame(m) for m in messages))
+            thread, outcome = serve_in_thread(worker, reader, write, threads=3)
+            thread.join(TIMEOUT)
+        self.assertEqual(outcome, ["returned"])
+        self.assertIn("bogus", logs.output[0])
+        replies = {f["id"]: f for f in write.frames()}
+        self.assertEqual(sorted(replies), [1, 2, 3, 4, 5, 6, 7])
+        for msg in messages:
+            if "id" in msg:
+                self.assertEqual(replies[msg["id"]], read_frame(io.BytesIO(worker.respond(msg)), 200))
+
+    def test_slow_call_does_not_delay_fast_ones(self):
+        s = PipeServer(self, threads=2)
+        s.send(call("hold", ["slow"], id=1))
+        self.assertEqual(s.wait_started(1), ["slow"])
+        s.send(*[call("tag", [i], id=100 + i) for i in range(50)])
+        fast = [s.recv() for _ in range(50)]
+        self.assertEqual(sorted(r["id"] for r in fast), list(range(100, 150)))
+        self.assertTrue(all(r["value"] == r["id"] - 100 for r in fast))
+        s.gate.set()
+        self.assertEqual(s.recv(), {"type": "result", "id": 1, "value": "slow"})
+        self.assertEqual(s.finish(), "returned")
+
+    def test_pings_are_answered_while_every_thread_is_busy(self):
+        s = PipeServer(self, threads=2)
+        s.send(call("hold", ["a"], id=1), call("hold", ["b"], id=2))
+        self.assertEqual(s.wait_started(2), ["a", "b"])
+        s.send(call("tag", ["queued"], id=3), {"type": "ping", "id": 4})
+        self.assertEqual(s.recv(), {"type": "pong", "id": 4})
+        s.assertNothing(self)  # no third thread: the call waits for one of the two
+        self.assertEqual(len([t for t in threading.enumerate() if t.name.startswith("snakepit-call")]), 2)
+        s.gate.set()
+        replies = sorted((s.recv() for _ in range(3)), key=lambda r: r["id"])
+        self.assertEqual([r["value"] for r in replies], ["a", "b", "queued"])
+        self.assertEqual(s.finish(), "returned")
+
+    def test_end_of_input_waits_for_the_calls_taken(self):
+        for end in ("eof", "shutdown"):
+            with self.subTest(end=end):
+                s = PipeServer(self, threads=3)
+                s.send(call("hold", ["a"], id=1), call("hold", ["b"], id=2), call("tag", ["c"], id=3))
+                self.assertEqual(s.wait_started(2), ["a", "b"])
+                self.assertEqual(s.recv()["id"], 3)
+                if end == "shutdown":
+                    s.send({"type": "shutdown"}, call("tag", ["after"], id=4))
+                else:
+                    s.end_input()
+                s.server.join(0.2)
+                self.assertTrue(s.server.is_alive(), "returned before its calls finished")
+                s.gate.set()
+                self.assertEqual(s.finish(), "returned")
+                # Every reply was written before serve_threaded returned.
+                self.assertEqual(sorted(f["id"] for f in s.write.frames()), [1, 2, 3])
+                self.assertFalse(any(t.name.startswith("snakepit-call") for t in threading.enumerate()))
+
+    def test_threads_start_as_needed(self):
+        s = PipeServer(self, threads=8)
+        for i in range(30):  # one call at a time: busy at most is the thread finishing the last reply
+            s.send(call("tag", [i], id=i))
+            self.assertEqual(s.recv()["value"], i)
+        self.assertLessEqual(len([t for t in threading.enumerate() if t.name.startswith("snakepit-call")]), 2)
+        self.assertEqual(s.finish(), "returned")
+
+    def test_protocol_error_after_finishing_the_calls_taken(self):
+        s = PipeServer(self, threads=2)
+        s.send(call("hold", ["a"], id=1))
+        self.assertEqual(s.wait_started(1), ["a"])
+        s.send({"type": "call", "id": "x", "command": "tag", "args": [1]})
+        s.server.join(0.2)
+        self.assertTrue(s.server.is_alive(), "returned before its call finished")
+        s.gate.set()
+        self.assertIsInstance(s.finish(), ProtocolError)
+        self.assertEqual(s.recv(), {"type": "result", "id": 1, "value": "a"})
+
+    def test_a_host_gone_does_not_stop_the_calls(self):
+        worker = Worker(TEST_COMMANDS)
+
+        def write(data):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        frames = b"".join(encode_frame(call("add", [i], id=i)) for i in range(1, 101))
+        thread, outcome = serve_in_thread(worker, io.BytesIO(frames), write, threads=4)
+        thread.join(TIMEOUT)
+        self.assertEqual(outcome, ["returned"])
+
+
+class ReplySenderTests(unittest.TestCase):
+    def test_frames_from_many_threads_are_written_whole_and_once(self):
+        write = WriteRecorder(delay=0.001)
+        send = _reply_sender(write)
+        barrier = threading.Barrier(8, timeout=TIMEOUT)
+
+        def sender(n):
+            barrier.wait()
+            for i in range(50):
+                send(encode_frame({"type": "result", "id": n * 1000 + i, "value": "v" * i}))
+
+        threads = [threading.Thread(target=sender, args=(n,), daemon=True) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        self.assertFalse(any(t.is_alive() for t in threads))
+        self.assertFalse(write.overlapped)
+        frames = write.frames()
+        self.assertEqual(sorted(f["id"] for f in frames), [n * 1000 + i for n in range(8) for i in range(50)])
+        self.assertTrue(all(f["value"] == "v" * (f["id"] % 1000) for f in frames))
+        self.assertLess(len(write.writes), 400, "frames left during a write go out together")
+
+    def test_a_failed_write_raises_to_its_writer_and_later_ones_go_on(self):
+        written = []
+
+        def write(data):
+            if data == b"bad":
+                raise BrokenPipeError(32, "Broken pipe")
+            written.append(data)
+
+        send = _reply_sender(write)
+        with self.assertRaises(BrokenPipeError):
+            send(b"bad")
+        send(b"good")
+        self.assertEqual(written, [b"good"])
 
 
 class ReplyKeyOrderTests(unittest.TestCase):
