@@ -693,10 +693,10 @@ fn sequential(py: &Path, figs: &mut Figures) -> BoxResult<()> {
     );
     let stats = pool.stats()?;
     figs.notes.push(format!(
-        "b1 inside the pool (its own stats, last {} calls): queue wait (the caller's send → the \
-         dispatcher writes the frame into the worker's pipe) p50 {} µs; execution (→ the reply \
-         is back at the dispatcher, after the stdout reader handed it to the caller) p50 {} µs, \
-         p99 {} µs, against a whole raw round trip (a1) of {:.0} µs; b1 in all: {:.0} µs.",
+        "b1 inside the pool (its own stats, last {} calls): queue wait (the call made → a \
+         lease on a worker) p50 {} µs; execution (the frame written → the reply read by the \
+         caller) p50 {} µs, p99 {} µs, against a whole raw round trip (a1) of {:.0} µs; b1 in \
+         all: {:.0} µs.",
         stats.execution.samples,
         stats.queue_wait.p50_us,
         stats.execution.p50_us,
