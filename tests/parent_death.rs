@@ -16,16 +16,25 @@ fn parent_program() {
     if std::env::var_os(ROLE).is_none() {
         return; // only meaningful as the child program of the test below
     }
-    let pool = common::builder(2).build().unwrap();
+    let pool = std::sync::Arc::new(common::builder(3).build().unwrap());
     let mut pids: Vec<String> = common::worker_pids(&pool).iter().map(u32::to_string).collect();
-    // A child process of a worker: it must die with the workers.
-    let child = pool.call("spawn_child", serde_json::json!({"seconds": 60})).unwrap();
-    pids.push(child.to_string());
+    // Each worker starts a child process (the least-served worker takes each call): they must
+    // die with the workers.
+    for _ in 0..3 {
+        let child = pool.call("spawn_child", serde_json::json!({"seconds": 60})).unwrap();
+        pids.push(child.to_string());
+    }
     println!("PIDS {}", pids.join(" "));
-    // Also busy one worker in a long call: it must exit even while busy.
-    std::thread::spawn(move || {
-        let _ = pool.call("sleep", serde_json::json!({"seconds": 60}));
-    });
+    // One worker busy in a long call, one holding the GIL in one long C call (no Python signal
+    // handler can run there), one idle: all must exit.
+    for (command, args) in [("sleep", serde_json::json!({"seconds": 60})), ("gil_hog", serde_json::json!({}))]
+    {
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            let _ =
+                pool.call_with(command, args, snakepit::CallOptions::new().timeout(Duration::from_secs(120)));
+        });
+    }
     std::thread::sleep(Duration::from_secs(60));
 }
 
@@ -57,11 +66,19 @@ fn workers_exit_when_their_parent_is_killed() {
             panic!("the parent program never reported its workers");
         }
     };
-    assert_eq!(pids.len(), 3, "two workers and a worker's child");
+    assert_eq!(pids.len(), 6, "three workers and a child of each");
     assert!(pids.iter().all(|&p| common::alive(p)));
-    // Let the long call reach its worker, then kill the parent without any chance to clean up.
-    std::thread::sleep(Duration::from_millis(300));
+    // Let the long calls reach their workers, then kill the parent without any chance to clean
+    // up. Everything must be gone within 3 s.
+    std::thread::sleep(Duration::from_millis(500));
     parent.kill().unwrap(); // SIGKILL
     parent.wait().unwrap();
-    common::assert_gone(&pids, Duration::from_secs(5));
+    if !common::wait_until(Duration::from_secs(3), || pids.iter().all(|&p| !common::alive(p))) {
+        for p in &pids {
+            let cmd = std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            eprintln!("{p}: {} | {}", cmd.replace('\0', " "), stat);
+        }
+    }
+    common::assert_gone(&pids, Duration::from_secs(3));
 }

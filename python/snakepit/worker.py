@@ -336,6 +336,7 @@ def main(argv=None, *, exit_fast=True):
         log.warning("parent process %s is already gone; exiting", args.parent_pid)
         return EXIT_ORPHANED
     reader, write = _take_over_stdio(threaded=bool(args.threads))
+    _start_group_sentinel()
     snakepit.ARGS[:] = args.adapter_args
 
     worker, failure = load_worker(args.adapter, args.max_frame_size, args.threads, args.allow_unsafe_threads)
@@ -637,20 +638,71 @@ def _watch_parent(parent_pid):
 
 
 def _set_parent_death_signal():
-    """prctl(PR_SET_PDEATHSIG, SIGTERM): the kernel signals us when the parent exits.
+    """prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills us when the parent exits.
 
-    SIGTERM, not SIGKILL, so the handler can take the adapter's child processes
-    down with the worker (its whole process group). If the main thread is stuck
-    in C code and the handler cannot run, the watchdog thread does the same.
+    SIGKILL needs no handler, so it works even while a command holds the GIL in one long C
+    call (a SIGTERM handler would never run then). The adapter's child processes go with
+    the worker through the group sentinel (_start_group_sentinel). A SIGTERM from the host
+    still takes the whole process group down (_die_with_group).
     """
     try:
         import ctypes
         import signal
 
         signal.signal(_SIGTERM, _die_with_group)
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, _SIGTERM, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
     except Exception:
         pass  # best effort; the watchdog still notices
+
+
+# The shell of the group sentinel: it reads until the worker is gone (EOF on a pipe only the
+# worker holds), then kills the worker's whole process group, itself included. It ignores the
+# signals meant for the worker, so it outlives the worker to do that.
+_SENTINEL = "trap '' TERM INT HUP; read -r _; kill -9 -\"$1\""  # (dash's kill takes no --)
+_sentinel_fds = []  # the worker's end of the sentinel's pipe: open for the worker's whole life
+
+
+def _start_group_sentinel():
+    """Start a tiny ``sh`` in this worker's process group that kills the group once the
+    worker is gone, however it goes: a clean exit, a crash, or SIGKILL (the parent-death
+    signal), which no code of the worker's can catch. So the processes an adapter started die
+    with the worker even when nothing of the worker ran at the end. Only where the worker leads
+    its own process group (the host starts it so); best effort: without ``/bin/sh``, none.
+    """
+    try:
+        pgid = os.getpgid(0)
+        if pgid != os.getpid() or not hasattr(os, "posix_spawn") or not os.path.exists("/bin/sh"):
+            return
+        read_end, write_end = os.pipe()  # neither is inherited by the worker's own children
+        try:
+            os.posix_spawn(
+                "/bin/sh",
+                ["sh", "-c", _SENTINEL, "sh", str(pgid)],
+                {},  # it needs none, and carries none of the adapter's (secrets, markers)
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, read_end, 0),
+                    # Not the worker's stderr: the host reads that to its end.
+                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+                ],
+            )
+        finally:
+            os.close(read_end)
+    except (OSError, AttributeError, ValueError) as exc:
+        log.warning("no group sentinel (the adapter's child processes may outlive a killed worker): %s", exc)
+        return
+    _sentinel_fds.append(write_end)
+
+    # A child forked without exec (multiprocessing's default) would keep the pipe open after
+    # the worker died, and so hold the sentinel back: it drops its copy first thing.
+    def forget_in_child():
+        try:
+            os.close(write_end)
+        except OSError:
+            pass
+
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=forget_in_child)
 
 
 def _die_with_group(*_):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 import unittest.mock
 
@@ -1176,3 +1177,52 @@ def _alive(pid):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+_SENTINEL_SCRIPT = r"""
+import os, signal, subprocess, sys
+from snakepit import worker
+worker._start_group_sentinel()
+child = subprocess.Popen(["sleep", "60"])
+print(child.pid, flush=True)
+if sys.argv[1] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)  # nothing of the worker runs at its end
+os._exit(0)
+"""
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "process groups and /proc")
+class GroupSentinelTests(unittest.TestCase):
+    """The processes a worker started die with it, even when it is killed with SIGKILL."""
+
+    def child_outlives(self, how):
+        env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+        # A session (and process group) of its own, as the host gives each worker.
+        out = subprocess.run(
+            [sys.executable, "-c", _SENTINEL_SCRIPT, how],
+            capture_output=True,
+            text=True,
+            cwd=PYTHON_DIR,
+            env=env,
+            timeout=TIMEOUT,
+            start_new_session=True,
+        )
+        pid = int(out.stdout.split()[0])
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    # A zombie has died; only its reaping (by init here) is left.
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        return False
+            except FileNotFoundError:
+                return False
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+        return True
+
+    def test_children_die_when_the_worker_is_killed(self):
+        self.assertFalse(self.child_outlives("kill"), "the worker's child outlived a SIGKILL of the worker")
+
+    def test_children_die_when_the_worker_exits(self):
+        self.assertFalse(self.child_outlives("exit"), "the worker's child outlived the worker's exit")
