@@ -53,6 +53,7 @@ pub enum Error {
     /// The Python command raised an exception.
     Python(RemoteError),
     /// The worker process running the call died.
+    #[non_exhaustive]
     WorkerDied {
         /// The worker's process id.
         pid: u32,
@@ -63,6 +64,9 @@ pub enum Error {
         /// True when this call did nothing wrong: the worker was killed because another call
         /// it was running at the same time (thread profile) overran its deadline.
         collateral: bool,
+        /// Why the pool itself killed the worker, if it did (so a `Signal(9)` here is not
+        /// mistaken for the kernel's OOM killer); `None` when it died on its own.
+        killed_by: Option<KilledBy>,
     },
     /// The pool's queue is full; the call was not queued.
     QueueFull {
@@ -121,6 +125,43 @@ pub enum TimeoutKind {
     Startup,
     /// The pool's shutdown grace period ended before the call finished.
     Shutdown,
+}
+
+/// Why the pool killed a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum KilledBy {
+    /// A call on it overran its deadline (in the thread profile with `kill_on_timeout`, the
+    /// other calls it ran fail as collateral).
+    CallTimeout,
+    /// Its process tree's memory passed `max_memory_hard`.
+    MemoryLimit,
+    /// It did not answer a health check within `health_timeout`.
+    HealthCheck,
+    /// It broke the wire protocol.
+    Protocol,
+    /// Thread profile: every call slot was held by a call that timed out; it was replaced,
+    /// then killed.
+    Wedged,
+    /// It failed to start, or the pool stopped while it started.
+    Startup,
+    /// The shutdown grace period ended while it ran calls.
+    Shutdown,
+}
+
+impl fmt::Display for KilledBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KilledBy::CallTimeout => "a call overran its deadline",
+            KilledBy::MemoryLimit => "its memory passed max_memory_hard",
+            KilledBy::HealthCheck => "it did not answer a health check",
+            KilledBy::Protocol => "it broke the protocol",
+            KilledBy::Wedged => "every call slot was held by a timed-out call",
+            KilledBy::Startup => "it failed to start",
+            KilledBy::Shutdown => "the shutdown grace period ended",
+        })
+    }
 }
 
 /// How a worker process ended.
@@ -198,10 +239,12 @@ impl fmt::Display for Error {
             }
             Error::Timeout(kind) => write!(f, "timed out: {kind}"),
             Error::Python(e) => write!(f, "python exception: {e}"),
-            Error::WorkerDied { pid, exit, stderr, collateral } => {
+            Error::WorkerDied { pid, exit, stderr, collateral, killed_by } => {
                 write!(f, "worker died: pid {pid}, {exit}")?;
                 if *collateral {
                     f.write_str(", killed for another call's time-out")?;
+                } else if let Some(why) = killed_by {
+                    write!(f, ", killed by the pool: {why}")?;
                 }
                 if let Some(last) = stderr.last() {
                     write!(f, " (last stderr line: {last})")?;
@@ -237,18 +280,10 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Error::Spawn { source, .. } => Some(source),
-            Error::Startup { error: Some(e), .. } => Some(e),
-            Error::Python(e) => Some(e),
-            Error::Io(e) => Some(e),
-            Error::Json(e) => Some(e),
-            _ => None,
-        }
-    }
-}
+/// Every message says all it knows in its `Display` (what a program prints), so `source()` is
+/// `None`: returning the inner error too would print its text twice in an error chain
+/// (`anyhow`'s `{:#}`, `eyre`). The inner errors stay reachable through the variants' fields.
+impl std::error::Error for Error {}
 
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
@@ -287,9 +322,13 @@ impl Error {
             Error::FrameTooLarge { size, max } => Error::FrameTooLarge { size: *size, max: *max },
             Error::Timeout(k) => Error::Timeout(*k),
             Error::Python(e) => Error::Python(e.clone()),
-            Error::WorkerDied { pid, exit, stderr, collateral } => {
-                Error::WorkerDied { pid: *pid, exit: *exit, stderr: stderr.clone(), collateral: *collateral }
-            }
+            Error::WorkerDied { pid, exit, stderr, collateral, killed_by } => Error::WorkerDied {
+                pid: *pid,
+                exit: *exit,
+                stderr: stderr.clone(),
+                collateral: *collateral,
+                killed_by: *killed_by,
+            },
             Error::QueueFull { max_queue } => Error::QueueFull { max_queue: *max_queue },
             Error::Degraded { last_error } => Error::Degraded { last_error: last_error.clone() },
             Error::ShuttingDown => Error::ShuttingDown,
@@ -319,20 +358,48 @@ mod tests {
             exit: ExitKind::Signal(9),
             stderr: vec!["boom".into()],
             collateral: false,
+            killed_by: None,
         };
         assert_eq!(e.to_string(), "worker died: pid 42, signal 9 (last stderr line: boom)");
+        let e = Error::WorkerDied {
+            pid: 42,
+            exit: ExitKind::Signal(9),
+            stderr: vec![],
+            collateral: false,
+            killed_by: Some(KilledBy::MemoryLimit),
+        };
+        assert_eq!(
+            e.to_string(),
+            "worker died: pid 42, signal 9, killed by the pool: its memory passed max_memory_hard"
+        );
         assert_eq!(Error::Timeout(TimeoutKind::Queue).to_string(), "timed out: waiting in the queue");
         let e = Error::config("size", "must be at least 1");
         assert_eq!(e.to_string(), "invalid setting `size`: must be at least 1");
     }
 
+    /// The messages of an error chain, as `anyhow`'s `{:#}` prints them.
+    fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+        let mut out = vec![e.to_string()];
+        let mut next = e.source();
+        while let Some(s) = next {
+            out.push(s.to_string());
+            next = s.source();
+        }
+        out
+    }
+
     #[test]
-    fn python_error_exposes_the_exception_as_source() {
+    fn an_error_chain_says_each_thing_once() {
         let remote =
             RemoteError { error_type: "ValueError".into(), message: "bad".into(), traceback: String::new() };
         let e = Error::Python(remote.clone());
-        let src = std::error::Error::source(&e).expect("source");
-        assert_eq!(src.to_string(), "ValueError: bad");
+        assert_eq!(chain(&e), ["python exception: ValueError: bad"]);
         assert!(matches!(e.duplicate(), Error::Python(r) if r == remote));
+        let io = Error::Io(io::Error::new(io::ErrorKind::NotFound, "no cache folder"));
+        assert_eq!(chain(&io), ["i/o: no cache folder"]);
+        let spawn =
+            Error::Spawn { program: "python3".into(), source: io::Error::from(io::ErrorKind::NotFound) };
+        assert_eq!(chain(&spawn).len(), 1);
+        assert!(chain(&spawn)[0].starts_with("spawning `python3`: "), "{:?}", chain(&spawn));
     }
 }

@@ -80,7 +80,7 @@ mod worker;
 pub use compat::ThreadSafety;
 pub use config::{PoolBuilder, PoolConfig, Profile};
 pub use config_file::{Config, POOL_KEYS};
-pub use error::{Error, ExitKind, RemoteError, Result, TimeoutKind};
+pub use error::{Error, ExitKind, KilledBy, RemoteError, Result, TimeoutKind};
 pub use events::Event;
 pub use policy::RecycleReason;
 pub use pool::{CallOptions, Pool};

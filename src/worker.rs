@@ -68,25 +68,9 @@ pub(crate) enum WorkerEvent {
     Exited(WorkerId, ExitKind),
 }
 
-/// Why the pool killed a worker, recorded before the signal so that the calls it was running
+/// Why the pool killed a worker: recorded before the signal, so that the calls it was running
 /// are answered with the right error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum KillReason {
-    /// A call on it overran its deadline; its other calls (thread profile) are collateral.
-    CallTimeout,
-    /// The shutdown grace period ended while it was running calls.
-    Shutdown,
-    /// Its process tree passed `max_memory_hard`.
-    HardMemory,
-    /// It did not answer a health check.
-    HealthCheck,
-    /// It broke the protocol.
-    Protocol,
-    /// It failed to start, or the pool stopped while it started.
-    Startup,
-    /// Thread profile: every slot was held by a call that timed out (replaced, then killed).
-    Wedged,
-}
+pub(crate) use crate::error::KilledBy as KillReason;
 
 /// How a call's exchange of frames with a worker ended.
 #[derive(Debug)]
@@ -446,6 +430,7 @@ impl Conn {
             exit: self.exit.lock().unwrap_or(ExitKind::Unknown),
             stderr: self.stderr_tail(),
             collateral: killed == Some(KillReason::CallTimeout),
+            killed_by: killed,
         }
     }
 

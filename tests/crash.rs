@@ -12,7 +12,7 @@ fn os_exit_fails_the_call_with_exit_code_and_stderr() {
     let pool = common::builder(2).build().unwrap();
     let before = common::worker_pids(&pool);
     match pool.call("exit_now", json!({"code": 13})).unwrap_err() {
-        Error::WorkerDied { pid, exit, stderr, collateral: false } => {
+        Error::WorkerDied { pid, exit, stderr, collateral: false, killed_by: None, .. } => {
             assert!(before.contains(&pid));
             assert_eq!(exit, ExitKind::Code(13));
             assert!(stderr.iter().any(|l| l.contains("about to exit with 13")), "{stderr:?}");

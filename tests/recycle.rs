@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::json;
-use snakepit::{Error, Event, RecycleReason};
+use snakepit::{Error, Event, KilledBy, RecycleReason};
 
 fn pid_of(v: &serde_json::Value) -> u32 {
     v.as_u64().unwrap() as u32
@@ -173,6 +173,27 @@ fn the_hard_memory_ceiling_kills_at_once() {
     assert!(common::settled(&pool));
     assert_ne!(pid_of(&pool.call("pid", json!({})).unwrap()), old);
     pool.shutdown().unwrap();
+}
+
+#[test]
+fn a_call_on_a_worker_killed_at_the_memory_ceiling_says_the_pool_killed_it() {
+    // Not to be mistaken for the kernel's OOM killer: the error says the pool did it, and why.
+    let pool = common::builder(1)
+        .max_memory_hard(80 << 20)
+        .reaper_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let old = common::worker_pids(&pool)[0];
+    let err = pool.call("hog_and_wait", json!({"mb": 120, "seconds": 30})).unwrap_err();
+    match &err {
+        Error::WorkerDied { pid, killed_by: Some(KilledBy::MemoryLimit), collateral: false, .. } => {
+            assert_eq!(*pid, old)
+        }
+        other => panic!("expected WorkerDied killed by the memory limit, got {other:?}"),
+    }
+    assert!(err.to_string().contains("killed by the pool: its memory passed max_memory_hard"), "{err}");
+    pool.shutdown().unwrap();
+    common::assert_gone(&[old], Duration::from_secs(5));
 }
 
 #[test]

@@ -56,6 +56,14 @@ fn a_missing_adapter_module_is_named() {
     match &err {
         Error::Startup { message, error: Some(remote) } => {
             assert!(message.contains("no_such_adapter_module"), "{message}");
+            // Which interpreter could not import it (a venv's python, or the system's?).
+            let python = std::process::Command::new("python3")
+                .args(["-c", "import sys; print(sys.executable, end='')"])
+                .output()
+                .unwrap()
+                .stdout;
+            let python = String::from_utf8(python).unwrap();
+            assert!(message.contains(&format!("(python {python})")), "{message} should name {python}");
             assert_eq!(remote.error_type, "ModuleNotFoundError");
         }
         other => panic!("expected a start-up error, got {other:?}"),

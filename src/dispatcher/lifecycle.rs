@@ -78,7 +78,8 @@ impl Dispatcher {
             Msg::Ready { info } => self.on_ready(id, info, now),
             Msg::StartupError { error } => {
                 let adapter = self.launch_adapter();
-                let message = format!("adapter `{adapter}`: {}", error.message);
+                let python = self.launch.interpreter();
+                let message = format!("adapter `{adapter}` (python {python}): {}", error.message);
                 self.startup_failed(id, Error::Startup { message, error: Some(error) }, now);
             }
             other => {
@@ -200,7 +201,8 @@ impl Dispatcher {
         match s.life {
             Life::Starting if killed.is_none() => {
                 let last = s.worker.conn.stderr_tail().last().cloned().unwrap_or_default();
-                let message = format!("worker exited before it was ready ({exit}): {last}");
+                let python = self.launch.interpreter();
+                let message = format!("worker (python {python}) exited before it was ready ({exit}): {last}");
                 self.startup_error(s.origin, Error::Startup { message, error: None }, now);
             }
             Life::Ready | Life::Draining if killed.is_none() => {

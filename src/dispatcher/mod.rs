@@ -124,6 +124,8 @@ impl Shared {
 /// How the dispatcher starts a worker: the seam its unit tests replace with fake workers.
 pub(crate) trait Launch: Send {
     fn launch(&mut self, id: WorkerId, events: Sender<WorkerEvent>, shared: &Arc<Shared>) -> Result<Worker>;
+    /// The interpreter the workers run (with the launcher, if any), named in start-up errors.
+    fn interpreter(&self) -> String;
 }
 
 /// Starts real Python processes.
@@ -138,6 +140,14 @@ impl Launch for Spawner {
             }
         });
         Worker::spawn(id, &self.0, events, on_late)
+    }
+
+    fn interpreter(&self) -> String {
+        let python = self.0.python.display().to_string();
+        match self.0.launcher.is_empty() {
+            true => python,
+            false => format!("{} {python}", self.0.launcher.join(" ")),
+        }
     }
 }
 

@@ -66,7 +66,7 @@ impl Dispatcher {
         let reason = if order.reason == RecycleReason::HealthCheck {
             KillReason::HealthCheck
         } else {
-            KillReason::HardMemory
+            KillReason::MemoryLimit
         };
         self.kill(order.worker, reason, now);
     }

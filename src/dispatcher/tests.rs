@@ -36,6 +36,10 @@ impl Launch for FakeLaunch {
         self.launched.lock().push(id);
         Ok(worker)
     }
+
+    fn interpreter(&self) -> String {
+        "fake".into()
+    }
 }
 
 struct Harness {
