@@ -16,6 +16,7 @@ const FILES: &[(&str, &str)] = &[
     ("snakepit/__main__.py", include_str!("../python/snakepit/__main__.py")),
     ("snakepit/protocol.py", include_str!("../python/snakepit/protocol.py")),
     ("snakepit/worker.py", include_str!("../python/snakepit/worker.py")),
+    ("snakepit/_logbridge.py", include_str!("../python/snakepit/_logbridge.py")),
     ("snakepit/demo.py", include_str!("../python/snakepit/demo.py")),
 ];
 
@@ -109,6 +110,18 @@ fn write_atomically(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_module_of_the_package_is_embedded() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/python/snakepit");
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".py") {
+                let path = format!("snakepit/{name}");
+                assert!(FILES.iter().any(|(f, _)| *f == path), "{path} is not in embed::FILES");
+            }
+        }
+    }
 
     #[test]
     fn package_is_written_once_with_every_file() {

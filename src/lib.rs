@@ -54,7 +54,8 @@
 //! ## Logging
 //!
 //! The library logs through the `log` crate and never installs a logger. Worker stderr lines
-//! are logged at `debug` under the target `snakepit::python`.
+//! are logged under the target `snakepit::python`: an adapter's `logging` records and
+//! `warnings` at their own level, anything else it prints at `debug`.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -133,6 +133,22 @@ fn shell_quote(arg: &str) -> String {
     format!("'{}'", arg.replace('\'', "'\\''"))
 }
 
+/// The level of a worker's stderr line and its text: a line the worker tagged (a Python log
+/// record or warning, see `python/snakepit/_logbridge.py`) keeps its level; any other line
+/// (`print`, a C library) is `debug`.
+fn log_level(line: &str) -> (log::Level, &str) {
+    let tagged = line.strip_prefix("\u{1e}snakepit:").and_then(|rest| rest.split_once('\u{1e}'));
+    let Some((name, text)) = tagged else { return (log::Level::Debug, line) };
+    let level = match name {
+        "CRITICAL" | "ERROR" => log::Level::Error,
+        "WARNING" => log::Level::Warn,
+        "INFO" => log::Level::Info,
+        "DEBUG" => log::Level::Debug,
+        _ => log::Level::Trace,
+    };
+    (level, text)
+}
+
 /// The name of a thread of the pool: what differs first, as Linux keeps only 15 bytes.
 pub(crate) fn thread_name(kind: &str, pool: &str) -> String {
     format!("sp-{kind}-{pool}").chars().take(15).collect()
@@ -943,8 +959,10 @@ impl Monitor {
             }
             text.truncate(cut);
         }
-        log::debug!(target: "snakepit::python", "[{}] worker {}: {text}", self.pool, self.conn.id);
-        self.conn.remember(text);
+        let (level, line) = log_level(&text);
+        log::log!(target: "snakepit::python", level, "[{}] worker {}: {line}", self.pool, self.conn.id);
+        let line = line.to_string();
+        self.conn.remember(line);
     }
 
     /// The process has exited: kill what is left of its group, reap it, take its last stderr
@@ -987,6 +1005,19 @@ impl Monitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tagged_stderr_lines_keep_their_python_level() {
+        assert_eq!(log_level("\u{1e}snakepit:WARNING\u{1e}careful"), (log::Level::Warn, "careful"));
+        assert_eq!(log_level("\u{1e}snakepit:CRITICAL\u{1e}x"), (log::Level::Error, "x"));
+        assert_eq!(log_level("\u{1e}snakepit:INFO\u{1e}"), (log::Level::Info, ""));
+        assert_eq!(log_level("\u{1e}snakepit:LEVEL 5\u{1e}y"), (log::Level::Trace, "y"));
+        assert_eq!(log_level("plain print"), (log::Level::Debug, "plain print"));
+        assert_eq!(
+            log_level("\u{1e}snakepit:WARNING no end"),
+            (log::Level::Debug, "\u{1e}snakepit:WARNING no end")
+        );
+    }
 
     #[test]
     fn shell_quoting_survives_a_shell() {

@@ -15,6 +15,7 @@ import traceback
 from types import SimpleNamespace
 
 import snakepit
+from snakepit import _logbridge
 from snakepit.protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -49,6 +50,8 @@ class _LazyLog:
 
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter(self.prefix.replace("%", "%%") + " %(levelname)s: %(message)s"))
+            plain = handler.format
+            handler.format = lambda record: _logbridge.tag_lines(record.levelname, plain(record))
             logger = logging.getLogger(__name__)
             logger.setLevel(self.level)
             logger.addHandler(handler)
@@ -344,6 +347,7 @@ def main(argv=None, *, exit_fast=True):
         log.error("%s", failure["error"]["message"])
         write(encode_frame(failure, args.max_frame_size))
         return EXIT_STARTUP
+    _logbridge.install()  # after the adapter's import: it may have configured logging
     write(encode_frame({"type": "ready", "info": worker.ready_info()}, args.max_frame_size))
     log.info("ready, serving %d commands", len(worker.names))
 
