@@ -729,7 +729,7 @@ fn parse_request(bytes: &[u8]) -> Result<Request, BadRequest> {
 fn error_kind(e: &Error) -> &'static str {
     match e {
         Error::Python(_) => "python",
-        Error::Timeout(_) => "timeout",
+        Error::Timeout { .. } => "timeout",
         Error::WorkerDied { .. } => "worker_died",
         Error::QueueFull { .. } => "queue_full",
         Error::Degraded { .. } => "degraded",

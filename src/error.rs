@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::io;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -48,8 +49,16 @@ pub enum Error {
         /// The limit in bytes.
         max: usize,
     },
-    /// A deadline passed; which one is in the [`TimeoutKind`].
-    Timeout(TimeoutKind),
+    /// A deadline passed.
+    #[non_exhaustive]
+    Timeout {
+        /// Which deadline.
+        kind: TimeoutKind,
+        /// The command, for a call's time-out.
+        command: Option<String>,
+        /// The deadline that passed (the call's timeout, or its queue timeout), for a call.
+        after: Option<Duration>,
+    },
     /// The Python command raised an exception.
     Python(RemoteError),
     /// The worker process running the call died.
@@ -177,6 +186,7 @@ pub enum ExitKind {
 
 /// A Python exception, as data: its type, message and formatted traceback.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct RemoteError {
     /// The exception's type, e.g. `ValueError` or `mymodule.MyError`.
     #[serde(rename = "type")]
@@ -186,6 +196,9 @@ pub struct RemoteError {
     /// The formatted traceback, empty if there is none.
     #[serde(default)]
     pub traceback: String,
+    /// The command that raised it (set by the pool; not part of the wire format).
+    #[serde(skip)]
+    pub command: Option<String>,
 }
 
 impl fmt::Display for TimeoutKind {
@@ -237,8 +250,18 @@ impl fmt::Display for Error {
             Error::FrameTooLarge { size, max } => {
                 write!(f, "frame too large: {size} bytes exceeds max_frame_size {max}")
             }
-            Error::Timeout(kind) => write!(f, "timed out: {kind}"),
-            Error::Python(e) => write!(f, "python exception: {e}"),
+            Error::Timeout { kind, command, after } => {
+                write!(f, "timed out: {kind}")?;
+                match (command, after) {
+                    (Some(c), Some(a)) => write!(f, " (`{c}`, deadline {a:?})"),
+                    (Some(c), None) => write!(f, " (`{c}`)"),
+                    _ => Ok(()),
+                }
+            }
+            Error::Python(e) => match &e.command {
+                Some(c) => write!(f, "python exception in `{c}`: {e}"),
+                None => write!(f, "python exception: {e}"),
+            },
             Error::WorkerDied { pid, exit, stderr, collateral, killed_by } => {
                 write!(f, "worker died: pid {pid}, {exit}")?;
                 if *collateral {
@@ -298,6 +321,35 @@ impl From<serde_json::Error> for Error {
 }
 
 impl Error {
+    /// A time-out of `kind`, before the call it belongs to is known.
+    pub(crate) fn timeout(kind: TimeoutKind) -> Self {
+        Error::Timeout { kind, command: None, after: None }
+    }
+
+    /// Which deadline passed, if this is a time-out.
+    pub fn timeout_kind(&self) -> Option<TimeoutKind> {
+        match self {
+            Error::Timeout { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    /// Names the call an error belongs to: the command in time-outs and Python exceptions, and
+    /// the deadline that passed (`timeout`, or `queue_timeout` for a time-out in the queue).
+    pub(crate) fn in_call(self, name: &str, timeout: Duration, queue_timeout: Duration) -> Self {
+        match self {
+            Error::Timeout { kind, command: None, .. } if kind != TimeoutKind::Startup => {
+                let after = if kind == TimeoutKind::Queue { queue_timeout } else { timeout };
+                Error::Timeout { kind, command: Some(name.to_string()), after: Some(after) }
+            }
+            Error::Python(mut e) => {
+                e.command.get_or_insert_with(|| name.to_string());
+                Error::Python(e)
+            }
+            other => other,
+        }
+    }
+
     /// Shorthand for [`Error::Config`].
     pub(crate) fn config(setting: &str, message: impl Into<String>) -> Self {
         Error::Config { setting: setting.to_string(), message: message.into() }
@@ -320,7 +372,9 @@ impl Error {
             }
             Error::Protocol(m) => Error::Protocol(m.clone()),
             Error::FrameTooLarge { size, max } => Error::FrameTooLarge { size: *size, max: *max },
-            Error::Timeout(k) => Error::Timeout(*k),
+            Error::Timeout { kind, command, after } => {
+                Error::Timeout { kind: *kind, command: command.clone(), after: *after }
+            }
             Error::Python(e) => Error::Python(e.clone()),
             Error::WorkerDied { pid, exit, stderr, collateral, killed_by } => Error::WorkerDied {
                 pid: *pid,
@@ -372,7 +426,25 @@ mod tests {
             e.to_string(),
             "worker died: pid 42, signal 9, killed by the pool: its memory passed max_memory_hard"
         );
-        assert_eq!(Error::Timeout(TimeoutKind::Queue).to_string(), "timed out: waiting in the queue");
+        assert_eq!(Error::timeout(TimeoutKind::Queue).to_string(), "timed out: waiting in the queue");
+        let call =
+            Error::timeout(TimeoutKind::Call).in_call("embed", Duration::from_millis(50), Duration::ZERO);
+        assert_eq!(call.to_string(), "timed out: running the call (`embed`, deadline 50ms)");
+        assert_eq!(call.timeout_kind(), Some(TimeoutKind::Call));
+        let queued = Error::timeout(TimeoutKind::Queue).in_call(
+            "embed",
+            Duration::from_secs(1),
+            Duration::from_millis(5),
+        );
+        assert_eq!(queued.to_string(), "timed out: waiting in the queue (`embed`, deadline 5ms)");
+        let remote = RemoteError {
+            error_type: "ValueError".into(),
+            message: "bad".into(),
+            traceback: String::new(),
+            command: None,
+        };
+        let e = Error::Python(remote).in_call("fit", Duration::ZERO, Duration::ZERO);
+        assert_eq!(e.to_string(), "python exception in `fit`: ValueError: bad");
         let e = Error::config("size", "must be at least 1");
         assert_eq!(e.to_string(), "invalid setting `size`: must be at least 1");
     }
@@ -390,8 +462,12 @@ mod tests {
 
     #[test]
     fn an_error_chain_says_each_thing_once() {
-        let remote =
-            RemoteError { error_type: "ValueError".into(), message: "bad".into(), traceback: String::new() };
+        let remote = RemoteError {
+            error_type: "ValueError".into(),
+            message: "bad".into(),
+            traceback: String::new(),
+            command: None,
+        };
         let e = Error::Python(remote.clone());
         assert_eq!(chain(&e), ["python exception: ValueError: bad"]);
         assert!(matches!(e.duplicate(), Error::Python(r) if r == remote));

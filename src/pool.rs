@@ -118,7 +118,7 @@ impl PoolBuilder {
             Ok(Ok(())) => {}
             // The dispatcher has killed the workers; dropping the pool joins its threads.
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(Error::Timeout(TimeoutKind::Startup)),
+            Err(_) => return Err(Error::timeout(TimeoutKind::Startup)),
         }
         pool.start_housekeeper()?;
         Ok(pool)
@@ -257,10 +257,24 @@ impl Pool {
             Some(q) => deadline.min(enqueued.checked_add(q).unwrap_or(far)),
             None => deadline,
         };
+        let queue_timeout = self.config.queue_timeout.map_or(timeout, |q| q.min(timeout));
+        self.run(command, id, &frame, enqueued, (queue_deadline, deadline))
+            .map_err(|e| e.in_call(command, timeout, queue_timeout))
+    }
+
+    /// Runs an admitted call to its one outcome.
+    fn run(
+        &self,
+        command: &str,
+        id: u64,
+        frame: &Arc<Vec<u8>>,
+        enqueued: Instant,
+        (queue_deadline, deadline): (Instant, Instant),
+    ) -> Result<Value> {
         // A worker found dead (or untrustworthy) at checkout never saw the call: try another,
         // until the call's queue deadline (each such worker is closed, so none is tried twice).
         loop {
-            let lease = self.lease(command, &frame, queue_deadline)?;
+            let lease = self.lease(command, frame, queue_deadline)?;
             let started = Instant::now();
             if !lease.sent && started >= queue_deadline {
                 // Its time ran out before a worker took it: a queue time-out, which costs no
@@ -271,10 +285,10 @@ impl Pool {
                 board.record_queue_timeout();
                 drop(board);
                 self.shared.apply(fx);
-                return Err(Error::Timeout(TimeoutKind::Queue));
+                return Err(Error::timeout(TimeoutKind::Queue));
             }
             let what = Sending::Call { sent: lease.sent };
-            let exchange = lease.conn.exchange(&frame, id, deadline, what);
+            let exchange = lease.conn.exchange(frame, id, deadline, what);
             if let Some(result) = self.finish(lease, exchange, (id, command), enqueued, started, deadline) {
                 return result;
             }
@@ -304,7 +318,7 @@ impl Pool {
             Ok(lease) => return Ok(lease),
             Err(Missed::Timeout) => {
                 if self.shared.board.lock().withdraw(place) {
-                    return Err(Error::Timeout(TimeoutKind::Queue));
+                    return Err(Error::timeout(TimeoutKind::Queue));
                 }
                 // A lease was handed to us just as the deadline passed; it is on its way.
                 rx.recv_deadline(Instant::now() + HANDOFF_WAIT).ok()
@@ -362,7 +376,7 @@ impl Pool {
                     self.config.name,
                     lease.worker
                 );
-                (how, Err(Error::Timeout(TimeoutKind::Call)))
+                (how, Err(Error::timeout(TimeoutKind::Call)))
             }
             Exchange::Died => {
                 let err = conn.death_error(deadline);
@@ -409,7 +423,7 @@ impl Pool {
             .send(Request::RecycleWorker { worker: id, reply: tx })
             .map_err(|_| Error::ShuttingDown)?;
         let bound = self.config.startup_timeout + DISPATCHER_SLACK;
-        rx.recv_timeout(bound).unwrap_or(Err(Error::Timeout(TimeoutKind::Startup)))
+        rx.recv_timeout(bound).unwrap_or(Err(Error::timeout(TimeoutKind::Startup)))
     }
 
     /// A rolling restart (e.g. after deploying new Python code): recycles every worker that is
@@ -477,7 +491,7 @@ impl Pool {
                             self.config.name,
                             report.calls_cut
                         );
-                        result = Err(Error::Timeout(TimeoutKind::Shutdown));
+                        result = Err(Error::timeout(TimeoutKind::Shutdown));
                     }
                 }
                 Err(_) => {
@@ -485,7 +499,7 @@ impl Pool {
                         "[{}] shutdown: the dispatcher did not finish within {bound:?}",
                         self.config.name
                     );
-                    return Err(Error::Timeout(TimeoutKind::Shutdown));
+                    return Err(Error::timeout(TimeoutKind::Shutdown));
                 }
             }
         }

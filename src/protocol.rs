@@ -195,9 +195,12 @@ pub(crate) struct FrameBuf {
 impl FrameBuf {
     /// The smallest read.
     const CHUNK: usize = 64 * 1024;
+    /// The most the buffer grows by at once: a header is not trusted with more (it may be
+    /// garbage, and its size is checked against the limit only by `next_frame`).
+    const STEP: usize = 4 * 1024 * 1024;
 
-    /// Room to read into, after the bytes already held: at least 64 KiB, or enough for the
-    /// rest of a frame whose header has arrived (its size checked by `next_frame` first).
+    /// Room to read into, after the bytes already held: at least 64 KiB, or as much of the
+    /// rest of a frame whose header has arrived as one step allows.
     pub(crate) fn spare(&mut self) -> &mut [u8] {
         if self.start == self.end {
             self.start = 0;
@@ -212,7 +215,7 @@ impl FrameBuf {
             self.start = 0;
         }
         let pending = self.frame_len().map_or(0, |len| (4 + len).saturating_sub(self.end));
-        let want = self.end + pending.max(Self::CHUNK);
+        let want = self.end + pending.clamp(Self::CHUNK, Self::STEP);
         if self.buf.len() < want {
             self.buf.resize(want, 0);
         }
@@ -338,6 +341,7 @@ mod tests {
                     error_type: "ValueError".into(),
                     message: "bad".into(),
                     traceback: "Traceback...".into(),
+                    command: None,
                 },
             },
             Msg::Ping { id: 4 },
@@ -415,6 +419,18 @@ mod tests {
         fb.filled(wire.len());
         fb.skip(junk);
         assert_eq!(decode(fb.next_frame(DEFAULT_MAX_FRAME).unwrap().unwrap()).unwrap(), ready);
+    }
+
+    #[test]
+    fn frame_buf_never_trusts_a_header_with_a_large_allocation() {
+        // Text that is no frame ("hell" read as a length of 1.75 GB), as an interpreter that
+        // prints at start-up sends.
+        let mut fb = FrameBuf::default();
+        let text = b"hello from sitecustomize\n";
+        fb.spare()[..text.len()].copy_from_slice(text);
+        fb.filled(text.len());
+        assert!(fb.spare().len() <= FrameBuf::STEP, "room for at most one step");
+        assert!(fb.buf.len() <= FrameBuf::STEP + text.len());
     }
 
     #[test]

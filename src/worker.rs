@@ -434,7 +434,7 @@ impl Conn {
         let _ = self.reported.recv_deadline(bound);
         let killed = *self.killed.lock();
         if killed == Some(KillReason::Shutdown) {
-            return Error::Timeout(TimeoutKind::Shutdown);
+            return Error::timeout(TimeoutKind::Shutdown);
         }
         if killed == Some(KillReason::Protocol) {
             if let Some(e) = &*self.broken.lock() {

@@ -25,8 +25,8 @@ impl Seen {
         match result {
             Ok(_) => self.ok += 1,
             Err(Error::Python(_)) => self.python += 1,
-            Err(Error::Timeout(TimeoutKind::Call)) => self.call_timeouts += 1,
-            Err(Error::Timeout(TimeoutKind::Queue)) => self.queue_timeouts += 1,
+            Err(Error::Timeout { kind: TimeoutKind::Call, .. }) => self.call_timeouts += 1,
+            Err(Error::Timeout { kind: TimeoutKind::Queue, .. }) => self.queue_timeouts += 1,
             Err(other) => {
                 eprintln!("unexpected outcome: {other:?}");
                 self.other += 1;
@@ -217,10 +217,10 @@ fn a_process_pool_counts_each_call_as_its_caller_saw_it_by_the_time_it_returns()
         match (&result, i % 6) {
             (Ok(v), 0 | 3) => assert_eq!(v, &json!(i + 1)),
             (Err(Error::Python(e)), 1) => assert_eq!(e.message, format!("boom {i}")),
-            (Err(Error::Timeout(TimeoutKind::Call)), 2) => {}
-            (Ok(_) | Err(Error::Timeout(_)), 4 | 5) => {}
+            (Err(Error::Timeout { kind: TimeoutKind::Call, .. }), 2) => {}
+            (Ok(_) | Err(Error::Timeout { .. }), 4 | 5) => {}
             // A fresh replacement may not be ready yet for a short call: a queue time-out.
-            (Err(Error::Timeout(TimeoutKind::Queue)), _) => {}
+            (Err(Error::Timeout { kind: TimeoutKind::Queue, .. }), _) => {}
             (other, _) => panic!("call {i}: unexpected {other:?}"),
         }
         seen.count(&result);

@@ -74,8 +74,8 @@ fn thread_profile_late_replies_racing_time_outs_give_every_slot_back() {
                             CallOptions::new().timeout(draw.micros(2000, 3500)),
                         );
                         match r {
-                            Ok(_) | Err(Error::Timeout(TimeoutKind::Queue)) => {}
-                            Err(Error::Timeout(TimeoutKind::Call)) => timeouts += 1,
+                            Ok(_) | Err(Error::Timeout { kind: TimeoutKind::Queue, .. }) => {}
+                            Err(Error::Timeout { kind: TimeoutKind::Call, .. }) => timeouts += 1,
                             Err(e) => panic!("unexpected {e:?}"),
                         }
                     }
@@ -246,7 +246,7 @@ fn a_call_whose_retries_run_out_is_counted_and_answered_by_its_deadline_rules() 
             stats.calls_ok, stats.calls_failed, stats.timeouts
         ));
     }
-    if matches!(result, Err(Error::Timeout(TimeoutKind::Queue))) && took < timeout {
+    if matches!(result, Err(Error::Timeout { kind: TimeoutKind::Queue, .. })) && took < timeout {
         wrong.push(format!("Timeout(Queue) after {took:?}, before its {timeout:?} deadline"));
     }
     assert!(wrong.is_empty(), "the call got {result:?}:\n{}", wrong.join("\n"));

@@ -56,10 +56,10 @@ fn calls_still_running_after_the_grace_period_are_cut() {
         );
         let started = Instant::now();
         let result = pool.shutdown();
-        assert!(matches!(result, Err(Error::Timeout(TimeoutKind::Shutdown))), "{result:?}");
+        assert!(matches!(result, Err(Error::Timeout { kind: TimeoutKind::Shutdown, .. })), "{result:?}");
         // Bounded: grace + SIGTERM step, far from the 30 s the call wanted.
         assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
-        assert!(matches!(running.join().unwrap(), Err(Error::Timeout(TimeoutKind::Shutdown))));
+        assert!(matches!(running.join().unwrap(), Err(Error::Timeout { kind: TimeoutKind::Shutdown, .. })));
     });
     common::assert_gone(&pids, Duration::from_secs(5));
 }

@@ -91,7 +91,7 @@ fn a_worker_that_never_gets_ready_times_out_the_build() {
         .startup_timeout(Duration::from_millis(500))
         .build()
         .unwrap_err();
-    assert!(matches!(err, Error::Timeout(TimeoutKind::Startup)), "{err:?}");
+    assert!(matches!(err, Error::Timeout { kind: TimeoutKind::Startup, .. }), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(
         common::wait_until(Duration::from_secs(5), || my_workers("slow").is_empty()),

@@ -117,7 +117,7 @@ fn a_timed_out_call_does_not_kill_its_co_tenants() {
             json!({"seconds": 1.0}),
             CallOptions::new().timeout(Duration::from_millis(200)),
         );
-        assert!(matches!(late, Err(Error::Timeout(TimeoutKind::Call))), "{late:?}");
+        assert!(matches!(late, Err(Error::Timeout { kind: TimeoutKind::Call, .. })), "{late:?}");
         // The timed-out call's thread is still busy: its slot stays taken until it returns.
         assert!(pool.stats().unwrap().workers[0].in_flight >= 1);
         assert_eq!(neighbour.join().unwrap().unwrap()["tag"], json!("n"), "the co-tenant finished");
@@ -141,7 +141,7 @@ fn kill_on_timeout_fails_co_tenants_as_collateral() {
             json!({"seconds": 3.0}),
             CallOptions::new().timeout(Duration::from_millis(200)),
         );
-        assert!(matches!(late, Err(Error::Timeout(TimeoutKind::Call))), "{late:?}");
+        assert!(matches!(late, Err(Error::Timeout { kind: TimeoutKind::Call, .. })), "{late:?}");
         match neighbour.join().unwrap().unwrap_err() {
             Error::WorkerDied { collateral: true, .. } => {}
             other => panic!("expected collateral WorkerDied, got {other:?}"),
@@ -222,7 +222,7 @@ fn a_recycled_thread_worker_left_with_only_timed_out_calls_is_killed() {
             json!({"seconds": 60}),
             CallOptions::new().timeout(Duration::from_millis(100)),
         );
-        assert!(matches!(late, Err(Error::Timeout(TimeoutKind::Call))), "{late:?}");
+        assert!(matches!(late, Err(Error::Timeout { kind: TimeoutKind::Call, .. })), "{late:?}");
         std::thread::sleep(Duration::from_millis(400));
         let live = pool.stats().unwrap().workers.len();
         assert!(live <= 2, "a worker and at most its replacement, found {live}");

@@ -16,7 +16,7 @@ fn a_hung_call_times_out_and_the_pool_regains_full_capacity() {
         .call_with("sleep", json!({"seconds": 30}), CallOptions::new().timeout(Duration::from_millis(300)))
         .unwrap_err();
     let waited = started.elapsed();
-    assert!(matches!(err, Error::Timeout(TimeoutKind::Call)), "{err:?}");
+    assert!(matches!(err, Error::Timeout { kind: TimeoutKind::Call, .. }), "{err:?}");
     assert!(waited >= Duration::from_millis(300), "returned before its deadline: {waited:?}");
     assert!(waited < Duration::from_secs(5), "waited far past its deadline: {waited:?}");
     // The worker running it was killed and replaced (and reaped: `settled`).
@@ -47,7 +47,7 @@ fn a_call_that_waits_too_long_in_the_queue_gets_a_queue_timeout() {
         );
         let started = Instant::now();
         let err = pool.call("add", json!([1, 2])).unwrap_err();
-        assert!(matches!(err, Error::Timeout(TimeoutKind::Queue)), "{err:?}");
+        assert!(matches!(err, Error::Timeout { kind: TimeoutKind::Queue, .. }), "{err:?}");
         assert!(started.elapsed() >= Duration::from_millis(200));
         // The busy call was not disturbed.
         assert_eq!(busy.join().unwrap().unwrap(), json!(1.0));
@@ -67,7 +67,7 @@ fn the_whole_deadline_covers_the_queue_too() {
         let err = pool
             .call_with("add", json!([1, 2]), CallOptions::new().timeout(Duration::from_millis(150)))
             .unwrap_err();
-        assert!(matches!(err, Error::Timeout(TimeoutKind::Queue)), "{err:?}");
+        assert!(matches!(err, Error::Timeout { kind: TimeoutKind::Queue, .. }), "{err:?}");
         assert!(busy.join().unwrap().is_ok());
     });
     pool.shutdown().unwrap();
@@ -79,7 +79,7 @@ fn a_call_already_past_its_deadline_costs_no_worker() {
     let pid = common::worker_pids(&pool);
     for _ in 0..20 {
         let err = pool.call_with("add", json!([1, 2]), CallOptions::new().timeout(Duration::from_nanos(1)));
-        assert!(matches!(err, Err(Error::Timeout(TimeoutKind::Queue))), "{err:?}");
+        assert!(matches!(err, Err(Error::Timeout { kind: TimeoutKind::Queue, .. })), "{err:?}");
     }
     assert_eq!(common::worker_pids(&pool), pid, "no worker was killed for it");
     assert_eq!(pool.stats().unwrap().restarts, 0);
@@ -106,4 +106,29 @@ fn a_full_queue_refuses_at_once() {
     let s = pool.stats().unwrap();
     assert_eq!(s.queue_high_water, 1);
     pool.shutdown().unwrap();
+}
+
+#[test]
+fn time_outs_and_python_errors_name_the_command_and_the_deadline() {
+    let pool = common::builder(1).build().unwrap();
+    let pids = common::worker_pids(&pool);
+    let late = pool
+        .call_with("sleep", json!({"seconds": 5}), CallOptions::new().timeout(Duration::from_millis(200)))
+        .unwrap_err();
+    match &late {
+        Error::Timeout { kind: TimeoutKind::Call, command: Some(c), after: Some(d), .. } => {
+            assert_eq!((c.as_str(), *d), ("sleep", Duration::from_millis(200)))
+        }
+        other => panic!("expected a call time-out naming its command, got {other:?}"),
+    }
+    assert_eq!(late.to_string(), "timed out: running the call (`sleep`, deadline 200ms)");
+    let raised = pool.call("boom", json!({"message": "kaput"})).unwrap_err();
+    match &raised {
+        Error::Python(e) => assert_eq!(e.command.as_deref(), Some("boom")),
+        other => panic!("expected a Python error, got {other:?}"),
+    }
+    assert!(raised.to_string().starts_with("python exception in `boom`: "), "{raised}");
+    let pids: Vec<u32> = pids.into_iter().chain(common::worker_pids(&pool)).collect();
+    pool.shutdown().unwrap();
+    common::assert_gone(&pids, Duration::from_secs(5));
 }

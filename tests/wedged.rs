@@ -31,7 +31,7 @@ fn a_thread_worker_whose_every_slot_is_held_by_timed_out_calls_is_replaced() {
             json!({"seconds": 30, "tag": i}),
             CallOptions::new().timeout(Duration::from_millis(200)),
         );
-        assert!(matches!(late, Err(Error::Timeout(TimeoutKind::Call))), "nap {i}: {late:?}");
+        assert!(matches!(late, Err(Error::Timeout { kind: TimeoutKind::Call, .. })), "nap {i}: {late:?}");
     }
     // Both slots are held by calls nobody waits for: a new worker must take the next call.
     let next = pool.call_with("pid", json!({}), CallOptions::new().timeout(Duration::from_secs(20)));

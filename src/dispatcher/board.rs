@@ -344,7 +344,7 @@ impl<T: Clone> Board<T> {
     pub(crate) fn record(&mut self, result: &Result<Value>) {
         match result {
             Ok(_) => self.counters.ok += 1,
-            Err(Error::Timeout(_)) => {
+            Err(Error::Timeout { .. }) => {
                 self.counters.failed += 1;
                 self.counters.timeouts += 1;
             }
@@ -354,7 +354,7 @@ impl<T: Clone> Board<T> {
 
     /// Counts a queue time-out of a caller that a lease reached just too late.
     pub(crate) fn record_queue_timeout(&mut self) {
-        self.record(&Err(Error::Timeout(TimeoutKind::Queue)));
+        self.record(&Err(Error::timeout(TimeoutKind::Queue)));
     }
 
     /// Thread profile: the reply of a call whose caller gave up has come, so its slot is free.
@@ -630,7 +630,7 @@ mod tests {
     fn abandoned_calls_hold_their_slots_until_their_late_replies_and_a_full_worker_is_wedged() {
         let mut b = board(&[(1, 2, None)]);
         let (x, y) = (run(&mut b), run(&mut b));
-        let timeout = Err(Error::Timeout(TimeoutKind::Call));
+        let timeout = Err(Error::timeout(TimeoutKind::Call));
         let mut fx = Fx::default();
         b.give_back(x, Return::Abandoned, Some((&timeout, Q, Q)), &mut fx);
         assert!(fx.notices.is_empty());
@@ -655,7 +655,7 @@ mod tests {
         let x = run(&mut b);
         // The caller gave up; the reply came before the caller reached the board.
         b.late_reply(1, &mut Fx::default());
-        let timeout = Err(Error::Timeout(TimeoutKind::Call));
+        let timeout = Err(Error::timeout(TimeoutKind::Call));
         b.give_back(x, Return::Abandoned, Some((&timeout, Q, Q)), &mut Fx::default());
         let seat = b.seat(1).unwrap();
         assert_eq!((seat.busy, seat.abandoned), (0, 0), "no slot leaked");
@@ -693,7 +693,7 @@ mod tests {
         let mut b = board(&[(1, 1, None), (2, 1, None)]);
         let (x, y) = (run(&mut b), run(&mut b));
         let mut fx = Fx::default();
-        let timeout = Err(Error::Timeout(TimeoutKind::Call));
+        let timeout = Err(Error::timeout(TimeoutKind::Call));
         b.give_back(x, Return::Kill(KillReason::CallTimeout), Some((&timeout, Q, Q)), &mut fx);
         b.give_back(y, Return::Unusable, None, &mut fx);
         assert!(fx.notices.contains(&Notice::Kill(1, KillReason::CallTimeout)));

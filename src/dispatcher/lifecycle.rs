@@ -251,7 +251,7 @@ impl Dispatcher {
         let message = format!("worker {id} sent no `ready` within {:?}", self.cfg.startup_timeout);
         log::warn!("[{}] {message}", self.cfg.name);
         let err = match self.phase {
-            Phase::Starting(_) => Error::Timeout(TimeoutKind::Startup),
+            Phase::Starting(_) => Error::timeout(TimeoutKind::Startup),
             _ => Error::Startup { message, error: None },
         };
         self.startup_failed(id, err, now);
