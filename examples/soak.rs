@@ -484,7 +484,7 @@ fn watchdog(p: Arc<Progress>, budget: Duration, every: Duration) {
             give_up();
         }
         if now.duration_since(last_print) >= every {
-            let rate = (done - last_done) as f64 / now.duration_since(last_print).as_secs_f64();
+            let rate = done.saturating_sub(last_done) as f64 / now.duration_since(last_print).as_secs_f64();
             eprintln!(
                 "soak: [{:>6.0} s] {phase}: {done}/{} calls, {rate:.0} calls/s",
                 p.started.elapsed().as_secs_f64(),

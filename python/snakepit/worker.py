@@ -396,6 +396,7 @@ def _exit_fast(code):
                 stream.flush()
         except Exception:
             pass
+    _kill_adopted()
     os._exit(code)
 
 
@@ -632,6 +633,7 @@ def _watch_parent(parent_pid):
     """Make the worker die with its parent; False if the parent is already gone."""
     if sys.platform.startswith("linux"):
         _set_parent_death_signal()
+        _become_subreaper()
     ppid = os.getppid()
     if parent_pid is not None and ppid != parent_pid:
         return False
@@ -711,12 +713,51 @@ def _start_group_sentinel():
 
 def _die_with_group(*_):
     """Exit at once, killing the worker's process group if it leads one."""
+    _kill_adopted()
     try:
         if os.getpgid(0) == os.getpid():
             os.killpg(os.getpid(), _SIGKILL)
     except (AttributeError, OSError):  # no process groups (Windows) or no permission
         pass
     os._exit(EXIT_ORPHANED)
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper():
+    """prctl(PR_SET_CHILD_SUBREAPER): a daemon the adapter starts (double fork and setsid,
+    which leaves this worker's process group) is re-parented to this worker instead of init,
+    so the worker can still find it, and kills it when it stops (_kill_adopted)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except Exception:
+        pass  # best effort: without it, such a daemon outlives the worker
+
+
+def _kill_adopted():
+    """SIGKILL this worker's child processes that left its process group (daemons it adopted
+    as their subreaper); the group sentinel takes care of the group."""
+    try:
+        me, group = os.getpid(), os.getpgid(0)
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            # After the command name: state, ppid, pgrp.
+            if int(fields[1]) == me and int(fields[2]) != group:
+                try:
+                    os.kill(int(name), _SIGKILL)
+                except OSError:
+                    pass
+    except (OSError, AttributeError, ValueError, IndexError):
+        pass
 
 
 def _watchdog(ppid):
