@@ -8,6 +8,10 @@ payload only, not the header.
 import json
 import os
 import struct
+from array import array as _array
+from collections import deque as _deque
+from itertools import chain, compress, repeat
+from operator import is_
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
@@ -90,6 +94,313 @@ def _make_decoder():
 
 _encode = _make_encoder()
 _decode = _make_decoder()
+
+
+# --- exactness of a reply's value ------------------------------------------------------
+#
+# json.dumps writes some values that the host (serde_json, without arbitrary precision) does
+# not read back as they were: it turns int, float, bool and None dict keys into strings
+# ({1: "a", "1": "b"} arrives as {"1": "b"}), and it writes integers of any size, where the
+# host holds only -2**63 .. 2**64-1 exactly (a larger one becomes a float, or fails to
+# decode). So a reply's value passes two checks beyond the encoder's own (which refuses NaN,
+# Infinity and whatever is not JSON): reaches_host_exactly, cheap, and describe_problem, slow,
+# which says what is wrong and where when the first one fails.
+
+INT_MIN = -(1 << 63)  # the host's integers: i64 and u64
+INT_MAX = (1 << 64) - 1
+
+_LEAVES = frozenset((str, float, bool, type(None)))
+_join = "".join
+_chain = chain.from_iterable
+_conjugate = float.conjugate  # TypeError for anything but a float: a C-speed type check
+_dict_values = dict.values
+
+
+def reaches_host_exactly(value):
+    """Cheap check of a value the encoder accepted: True when every dict key in ``value`` is
+    a str and every integer is within INT_MIN .. INT_MAX. False means "look closer"
+    (describe_problem): something is wrong, or the value holds subclasses of int, dict, list
+    or tuple, which this check leaves to the closer look.
+
+    Only dicts, lists and tuples are gone into. The items of a small container are checked
+    one by one (those of the value itself right here: most replies are a small dict or list);
+    a container of more than _SMALL items is checked in bags of items of one type, one C-level
+    pass per bag (_bags_ok).
+    """
+    kind = type(value)
+    nested = None  # the containers found in a small dict or list, for _walk_ok
+    if kind is dict:
+        if len(value) > _SMALL:
+            return _walk_ok([value])
+        for key in value:
+            if type(key) is not str and not isinstance(key, str):
+                return False
+            item = value[key]
+            kind = type(item)
+            if kind is int:
+                if not -0x8000000000000000 <= item <= 0xFFFFFFFFFFFFFFFF:  # INT_MIN .. INT_MAX
+                    return False
+            elif kind is not str and kind not in _LEAVES:
+                if nested is None:
+                    nested = [item]
+                else:
+                    nested.append(item)
+    elif kind is list:
+        if len(value) > _SMALL:
+            return _walk_ok([value])
+        for item in value:
+            kind = type(item)
+            if kind is int:
+                if not -0x8000000000000000 <= item <= 0xFFFFFFFFFFFFFFFF:
+                    return False
+            elif kind is not str and kind not in _LEAVES:
+                if nested is None:
+                    nested = [item]
+                else:
+                    nested.append(item)
+    elif kind in _LEAVES:  # NaN and Infinity never get here: the encoder refuses them
+        return True
+    elif kind is int:
+        return INT_MIN <= value <= INT_MAX
+    else:
+        return _walk_ok([value])
+    return nested is None or _walk_ok(nested)
+
+
+_SMALL = 32  # items: a larger container goes to _bags_ok, whose C passes cost more to start
+
+
+def _walk_ok(stack):
+    """reaches_host_exactly for every item of ``stack`` (a list it empties): an explicit-stack
+    walk that pushes only containers (and subclasses of the JSON types)."""
+    push = stack.append
+    pop = stack.pop
+    while stack:
+        node = pop()
+        kind = type(node)
+        if kind is dict:
+            if len(node) > _SMALL:
+                if not _bags_ok([[node]]):
+                    return False
+                continue
+            for key in node:
+                if type(key) is not str and not isinstance(key, str):
+                    return False
+            items = node.values()
+        elif kind is list or kind is tuple:
+            if len(node) > _SMALL:
+                if not _bags_ok([node]):
+                    return False
+                continue
+            items = node
+        elif kind is int:  # the value itself (items that are ints are checked below)
+            if not INT_MIN <= node <= INT_MAX:
+                return False
+            continue
+        elif kind in _LEAVES or issubclass(kind, (str, float)):
+            continue
+        else:  # a subclass of int, dict, list or tuple
+            return False
+        for item in items:
+            kind = type(item)
+            if kind is int:
+                if not -0x8000000000000000 <= item <= 0xFFFFFFFFFFFFFFFF:
+                    return False
+            elif kind is not str and kind not in _LEAVES:
+                push(item)
+    return True
+
+
+def _bags_ok(bags):
+    """reaches_host_exactly for every item of ``bags``: lists or tuples of items, not empty.
+
+    A bag of one type is checked in one C-level pass: "".join for strings (it copies them,
+    still far cheaper than encoding them), float.conjugate for floats, array("q") for integers
+    (it holds the i64 range; above that, a Python loop), a set of types for the rest.
+    Containers are not visited one by one either: the items of a bag of lists become one bag;
+    the keys of a bag of dicts are checked together (the set of them, "".join again) and their
+    values become one bag per column when the dicts have equal sizes (records, whose columns
+    tend to hold one type each), else one bag. A bag of mixed types is split by type, by C
+    code too.
+    """
+    pop = bags.pop
+    push = bags.append
+    while bags:
+        bag = pop()
+        first = type(bag[0])
+        try:
+            if first is str:
+                _join(bag)
+                continue
+            if first is float:
+                _deque(map(_conjugate, bag), 0)  # consumed by C code, nothing kept
+                continue
+            if first is int:
+                _array("q", bag)
+                continue
+        except (TypeError, OverflowError):
+            pass  # not of one type, or integers beyond i64: see below
+        kinds = set(map(type, bag))
+        if kinds <= _LEAVES:
+            continue
+        if len(kinds) > 1:  # one bag per type that needs a look
+            for kind in kinds:
+                if kind not in _LEAVES:
+                    push(list(compress(bag, map(is_, map(type, bag), repeat(kind)))))
+            continue
+        if first is dict:
+            # Every key a str: "".join raises TypeError otherwise. For several dicts, the set of
+            # their keys stands for them all (a key that is not a str never equals one).
+            try:
+                _join(bag[0] if len(bag) == 1 else set().union(*bag))
+            except TypeError:
+                return False
+            if len(bag) == 1:
+                values = list(bag[0].values())
+            elif len(set(map(len, bag))) == 1:  # records: a bag per column
+                bags.extend(zip(*map(_dict_values, bag)))
+                continue
+            else:
+                values = list(_chain(map(_dict_values, bag)))
+            if values:
+                push(values)
+        elif first is list or first is tuple:
+            items = bag[0] if len(bag) == 1 else list(_chain(bag))
+            if items:
+                push(items)
+        elif first is int:  # integers beyond i64 (array refused them): some may still fit u64
+            for item in bag:
+                if not INT_MIN <= item <= INT_MAX:
+                    return False
+        elif not issubclass(first, (str, float)):  # a subclass of int, dict, list or tuple
+            return False
+    return True
+
+
+_CLOSE = object()  # describe_problem's marker: a container's items are all done
+_KEY = object()  # describe_problem's marker: a dict key to check
+
+
+def describe_problem(value, root="value"):
+    """The first thing in ``value``, in the order the encoder writes it, that does not reach the
+    host as itself: ``(error type name, text)`` with text like ``has a dict key 1 (an int) at
+    value["a"][3]: JSON object keys must be strings``; None when there is nothing.
+
+    Slow (Python code for every item): for a value the encoder refused, or one that
+    reaches_host_exactly did not pass. Finds non-str dict keys, integers out of the host's range,
+    NaN and Infinity, objects that are not JSON, containers that contain themselves and strings
+    that UTF-8 cannot carry (lone surrogates).
+    """
+    stack = [(value, None, None)]  # (item, marker or None, path); a path is (parent path, key)
+    pop = stack.pop
+    push = stack.append
+    open_ids = set()  # the containers being written: meeting one again is a cycle
+    while stack:
+        item, marker, path = pop()
+        if marker is _CLOSE:
+            open_ids.discard(item)
+            continue
+        if marker is _KEY:
+            if not isinstance(item, str):
+                return "TypeError", (
+                    f"has a dict key {_short_repr(item)}{_type_note(item)} at {_place(root, path)}: "
+                    "JSON object keys must be strings"
+                )
+            if not _utf8_ok(item):
+                return "UnicodeEncodeError", (
+                    f"has a dict key with a lone surrogate, {_short_repr(item)}, at {_place(root, path)}: "
+                    "UTF-8 cannot carry it"
+                )
+            continue
+        if isinstance(item, str):
+            if not _utf8_ok(item):
+                return "UnicodeEncodeError", (
+                    f"has a string with a lone surrogate, {_short_repr(item)}, at {_place(root, path)}: "
+                    "UTF-8 cannot carry it"
+                )
+        elif item is None or item is True or item is False:
+            pass
+        elif isinstance(item, int):
+            if not INT_MIN <= item <= INT_MAX:
+                return "ValueError", (
+                    f"has {_describe_int(item)} at {_place(root, path)}: the host holds integers from "
+                    "-2**63 to 2**64-1 exactly; return a larger one as a string (or as a float, if "
+                    "rounding is acceptable)"
+                )
+        elif isinstance(item, float):
+            if item != item or item in (_INF, -_INF):
+                return "ValueError", f"has the float {item!r} at {_place(root, path)}: JSON has no NaN or Infinity"
+        elif isinstance(item, (dict, list, tuple)):
+            oid = id(item)
+            if oid in open_ids:
+                return "ValueError", (
+                    f"has a circular reference at {_place(root, path)}: a container that contains itself"
+                )
+            open_ids.add(oid)
+            push((oid, _CLOSE, None))
+            if isinstance(item, dict):
+                for key, child in reversed(list(item.items())):
+                    push((child, None, (path, key)))
+                    push((key, _KEY, path))
+            else:
+                for index in range(len(item) - 1, -1, -1):
+                    push((item[index], None, (path, index)))
+        else:
+            return "TypeError", f"has {_article(type(item).__qualname__)} at {_place(root, path)}: it is not JSON-serialisable"
+    return None
+
+
+_INF = float("inf")
+
+
+def _utf8_ok(text):
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _place(root, path):
+    """``value["a"][3]`` for a path of (parent, key) pairs; a long one keeps its ends."""
+    parts = []
+    while path is not None:
+        path, key = path
+        parts.append(f"[{key}]" if type(key) is int else "[" + _short_repr(key, quote=True) + "]")
+    parts.reverse()
+    if len(parts) > 24:
+        parts[10:-10] = [f"...({len(parts) - 20} more levels)..."]
+    return root + "".join(parts)
+
+
+def _short_repr(obj, quote=False, limit=60):
+    try:
+        text = json.dumps(obj, ensure_ascii=False) if quote and isinstance(obj, str) else repr(obj)
+    except Exception:
+        text = f"<unprintable {type(obj).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _type_note(key):
+    if key is None:
+        return ""
+    return f" ({_article(type(key).__qualname__)})"
+
+
+def _article(name):
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
+
+
+def _describe_int(number):
+    """``the integer 18446744073709551616``, or for a long one ``an integer of 401 digits``."""
+    size = abs(number)
+    if size.bit_length() <= 256:
+        return f"the integer {int(number)}"
+    digits = int(size.bit_length() * 0.30102999566398120)  # log10(2); at most one short
+    if size >= 10**digits:
+        digits += 1
+    sign = "a negative" if number < 0 else "an"
+    return f"{sign} integer of {digits} digits"
 
 
 class ProtocolError(Exception):

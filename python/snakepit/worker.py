@@ -21,7 +21,9 @@ from snakepit.protocol import (
     PROTOCOL_VERSION,
     FrameTooLarge,
     ProtocolError,
+    describe_problem,
     encode_frame,
+    reaches_host_exactly,
     read_frame,
     write_all,
 )
@@ -204,25 +206,37 @@ class Worker:
     def respond(self, msg):
         """Handle ``msg`` and return its encoded reply frame, or None.
 
-        A reply that cannot be encoded (not JSON, NaN, too large) is replaced
-        by an error reply saying why.
+        A reply that cannot be encoded (not JSON, NaN, too large), or whose value would not
+        reach the host as itself (a dict key that is not a str, an integer outside
+        -2**63 .. 2**64-1), is replaced by an error reply saying why and where in the value.
         """
         reply = self._call(msg) if msg["type"] == "call" else self.handle(msg)
         if reply is None:
             return None
         try:
-            return encode_frame(reply, self.max_frame_size)
+            data = encode_frame(reply, self.max_frame_size)
         except FrameTooLarge as exc:
             kind = "FrameTooLarge"
             text = f"is {exc.size} bytes, above the maximum frame size of {exc.limit} bytes"
         except Exception as exc:  # TypeError/ValueError from json, UnicodeEncodeError, RecursionError
             kind = _type_name(type(exc))
             text = f"is not JSON-serialisable: {_text(exc)}"
+            if reply["type"] == "result":  # say what, and where in the value
+                kind, text = _value_problem(reply["value"]) or (kind, text)
+        else:
+            # A value the encoder took may still not reach the host as itself (non-str dict
+            # keys, integers beyond 64 bits): a cheap check, and a closer look only if it fails.
+            if reply["type"] != "result" or reaches_host_exactly(reply["value"]):
+                return data
+            problem = _value_problem(reply["value"])
+            if problem is None:
+                return data
+            kind, text = problem
         if reply["type"] == "result":
             what = f"result of command {msg.get('command')!r}"
         else:
             what = f"{reply['type']} reply to a {msg['type']!r} message"
-        return encode_frame(_error_reply(reply.get("id"), kind, f"{what} {text}"), self.max_frame_size)
+        return _error_frame(reply.get("id"), kind, f"{what} {text}", self.max_frame_size)
 
     def handle(self, msg):
         """Return the reply dict for one decoded message, or None for no reply.
@@ -446,6 +460,30 @@ def _reply_sender(write):
             raise
 
     return send
+
+
+def _error_frame(rid, kind, message, limit):
+    """The frame of an error reply, its message cut short (ending in "...") if the whole would
+    be larger than ``limit``: a small max_frame_size must not turn an error into a failure to
+    report it."""
+    while True:
+        try:
+            return encode_frame(_error_reply(rid, kind, message), limit)
+        except FrameTooLarge as exc:
+            if not message:
+                raise
+            # Bytes over, in characters: at least as many (JSON escapes and UTF-8 only add bytes).
+            keep = len(message) - (exc.size - exc.limit) - 3
+            message = message[:keep] + "..." if keep > 0 else ""
+
+
+def _value_problem(value):
+    """describe_problem(value), or None also when looking fails (a MemoryError, an object whose
+    isinstance check raises): the caller then keeps the message it has."""
+    try:
+        return describe_problem(value)
+    except Exception:
+        return None
 
 
 def _request_id(msg):

@@ -279,6 +279,214 @@ class JsonEquivalenceTests(unittest.TestCase):
                     self.assertEqual(got, expected)
 
 
+class _IntKind(int):
+    pass
+
+
+def _nested(value, levels):
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def _records(n, extra=None, at=None):
+    rows = [{"id": i, "name": f"n{i}", "score": i / 7, "ok": i % 2 == 0, "tags": ["a", str(i)], "none": None} for i in range(n)]
+    if extra is not None:
+        rows[at].update(extra)
+    return rows
+
+
+_VALID = [
+    None,
+    True,
+    "text",
+    1.5,
+    0,
+    protocol.INT_MIN,
+    protocol.INT_MAX,
+    2**63,  # above i64, within u64
+    {},
+    [],
+    (),
+    {"x": 1},
+    [1, "a", 2.5, None, True, -(2**63), 2**64 - 1],
+    {"a": 1, "b": "two", "c": [1, 2, {"d": (3, 4)}]},
+    list(range(-5000, 5000)),
+    [2**64 - 1 - i for i in range(100)],  # beyond i64: array("q") refuses them, all within u64
+    [i / 3 for i in range(1000)],
+    [str(i) for i in range(1000)],
+    [True, False] * 100,
+    [None] * 100,
+    [1, 2.5, "x", None, True] * 50,  # one bag of mixed types
+    {f"k{i}": i for i in range(100)},  # a dict too large to check key by key
+    {f"k{i}": [i, {"v": i}] for i in range(100)},
+    _records(200),
+    _records(200) + [{"other": 1}],  # dicts of unequal sizes
+    [[i, i + 1] for i in range(500)],
+    [(i, str(i)) for i in range(500)],
+    [[], {}, (), [[]]] * 20,
+    _nested([1, {"k": 2**64 - 1}], 500),
+    {"data": "x" * 100000},
+    {_Str("sub"): _Float(0.5), "s": [_Str("t")] * 50},  # str and float subclasses are written as themselves
+]
+
+
+class ExactnessTests(unittest.TestCase):
+    """reaches_host_exactly (cheap) and describe_problem (exact): what json.dumps writes but the
+    host would not read back as it was, wherever it sits in a value."""
+
+    def assertProblem(self, value, kind, *parts):
+        if _outcome(lambda v: _dumps(v).encode("utf-8"), value)[0] == "ok":  # what encode_frame takes
+            self.assertFalse(protocol.reaches_host_exactly(value))
+        problem = protocol.describe_problem(value)
+        self.assertIsNotNone(problem)
+        self.assertEqual(problem[0], kind, problem)
+        for part in parts:
+            self.assertIn(part, problem[1])
+        return problem[1]
+
+    def test_valid_values_pass_both_checks(self):
+        for i, value in enumerate(_VALID):
+            with self.subTest(i=i, value=repr(value)[:60]):
+                self.assertTrue(protocol.reaches_host_exactly(value))
+                self.assertIsNone(protocol.describe_problem(value))
+
+    def test_message_names_the_key_its_type_and_the_place(self):
+        text = self.assertProblem({"a": [0, 1, 2, {1: "x"}]}, "TypeError")
+        self.assertEqual(text, 'has a dict key 1 (an int) at value["a"][3]: JSON object keys must be strings')
+
+    def test_every_key_that_is_not_a_str_is_refused_even_without_a_collision(self):
+        for key, note in ((1, "1 (an int)"), (2.5, "2.5 (a float)"), (True, "True (a bool)"), (None, "None"), ((1, 2), "(1, 2) (a tuple)")):
+            with self.subTest(key=key):
+                self.assertProblem({key: "v"}, "TypeError", f"has a dict key {note} at value:", "must be strings")
+
+    def test_a_key_that_collides_with_a_str_key_is_refused(self):
+        self.assertProblem({1: "a", "1": "b"}, "TypeError", "dict key 1 (an int) at value:")
+        self.assertEqual(json.loads(_dumps({1: "a", "1": "b"})), {"1": "b"})  # what json.dumps would send
+
+    def test_integers_outside_the_hosts_range_are_refused(self):
+        cases = [
+            (2**64, "the integer 18446744073709551616"),
+            (2**64 + 1, "the integer 18446744073709551617"),
+            (-(2**63) - 1, "the integer -9223372036854775809"),
+            (10**400, "an integer of 401 digits"),
+            (-(10**400), "a negative integer of 401 digits"),
+            (10**399, "an integer of 400 digits"),
+            (_IntKind(2**70), "the integer 1180591620717411303424"),
+        ]
+        for number, described in cases:
+            with self.subTest(number=described):
+                self.assertProblem(number, "ValueError", f"has {described} at value:", "-2**63 to 2**64-1")
+
+    def test_the_edges_of_the_range_pass(self):
+        for number in (protocol.INT_MIN, protocol.INT_MIN + 1, -1, 0, 2**63 - 1, 2**63, protocol.INT_MAX):
+            with self.subTest(number=number):
+                for value in (number, [number], [number] * 40, {"n": number}, _records(40, {"id": number}, 39)):
+                    self.assertTrue(protocol.reaches_host_exactly(value))
+                    self.assertIsNone(protocol.describe_problem(value))
+
+    def test_problems_are_found_wherever_they_are(self):
+        """Small containers are checked item by item and large ones in bags: a bad key or a bad
+        integer is caught in each shape, and the place is exact."""
+        big = 2**64
+        shapes = [
+            (lambda bad: [bad], "value[0]"),
+            (lambda bad: [0] * 40 + [bad], "value[40]"),  # an int bag that array("q") refuses
+            (lambda bad: [0.5] * 40 + [bad], "value[40]"),  # a float bag with one int: a mixed bag
+            (lambda bad: ["s"] * 40 + [bad], "value[40]"),
+            (lambda bad: {**{f"k{i}": i for i in range(40)}, "bad": bad}, 'value["bad"]'),
+            (lambda bad: _records(100, {"id": bad}, 70), 'value[70]["id"]'),  # a column of records
+            (lambda bad: _records(100, {"tags": ["a", bad]}, 70), 'value[70]["tags"][1]'),
+            (lambda bad: _records(100, {"more": bad}, 70), 'value[70]["more"]'),  # unequal sizes
+            (lambda bad: [[i, i] for i in range(50)] + [[1, bad]], "value[50][1]"),
+            (lambda bad: _nested([1, bad], 6), "value" + "[0]" * 6 + "[1]"),
+            (lambda bad: [(1, "x")] * 40 + [(bad,)], "value[40][0]"),
+        ]
+        for make, place in shapes:
+            with self.subTest(place=place, problem="integer"):
+                self.assertProblem(make(big), "ValueError", "has the integer 18446744073709551616")
+                self.assertIn(f" at {place}: ", protocol.describe_problem(make(big))[1])
+            with self.subTest(place=place, problem="key"):
+                self.assertProblem(make({7: "x"}), "TypeError", "dict key 7 (an int)")
+                self.assertProblem(make([{"a": 1}] * 40 + [{7: "x"}]), "TypeError", "dict key 7 (an int)")
+
+    def test_a_bad_key_among_many_dicts_is_caught(self):
+        rows = _records(500)
+        rows[321] = {**rows[321], 5: "five"}
+        self.assertProblem(rows, "TypeError", "dict key 5 (an int) at value[321]:")
+        rows = _records(500)
+        rows[321] = {("a",): 1, **rows[321]}
+        self.assertProblem(rows, "TypeError", "dict key ('a',) (a tuple) at value[321]:")
+        mixed = [{"a": 1}, {"a": 1, "b": 2}] * 30 + [{None: 1}]
+        self.assertProblem(mixed, "TypeError", "dict key None at value[60]:")
+
+    def test_nan_and_infinity_are_named_with_their_place(self):
+        for number, shown in ((float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf")):
+            with self.subTest(number=shown):
+                self.assertProblem({"xs": [0.5, number]}, "ValueError", f'has the float {shown} at value["xs"][1]:', "NaN or Infinity")
+
+    def test_objects_that_are_not_json_are_named_with_their_place(self):
+        for obj, shown in (({1, 2}, "a set"), (object(), "an object"), (b"x", "a bytes"), (1j, "a complex")):
+            with self.subTest(shown=shown):
+                self.assertProblem({"a": [obj]}, "TypeError", f'has {shown} at value["a"][0]:', "not JSON-serialisable")
+
+    def test_cycles_are_named_and_shared_references_are_not_cycles(self):
+        loop = {"a": []}
+        loop["a"].append(loop)
+        self.assertProblem(loop, "ValueError", 'has a circular reference at value["a"][0]:')
+        shared = [1, {"k": 2}]
+        self.assertIsNone(protocol.describe_problem([shared, shared, {"s": shared}]))
+
+    def test_lone_surrogates_are_named_with_their_place(self):
+        self.assertProblem(["ok", "bad \udcff"], "UnicodeEncodeError", "a string with a lone surrogate", "at value[1]:")
+        self.assertProblem({"k": {"\ud800": 1}}, "UnicodeEncodeError", "a dict key with a lone surrogate", 'at value["k"]:')
+
+    def test_the_first_problem_in_the_order_json_writes_is_the_one_named(self):
+        self.assertProblem({"a": float("nan"), "b": {1: 2}}, "ValueError", 'at value["a"]')
+        self.assertProblem({"b": {1: 2}, "a": float("nan")}, "TypeError", 'at value["b"]')
+        self.assertProblem([2**64, {1: 2}], "ValueError", "at value[0]")
+
+    def test_places_quote_keys_as_json_and_shorten_deep_paths(self):
+        text = self.assertProblem({'qu"ote': {"日本": [{1: 0}]}}, "TypeError")
+        self.assertIn('at value["qu\\"ote"]["日本"][0]:', text)
+        text = self.assertProblem(_nested({1: 0}, 100), "TypeError")
+        self.assertIn("more levels", text)
+        self.assertLess(len(text), 300)
+
+    def test_subclasses_are_left_to_the_exact_check(self):
+        from collections import OrderedDict
+
+        self.assertIsNone(protocol.describe_problem([_IntKind(5), OrderedDict(a=1), _Dict(b=[1])]))
+        self.assertProblem(OrderedDict([(1, "x")]), "TypeError", "dict key 1 (an int) at value:")
+        self.assertProblem([_IntKind(2**64)] * 40, "ValueError", "at value[0]")
+
+    def test_randomised_values_agree_with_the_exact_check(self):
+        import random
+
+        rng = random.Random(20261127)
+        bad = [lambda: {1: 0}, lambda: {None: 0}, lambda: 2**64, lambda: -(2**63) - 1, lambda: {2.5: 0}]
+        leaves = [lambda: rng.randint(-(2**63), 2**64 - 1), lambda: rng.random(), lambda: "s", lambda: None, lambda: True]
+
+        def make(depth):
+            roll = rng.random()
+            if depth > 3 or roll < 0.4:
+                return rng.choice(bad)() if rng.random() < 0.01 else rng.choice(leaves)()
+            size = rng.choice((0, 1, 3, 40, 80) if depth < 2 else (0, 1, 3))
+            if roll < 0.7:
+                return [make(depth + 1) for _ in range(size)]
+            if roll < 0.8:
+                return tuple(make(depth + 1) for _ in range(size))
+            return {f"k{rng.randint(0, 9)}{i}": make(depth + 1) for i in range(size)}
+
+        seen = {True: 0, False: 0}
+        for _ in range(400):
+            value = make(0)
+            problem = protocol.describe_problem(value)
+            self.assertEqual(protocol.reaches_host_exactly(value), problem is None, problem)
+            seen[problem is None] += 1
+        self.assertGreater(min(seen.values()), 20, seen)  # both outcomes were exercised
+
+
 class ReplyKeyOrderTests(unittest.TestCase):
     """The host reads the id of a reply it cannot decode from the frame's first bytes."""
 

@@ -144,8 +144,8 @@ class WorkerTests(unittest.TestCase):
             call("make_nan", id=2),
             call("add", [1, 1], id=3),
         )
-        self.assertError(replies[0], 1, "TypeError", "result of command 'make_set' is not JSON-serialisable")
-        self.assertError(replies[1], 2, "ValueError", "result of command 'make_nan' is not JSON-serialisable")
+        self.assertError(replies[0], 1, "TypeError", "result of command 'make_set' has a set at value: it is not JSON-serialisable")
+        self.assertError(replies[1], 2, "ValueError", "result of command 'make_nan' has the float nan at value: JSON has no NaN or Infinity")
         self.assertEqual(replies[2], {"type": "result", "id": 3, "value": 2})
 
     def test_oversized_result(self):
@@ -218,6 +218,167 @@ class WorkerTests(unittest.TestCase):
     def test_builtin_names_cannot_be_replaced(self):
         with self.assertRaisesRegex(ValueError, "echo"):
             Worker({"echo": add})
+
+
+class _Unlookable:
+    """isinstance() on it raises: even the closer look at a result fails."""
+
+    @property
+    def __class__(self):
+        raise RuntimeError("no class today")
+
+
+def _deeply_nested(levels):
+    value = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+_EXACT_VALUES = [
+    {"x": 1},
+    [1, "a", 2.5, None, True],
+    {"min": -(2**63), "max_i64": 2**63 - 1, "max_u64": 2**64 - 1, "neg": [-1, -(2**63)]},
+    {"é": "日本", "nested": [{"k": (1, 2)}, [], {}], "f": [1e300, -0.0, 5e-324]},
+    [i / 3 for i in range(10000)],
+    list(range(-(2**63), -(2**63) + 5000)) + [2**64 - 1 - i for i in range(5000)],
+    [{"id": i, "name": f"n{i}", "tags": ["a", "b"], "score": i * 0.5} for i in range(500)],
+]
+
+FIDELITY_COMMANDS = {
+    "int_keys": lambda: {"a": [0, 1, 2, {1: "x"}]},
+    "colliding_keys": lambda: {1: "a", "1": "b"},
+    "odd_key": lambda kind: {"k": {{"float": 2.5, "bool": True, "none": None}[kind]: "v"}},
+    "tuple_key": lambda: [{(1, 2): "v"}],
+    "number": lambda base, exp, add=0, sign=1: sign * base**exp + add,
+    "in_records": lambda n: [{"id": i, "n": 2**64 + i if i == 70 else i} for i in range(100)],
+    "nan_inside": lambda: {"xs": [0.5, float("nan")]},
+    "inf_inside": lambda: [[float("-inf")]],
+    "exact": lambda i: _EXACT_VALUES[i],
+    "bad_key_deep": lambda: {"a": {"b": [{7: 0}]}},
+    "unlookable": lambda: [_Unlookable()],
+    "too_deep": lambda: _deeply_nested(100_000),
+}
+
+
+class ReplyFidelityTests(unittest.TestCase):
+    """A result reaches the host as the value the command returned, or the call fails with an
+    error that names the command and the place in the value: dict keys that are not strings
+    and integers outside -2**63 .. 2**64-1, which json.dumps writes but the host cannot read
+    back as they were, as well as NaN, Infinity and objects that are not JSON."""
+
+    def setUp(self):
+        self.worker = Worker(FIDELITY_COMMANDS)
+
+    def error(self, command, args=None, id=1, worker=None):
+        (reply,) = exchange(worker or self.worker, call(command, args, id=id))
+        self.assertEqual(reply["type"], "error", reply)
+        self.assertEqual(reply["id"], id)
+        self.assertEqual(reply["error"]["traceback"], "")
+        return reply["error"]
+
+    def test_a_dict_key_that_is_not_a_str_names_the_command_the_key_and_the_place(self):
+        error = self.error("int_keys")
+        self.assertEqual(error["type"], "TypeError")
+        self.assertEqual(
+            error["message"],
+            "result of command 'int_keys' has a dict key 1 (an int) at value[\"a\"][3]: JSON object keys must be strings",
+        )
+
+    def test_a_key_colliding_with_a_str_key_is_an_error_not_a_lost_entry(self):
+        error = self.error("colliding_keys")
+        self.assertEqual(error["type"], "TypeError")
+        self.assertIn("result of command 'colliding_keys' has a dict key 1 (an int) at value:", error["message"])
+
+    def test_float_bool_none_and_tuple_keys_are_refused(self):
+        for kind, shown in (("float", "2.5 (a float)"), ("bool", "True (a bool)"), ("none", "None")):
+            with self.subTest(kind=kind):
+                error = self.error("odd_key", [kind])
+                self.assertEqual(error["type"], "TypeError")
+                self.assertIn(f"result of command 'odd_key' has a dict key {shown} at value[\"k\"]:", error["message"])
+        error = self.error("tuple_key")  # json.dumps itself refuses this one; now it has a place too
+        self.assertIn("has a dict key (1, 2) (a tuple) at value[0]:", error["message"])
+
+    def test_integers_outside_the_hosts_range_name_the_command_the_number_and_the_place(self):
+        cases = [
+            ([2, 64, 1], "the integer 18446744073709551617"),
+            ([2, 64], "the integer 18446744073709551616"),
+            ([2, 63, -1, -1], "the integer -9223372036854775809"),
+            ([10, 400], "an integer of 401 digits"),
+        ]
+        for args, shown in cases:
+            with self.subTest(shown=shown):
+                error = self.error("number", args)
+                self.assertEqual(error["type"], "ValueError")
+                self.assertIn(f"result of command 'number' has {shown} at value:", error["message"])
+                self.assertIn("-2**63 to 2**64-1", error["message"])
+        error = self.error("in_records", [100])
+        self.assertIn('has the integer 18446744073709551686 at value[70]["n"]:', error["message"])
+
+    def test_the_edges_of_the_range_are_sent_as_exact_integers(self):
+        for args, number in (([2, 63, -1], 2**63 - 1), ([2, 63, 0, -1], -(2**63)), ([2, 64, -1], 2**64 - 1)):
+            with self.subTest(number=number):
+                data = self.worker.respond(call("number", args, id=5))
+                self.assertEqual(data[4:], b'{"type":"result","id":5,"value":%d}' % number)
+
+    def test_nan_and_infinity_name_the_command_and_the_place(self):
+        error = self.error("nan_inside")
+        self.assertEqual(error["type"], "ValueError")
+        self.assertEqual(
+            error["message"], "result of command 'nan_inside' has the float nan at value[\"xs\"][1]: JSON has no NaN or Infinity"
+        )
+        self.assertIn("has the float -inf at value[0][0]:", self.error("inf_inside")["message"])
+
+    def test_valid_values_are_sent_byte_for_byte_as_json_dumps_writes_them(self):
+        import json
+
+        for i, value in enumerate(_EXACT_VALUES):
+            with self.subTest(i=i):
+                data = self.worker.respond(call("exact", [i], id=40 + i))
+                reply = {"type": "result", "id": 40 + i, "value": value}
+                self.assertEqual(data, encode_frame(reply))
+                self.assertEqual(data[4:], json.dumps(reply, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode())
+
+    def test_the_worker_goes_on_after_each_refusal(self):
+        replies = exchange(
+            self.worker,
+            call("int_keys", id=1),
+            call("number", [10, 400], id=2),
+            call("nan_inside", id=3),
+            call("exact", [0], id=4),
+        )
+        self.assertEqual([r["type"] for r in replies], ["error", "error", "error", "result"])
+        self.assertEqual(replies[3]["value"], {"x": 1})
+
+    def test_an_error_message_is_cut_to_fit_a_small_frame_limit(self):
+        worker = Worker(FIDELITY_COMMANDS, max_frame_size=160)  # the value fits; the full error would not
+        self.assertLess(len(encode_frame({"type": "result", "id": 9, "value": FIDELITY_COMMANDS["bad_key_deep"]()})), 100)
+        data = worker.respond(call("bad_key_deep", id=9))
+        self.assertLessEqual(len(data) - 4, 160)
+        error = read_frame(io.BytesIO(data), 160)["error"]
+        self.assertEqual(error["type"], "TypeError")
+        self.assertTrue(error["message"].startswith("result of command 'bad_key_deep' has a dict key 7"), error)
+        self.assertTrue(error["message"].endswith("..."), error)
+
+    def test_when_the_closer_look_fails_the_encoders_message_stays(self):
+        error = self.error("unlookable")  # json's default() trips over it too
+        self.assertEqual(error["type"], "RuntimeError")
+        self.assertEqual(error["message"], "result of command 'unlookable' is not JSON-serialisable: no class today")
+
+    def test_a_result_nested_too_deep_for_the_encoder_is_still_an_error(self):
+        error = self.error("too_deep")
+        self.assertEqual(error["type"], "RecursionError")
+        self.assertIn("result of command 'too_deep' is not JSON-serialisable: maximum recursion depth", error["message"])
+
+    def test_the_thread_profile_sends_the_same_replies(self):
+        messages = [call("int_keys", id=1), call("number", [2, 64, 1], id=2), call("exact", [2], id=3), call("nan_inside", id=4)]
+        write = WriteRecorder()
+        thread, outcome = serve_in_thread(self.worker, io.BytesIO(b"".join(encode_frame(m) for m in messages)), write, threads=2)
+        thread.join(TIMEOUT)
+        self.assertEqual(outcome, ["returned"])
+        replies = {f["id"]: f for f in write.frames()}
+        for msg in messages:
+            self.assertEqual(replies[msg["id"]], read_frame(io.BytesIO(self.worker.respond(msg))))
 
 
 class RegistryTests(unittest.TestCase):
