@@ -126,3 +126,32 @@ fn a_call_that_writes_more_to_stderr_than_a_pipe_holds_still_returns() {
     pool.shutdown().unwrap();
     common::assert_gone(&pids, Duration::from_secs(5));
 }
+
+/// This process's resident memory, from /proc.
+fn own_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    kib * 1024
+}
+
+#[test]
+fn a_worker_that_floods_stderr_without_newlines_does_not_grow_the_host() {
+    // 200 MiB of stderr with no newline: the host keeps at most one capped line of it.
+    let pool = common::builder(1).request_timeout(Duration::from_secs(60)).build().unwrap();
+    let pids = common::worker_pids(&pool);
+    let before = own_rss();
+    assert_eq!(pool.call("flood_stderr", json!({"mb": 200})).unwrap(), json!(200));
+    let grown = own_rss().saturating_sub(before);
+    assert!(grown < 32 << 20, "the host grew by {} MiB reading 200 MiB of stderr", grown >> 20);
+    assert_eq!(pool.call("add", json!([1, 2])).unwrap(), json!(3));
+    pool.shutdown().unwrap();
+    common::assert_gone(&pids, Duration::from_secs(5));
+}
