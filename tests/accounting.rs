@@ -66,23 +66,6 @@ fn completed_counter() -> (Arc<(AtomicU64, AtomicU64)>, impl Fn(&Event) + Send +
     (counts, callback)
 }
 
-/// A small deterministic generator (xorshift64*), so every run draws the same time-outs.
-struct Draw(u64);
-
-impl Draw {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// A duration between `lo` and `hi` microseconds.
-    fn micros(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_micros(lo + self.next() % (hi - lo + 1))
-    }
-}
-
 #[test]
 fn under_deadline_pressure_every_call_has_one_outcome_and_the_counters_agree_with_the_callers() {
     // Pins: a reply that arrives as its call's deadline passes is owned twice. Callers get
@@ -109,7 +92,8 @@ fn under_deadline_pressure_every_call_has_one_outcome_and_the_counters_agree_wit
             .map(|t| {
                 let pool = &pool;
                 s.spawn(move || {
-                    let mut draw = Draw(0x9e37_79b9_7f4a_7c15 ^ (t + 1).wrapping_mul(0x1234_5678_9abc_def1));
+                    let mut draw =
+                        common::Draw(0x9e37_79b9_7f4a_7c15 ^ (t + 1).wrapping_mul(0x1234_5678_9abc_def1));
                     let mut seen = Seen::default();
                     for _ in 0..CALLS {
                         // The call sleeps 3 ms; its deadline falls 3.0 to 4.5 ms after it is made.
@@ -191,7 +175,7 @@ fn a_process_pool_counts_each_call_as_its_caller_saw_it_by_the_time_it_returns()
         .collect();
     round_trips.sort();
     let typical = round_trips[round_trips.len() / 2].as_micros() as u64;
-    let mut draw = Draw(0x5eed_5eed_1234_5678);
+    let mut draw = common::Draw(0x5eed_5eed_1234_5678);
     for i in 0..240u64 {
         if i % 6 >= 4 {
             // An edge call goes straight to a ready worker, not into the queue behind a

@@ -430,26 +430,7 @@ fn arg(s: &str) -> OsString {
 /// so it is built here first (which does nothing when it is up to date).
 fn cli_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let exe = std::env::current_exe().expect("the test's own path");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_string(),
-            Some(other) => other.to_string(),
-        };
-        let mut build = Command::new(env!("CARGO"));
-        build
-            .args(["build", "--quiet", "--example", "snakepit", "--profile", &profile])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::null());
-        if let Some(target_dir) = profile_dir.parent() {
-            build.env("CARGO_TARGET_DIR", target_dir);
-        }
-        let child = build.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("cargo runs");
-        let out = Running::from_child(child).wait_for(Duration::from_secs(600));
-        out.assert_code(0);
-        profile_dir.join("examples").join("snakepit")
-    })
+    BINARY.get_or_init(|| common::example_binary("snakepit", Duration::from_secs(600)))
 }
 
 /// Runs the CLI with stdin closed and waits for it, bounded.

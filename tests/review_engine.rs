@@ -16,21 +16,6 @@ fn review(size: usize) -> PoolBuilder {
     common::builder(size).adapter("review_adapter")
 }
 
-/// A small deterministic generator (xorshift64*).
-struct Draw(u64);
-
-impl Draw {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn micros(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_micros(lo + self.next() % (hi - lo + 1))
-    }
-}
-
 fn all_pids(pool: &Pool, into: &mut Vec<u32>) {
     for p in common::worker_pids(pool) {
         if !into.contains(&p) {
@@ -63,7 +48,8 @@ fn thread_profile_late_replies_racing_time_outs_give_every_slot_back() {
             .map(|t| {
                 let pool = &pool;
                 s.spawn(move || {
-                    let mut draw = Draw(0x9e37_79b9_7f4a_7c15 ^ (t + 1).wrapping_mul(0x1234_5678_9abc_def1));
+                    let mut draw =
+                        common::Draw(0x9e37_79b9_7f4a_7c15 ^ (t + 1).wrapping_mul(0x1234_5678_9abc_def1));
                     let mut timeouts = 0u64;
                     for _ in 0..CALLS {
                         // Sleeps 2 ms; the deadline falls 2.0 to 3.5 ms after the call is made, so

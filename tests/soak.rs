@@ -7,8 +7,10 @@
 //! child processes sees only its own pools, not the test harness. Every wait is bounded: the
 //! example's watchdog ends it after `--budget-secs`, and this test kills it a little later.
 
+mod common;
+
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -77,28 +79,9 @@ fn a_short_soak_finds_no_mismatch_and_no_leak() {
     assert!(recycles > 0, "no worker was recycled by max_requests: {out:?}");
 }
 
-/// The built example, next to this test's binary (`target/<profile>/examples/soak`). `cargo
-/// test` builds the examples before the tests, but `cargo test --test soak` does not, so it is
-/// built here first (which does nothing when it is up to date).
+/// The soak example, built first if need be.
 fn soak_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => "dev".to_string(),
-        Some(other) => other.to_string(),
-    };
-    let mut build = Command::new(env!("CARGO"));
-    build
-        .args(["build", "--quiet", "--example", "soak", "--profile", &profile])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdin(Stdio::null());
-    if let Some(target_dir) = profile_dir.parent() {
-        build.env("CARGO_TARGET_DIR", target_dir);
-    }
-    let child = build.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("cargo runs");
-    let out = Finished::wait(child, BUILD_TIMEOUT);
-    assert_eq!(out.code, Some(0), "building the soak example failed:\n{out:?}");
-    profile_dir.join("examples").join("soak")
+    common::example_binary("soak", BUILD_TIMEOUT)
 }
 
 /// How a child process ended, with everything it wrote.

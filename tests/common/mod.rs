@@ -75,3 +75,56 @@ pub fn settled(pool: &Pool) -> bool {
         s.workers.len() == s.size && s.workers.iter().all(|w| w.state == snakepit::WorkerState::Ready)
     })
 }
+
+/// A small deterministic generator (xorshift64*), so every run draws the same values.
+pub struct Draw(pub u64);
+
+impl Draw {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A duration between `lo` and `hi` microseconds.
+    pub fn micros(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_micros(lo + self.next() % (hi - lo + 1))
+    }
+}
+
+/// The example `name`, built next to this test's binary (`target/<profile>/examples/<name>`).
+/// `cargo test` builds the examples before the tests, but `cargo test --test <file>` does not,
+/// so it is built here first (which does nothing when it is up to date). Bounded by `timeout`.
+pub fn example_binary(name: &str, timeout: Duration) -> PathBuf {
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_string(),
+        Some(other) => other.to_string(),
+    };
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args(["build", "--quiet", "--example", name, "--profile", &profile])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    if let Some(target_dir) = profile_dir.parent() {
+        build.env("CARGO_TARGET_DIR", target_dir);
+    }
+    let mut child = build.spawn().expect("cargo runs");
+    let mut status = None;
+    wait_until(timeout, || {
+        status = child.try_wait().expect("cargo can be waited for");
+        status.is_some()
+    });
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("building the example {name} took more than {timeout:?}");
+    };
+    assert!(status.success(), "building the example {name} failed: {status}");
+    profile_dir.join("examples").join(name)
+}
