@@ -17,6 +17,7 @@ const FILES: &[(&str, &str)] = &[
     ("snakepit/protocol.py", include_str!("../python/snakepit/protocol.py")),
     ("snakepit/worker.py", include_str!("../python/snakepit/worker.py")),
     ("snakepit/_logbridge.py", include_str!("../python/snakepit/_logbridge.py")),
+    ("snakepit/_keeper.py", include_str!("../python/snakepit/_keeper.py")),
     ("snakepit/demo.py", include_str!("../python/snakepit/demo.py")),
 ];
 

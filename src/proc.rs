@@ -3,6 +3,17 @@
 
 use std::collections::{HashMap, HashSet};
 
+/// The parent of `pid`, from `/proc/<pid>/stat`; `None` if it is gone.
+pub(crate) fn parent_of(pid: u32) -> Option<u32> {
+    ppid_in(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The parent's pid in the text of a `/proc/<pid>/stat`.
+fn ppid_in(stat: &str) -> Option<u32> {
+    // After the command name (which may hold spaces and parentheses): state, ppid.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Resident set size of a process, from the `VmRSS` line of `/proc/<pid>/status`.
 pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -24,10 +35,7 @@ impl ProcessTree {
             for entry in dir.flatten() {
                 let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
                 let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-                // The command name may hold spaces and parentheses: fields start after the last ')'.
-                let ppid =
-                    stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)?.parse().ok());
-                if let Some(ppid) = ppid {
+                if let Some(ppid) = ppid_in(&stat) {
                     children.entry(ppid).or_default().push(pid);
                 }
             }

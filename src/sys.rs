@@ -14,19 +14,30 @@ pub(crate) fn kill_group(pgid: u32, signal: i32) -> io::Result<()> {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "refusing to signal process group <= 1"));
     }
     // SAFETY: killpg takes plain integers and touches no memory of ours.
-    let rc = unsafe { libc::killpg(pgid, signal) };
-    if rc == 0 {
-        return Ok(());
+    signalled(unsafe { libc::killpg(pgid, signal) })
+}
+
+/// Sends `signal` to the one process `pid` (not its group). A process that no longer exists
+/// is not an error.
+pub(crate) fn kill(pid: u32, signal: i32) -> io::Result<()> {
+    let pid = pid as libc::pid_t;
+    if pid <= 1 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "refusing to signal pid <= 1"));
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ESRCH) {
-        Ok(())
-    } else {
-        Err(err)
+    // SAFETY: kill takes plain integers and touches no memory of ours.
+    signalled(unsafe { libc::kill(pid, signal) })
+}
+
+/// The result of `kill`/`killpg`: no such process is not an error.
+fn signalled(rc: libc::c_int) -> io::Result<()> {
+    match io::Error::last_os_error() {
+        _ if rc == 0 => Ok(()),
+        err if err.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        err => Err(err),
     }
 }
 
-pub(crate) use libc::{SIGKILL, SIGTERM};
+pub(crate) use libc::{SIGKILL, SIGTERM, SIGUSR1};
 
 /// Puts a file descriptor (our end of a worker's stdin pipe) in non-blocking mode, so a write
 /// never waits on a worker that is not reading.

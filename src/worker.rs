@@ -22,7 +22,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -43,6 +43,10 @@ pub(crate) type WorkerId = u64;
 /// removed before anything is imported.
 const BOOTSTRAP: &str =
     "import sys; sys.path.pop(0); from snakepit.worker import main; sys.exit(main(sys.argv[1:]))";
+
+/// What the keeper takes as "kill the worker and everything below it now" (see
+/// `python/snakepit/_keeper.py`, `KILL_SIGNAL`).
+const KEEPER_KILL: i32 = sys::SIGUSR1;
 
 /// How many lines of a worker's stderr are kept for error reports.
 const STDERR_LINES: usize = 20;
@@ -175,7 +179,15 @@ struct Waiting {
 /// callers holding leases on it.
 pub(crate) struct Conn {
     pub(crate) id: WorkerId,
+    /// The process we started: the worker's keeper (see `python/snakepit/_keeper.py`), or the
+    /// launcher. It leads the process group, and its exit is the worker's.
     pub(crate) pid: u32,
+    /// Whether `pid` is the keeper itself (no launcher between us), which kills the worker and
+    /// everything below it when sent [`KEEPER_KILL`].
+    keeper: bool,
+    /// The Python worker's own pid, from its `ready` frame; 0 until then, and under a launcher
+    /// (where it may be a pid on another machine).
+    worker_pid: AtomicU32,
     max_frame: usize,
     /// Our end of its stdin, non-blocking; `None` once closed.
     stdin: Mutex<Option<File>>,
@@ -215,6 +227,8 @@ impl Conn {
         Conn {
             id,
             pid,
+            keeper: false,
+            worker_pid: AtomicU32::new(0),
             max_frame,
             stdin: Mutex::new(Some(stdin)),
             stdout_fd: stdout.as_raw_fd(),
@@ -442,7 +456,7 @@ impl Conn {
             }
         }
         Error::WorkerDied {
-            pid: self.pid,
+            pid: self.worker_pid(),
             exit: self.exit.lock().unwrap_or(ExitKind::Unknown),
             stderr: self.stderr_tail(),
             collateral: killed == Some(KillReason::CallTimeout),
@@ -472,13 +486,54 @@ impl Conn {
         self.exited.load(Ordering::Acquire)
     }
 
-    /// Sends `signal` to the worker's process group unless the worker is already reaped.
+    /// Sends `signal` to the worker's process group unless the worker is already reaped. A
+    /// SIGKILL goes to the keeper as [`KEEPER_KILL`] instead, so that it takes down the daemons
+    /// the worker started too (a SIGKILL to the group would kill the keeper with the worker,
+    /// and such daemons, which left the group, would outlive both); [`Conn::force_kill`] is
+    /// the last resort if the keeper does not end.
     pub(crate) fn signal(&self, signal: i32) {
         let reaped = self.reaped.lock();
         if !*reaped {
-            if let Err(e) = sys::kill_group(self.pid, signal) {
+            let sent = if signal == sys::SIGKILL && self.keeper {
+                sys::kill(self.pid, KEEPER_KILL)
+            } else {
+                sys::kill_group(self.pid, signal)
+            };
+            if let Err(e) = sent {
                 log::warn!("worker {} (pid {}): signal {signal} failed: {e}", self.id, self.pid);
             }
+        }
+    }
+
+    /// SIGKILL to the whole process group, keeper included, unless the worker is reaped.
+    pub(crate) fn force_kill(&self) {
+        let reaped = self.reaped.lock();
+        if !*reaped {
+            if let Err(e) = sys::kill_group(self.pid, sys::SIGKILL) {
+                log::warn!("worker {} (pid {}): SIGKILL failed: {e}", self.id, self.pid);
+            }
+        }
+    }
+
+    /// Whether a kill goes through the keeper, which needs a moment (see [`Conn::signal`]).
+    pub(crate) fn has_keeper(&self) -> bool {
+        self.keeper
+    }
+
+    /// Records the Python worker's pid from its `ready` frame, if it is the keeper's child
+    /// (checked in `/proc`, so a wrong pid is never signalled or measured).
+    pub(crate) fn set_worker_pid(&self, pid: u32) {
+        if self.keeper && crate::proc::parent_of(pid) == Some(self.pid) {
+            self.worker_pid.store(pid, Ordering::Release);
+        }
+    }
+
+    /// The Python worker's pid: the one its commands see as `os.getpid()`, whose memory is
+    /// measured. The process we started until the worker is ready, and under a launcher.
+    pub(crate) fn worker_pid(&self) -> u32 {
+        match self.worker_pid.load(Ordering::Acquire) {
+            0 => self.pid,
+            pid => pid,
         }
     }
 
@@ -617,6 +672,7 @@ impl Worker {
             // Under a launcher (ssh, a container's exec) the worker's parent is not us.
             line.extend(["--parent-pid".to_string(), std::process::id().to_string()].map(OsString::from));
         }
+        line.push("--keeper".into());
         for (flag, value) in [
             ("--max-frame-size", spec.max_frame.to_string()),
             ("--worker-id", id.to_string()),
@@ -672,8 +728,9 @@ impl Worker {
             }
         };
         let (report, reported) = bounded::<()>(0);
-        let conn =
-            Arc::new(Conn::new(id, pid, spec.max_frame, stdin, stdout, exit_fd, spec.threads > 0, reported));
+        let mut conn = Conn::new(id, pid, spec.max_frame, stdin, stdout, exit_fd, spec.threads > 0, reported);
+        conn.keeper = spec.launcher.is_empty();
+        let conn = Arc::new(conn);
         let monitor = Monitor {
             conn: conn.clone(),
             child: Some(child),
@@ -913,7 +970,7 @@ impl Monitor {
             "[{}] worker {} (pid {}) broke the protocol: {err}",
             self.pool,
             self.conn.id,
-            self.conn.pid
+            self.conn.worker_pid()
         );
         self.conn.mark_broken(err.duplicate());
         let _ = self.events.send(WorkerEvent::Broken(self.conn.id, err));

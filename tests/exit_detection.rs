@@ -3,53 +3,44 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::fs::File;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use snakepit::{CallOptions, Error, ExitKind};
 
-/// Kills (SIGKILL, through the `kill` command) the process whose pid a worker wrote to a file,
-/// when dropped: the escaped child never outlives the test, even one that failed.
-struct KillRecorded(PathBuf);
-
-impl KillRecorded {
-    fn pid(&self) -> Option<u32> {
-        std::fs::read_to_string(&self.0).ok()?.trim().parse().ok()
-    }
-}
-
-impl Drop for KillRecorded {
-    fn drop(&mut self) {
-        if let Some(pid) = self.pid() {
-            let _ = std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status();
-        }
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
+/// Opens every pipe the process `pid` holds, from outside its process tree (through
+/// `/proc/<pid>/fd`), so that no end of them closes when it dies: the worker's keeper kills
+/// whatever the worker started, but not this.
+fn hold_pipes_of(pid: u32) -> Vec<File> {
+    let mut held = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let path = entry.path();
+        let is_pipe = std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_fifo());
+        if is_pipe {
+            // Read and write: opening a pipe so never blocks, and holds its write end open.
+            let file =
+                std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(&path);
+            held.extend(file.ok());
         }
     }
+    held
 }
 
 #[test]
-fn a_worker_that_dies_while_a_child_holds_its_protocol_pipes_fails_its_call_as_died() {
-    // Pins: the host learns of a worker's exit only from EOF on its stdout (then reaps it).
-    // A child that escaped the worker's process group holding the protocol pipes keeps that
-    // EOF from coming, so the call waits for its whole deadline and fails with Timeout(Call)
-    // instead of WorkerDied, and the dead worker is never reaped while the child lives.
-    let dir = std::env::temp_dir().join(format!("snakepit-exitdetect-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let pool = common::builder(1).adapter("exit_adapter").build().unwrap();
-    // Declared after the pool, so a failing test kills the child before it drops the pool.
-    let child = KillRecorded(dir.join("child.pid"));
+fn a_worker_that_dies_while_something_holds_its_protocol_pipes_fails_its_call_as_died() {
+    // Before the pidfd, the host learnt of a worker's exit only from EOF on its stdout: a
+    // process holding the pipe kept that from coming, so the call waited for its whole
+    // deadline and failed with Timeout(Call) instead of WorkerDied, and the dead worker was
+    // not reaped while the holder lived.
+    let pool = common::builder(1).build().unwrap();
     let mut pids = common::worker_pids(&pool);
-    let result = pool.call_with(
-        "die_leaving_stdout_held",
-        json!({"seconds": 60, "pid_file": child.0}),
-        CallOptions::new().timeout(Duration::from_secs(20)),
-    );
-    let holder = child.pid().expect("the worker recorded its child's pid");
-    assert!(common::alive(holder), "the child still holds the dead worker's pipes");
+    let held = hold_pipes_of(pids[0]);
+    assert!(held.len() >= 3, "the worker's stdin, stdout and stderr pipes at least: {}", held.len());
+    let started = Instant::now();
+    let result =
+        pool.call_with("exit_now", json!({"code": 3}), CallOptions::new().timeout(Duration::from_secs(20)));
     match result {
         Err(Error::WorkerDied { pid, exit, collateral: false, .. }) => {
             assert_eq!(pid, pids[0]);
@@ -57,6 +48,7 @@ fn a_worker_that_dies_while_a_child_holds_its_protocol_pipes_fails_its_call_as_d
         }
         other => panic!("expected WorkerDied (the worker exited with 3), got {other:?}"),
     }
+    assert!(started.elapsed() < Duration::from_secs(10), "not by the 20 s deadline: {:?}", started.elapsed());
     // The dead worker is gone although its pipes are still open, and the pool serves on.
     common::assert_gone(&pids, Duration::from_secs(5));
     assert_eq!(pool.call("add", json!([2, 3])).unwrap(), json!(5));
@@ -64,6 +56,5 @@ fn a_worker_that_dies_while_a_child_holds_its_protocol_pipes_fails_its_call_as_d
     pids.extend(common::worker_pids(&pool));
     pool.shutdown().unwrap();
     common::assert_gone(&pids, Duration::from_secs(5));
-    drop(child);
-    common::assert_gone(&[holder], Duration::from_secs(5));
+    drop(held);
 }

@@ -24,6 +24,18 @@ fn parent_program() {
         let child = pool.call("spawn_child", serde_json::json!({"seconds": 60})).unwrap();
         pids.push(child.to_string());
     }
+    // And a daemon each (double fork and setsid: out of the worker's group and session).
+    let dir = std::env::temp_dir().join(format!("snakepit-parent-death-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for n in 0..3 {
+        let args = serde_json::json!({"pid_file": dir.join(format!("{n}.pid")), "seconds": 60});
+        pids.push(pool.call("daemonize", args).unwrap().to_string());
+    }
+    // The workers' keepers, the processes this program started.
+    for worker in common::worker_pids(&pool) {
+        let stat = std::fs::read_to_string(format!("/proc/{worker}/stat")).unwrap();
+        pids.push(stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().to_string());
+    }
     println!("PIDS {}", pids.join(" "));
     // One worker busy in a long call, one holding the GIL in one long C call (no Python signal
     // handler can run there), one idle: all must exit.
@@ -66,13 +78,15 @@ fn workers_exit_when_their_parent_is_killed() {
             panic!("the parent program never reported its workers");
         }
     };
-    assert_eq!(pids.len(), 6, "three workers and a child of each");
+    assert_eq!(pids.len(), 12, "three workers, and a child, a daemon and a keeper of each");
     assert!(pids.iter().all(|&p| common::alive(p)));
     // Let the long calls reach their workers, then kill the parent without any chance to clean
     // up. Everything must be gone within 3 s.
     std::thread::sleep(Duration::from_millis(500));
     parent.kill().unwrap(); // SIGKILL
     parent.wait().unwrap();
+    let _ =
+        std::fs::remove_dir_all(std::env::temp_dir().join(format!("snakepit-parent-death-{}", parent.id())));
     if !common::wait_until(Duration::from_secs(3), || pids.iter().all(|&p| !common::alive(p))) {
         for p in &pids {
             let cmd = std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default();

@@ -15,7 +15,7 @@ import traceback
 from types import SimpleNamespace
 
 import snakepit
-from snakepit import _logbridge
+from snakepit import _keeper, _logbridge
 from snakepit.protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -348,12 +348,14 @@ def main(argv=None, *, exit_fast=True):
     _exit_fast). ``exit_fast=False`` returns the code instead.
     """
     args = _parse_args(argv)
+    parent_pid = args.parent_pid
+    if args.keeper and _keeper.split(parent_pid):
+        parent_pid = os.getppid()  # the keeper's; from here on this process is the worker
     _setup_logging(args.pool, args.worker_id)
-    if not _watch_parent(args.parent_pid):
-        log.warning("parent process %s is already gone; exiting", args.parent_pid)
+    if not _watch_parent(parent_pid):
+        log.warning("parent process %s is already gone; exiting", parent_pid)
         return EXIT_ORPHANED
     reader, write = _take_over_stdio(threaded=bool(args.threads))
-    _start_group_sentinel()
     snakepit.ARGS[:] = args.adapter_args
 
     worker, failure = load_worker(args.adapter, args.max_frame_size, args.threads, args.allow_unsafe_threads)
@@ -410,7 +412,6 @@ def _exit_fast(code):
                 stream.flush()
         except Exception:
             pass
-    _kill_adopted()
     os._exit(code)
 
 
@@ -594,7 +595,7 @@ def _rss_bytes():
 # --- process plumbing ------------------------------------------------------
 
 
-_USAGE = "usage: python -m snakepit [--adapter MODULE] [--max-frame-size BYTES] [--parent-pid PID] [--worker-id ID] [--pool NAME] [--threads N [--allow-unsafe-threads]] [-- ADAPTER_ARGS...]"
+_USAGE = "usage: python -m snakepit [--adapter MODULE] [--max-frame-size BYTES] [--parent-pid PID] [--worker-id ID] [--pool NAME] [--threads N [--allow-unsafe-threads]] [--keeper] [-- ADAPTER_ARGS...]"
 
 _OPTIONS = {
     "--adapter": ("adapter", str),
@@ -620,6 +621,7 @@ def _parse_args(argv):
         "adapter_args": [],
         "threads": 0,
         "allow_unsafe_threads": False,
+        "keeper": False,
     }
     argv = list(sys.argv[1:] if argv is None else argv)
     while argv:
@@ -632,6 +634,9 @@ def _parse_args(argv):
             raise SystemExit(0)
         if arg == "--allow-unsafe-threads":
             args["allow_unsafe_threads"] = True
+            continue
+        if arg == "--keeper":  # the host's: run under a keeper process (see _keeper)
+            args["keeper"] = True
             continue
         name, eq, value = arg.partition("=")
         if name not in _OPTIONS:
@@ -671,7 +676,6 @@ def _watch_parent(parent_pid):
     """Make the worker die with its parent; False if the parent is already gone."""
     if sys.platform.startswith("linux"):
         _set_parent_death_signal()
-        _become_subreaper()
     ppid = os.getppid()
     if parent_pid is not None and ppid != parent_pid:
         return False
@@ -685,73 +689,24 @@ def _set_parent_death_signal():
     """prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills us when the parent exits.
 
     SIGKILL needs no handler, so it works even while a command holds the GIL in one long C
-    call (a SIGTERM handler would never run then). The adapter's child processes go with
-    the worker through the group sentinel (_start_group_sentinel). A SIGTERM from the host
-    still takes the whole process group down (_die_with_group).
+    call (a SIGTERM handler would never run then). The parent is the keeper (_keeper), which
+    takes every process the adapter started down with the worker, however the worker ends.
+    A SIGTERM from the host ends the worker at once (_die).
     """
     try:
         import ctypes
         import signal
 
-        signal.signal(_SIGTERM, _die_with_group)
+        signal.signal(_SIGTERM, _die)
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
     except Exception:
         pass  # best effort; the watchdog still notices
 
 
-# The shell of the group sentinel: it reads until the worker is gone (EOF on a pipe only the
-# worker holds), then kills the worker's whole process group, itself included. It ignores the
-# signals meant for the worker, so it outlives the worker to do that.
-_SENTINEL = "trap '' TERM INT HUP; read -r _; kill -9 -\"$1\""  # (dash's kill takes no --)
-_sentinel_fds = []  # the worker's end of the sentinel's pipe: open for the worker's whole life
-
-
-def _start_group_sentinel():
-    """Start a tiny ``sh`` in this worker's process group that kills the group once the
-    worker is gone, however it goes: a clean exit, a crash, or SIGKILL (the parent-death
-    signal), which no code of the worker's can catch. So the processes an adapter started die
-    with the worker even when nothing of the worker ran at the end. Only where the worker leads
-    its own process group (the host starts it so); best effort: without ``/bin/sh``, none.
+def _die(*_):
+    """Exit at once. Under a keeper, it kills what the worker started; without one (started
+    by hand, or where there are no subreapers), the process group goes if the worker leads it.
     """
-    try:
-        pgid = os.getpgid(0)
-        if pgid != os.getpid() or not hasattr(os, "posix_spawn") or not os.path.exists("/bin/sh"):
-            return
-        read_end, write_end = os.pipe()  # neither is inherited by the worker's own children
-        try:
-            os.posix_spawn(
-                "/bin/sh",
-                ["sh", "-c", _SENTINEL, "sh", str(pgid)],
-                {},  # it needs none, and carries none of the adapter's (secrets, markers)
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, read_end, 0),
-                    # Not the worker's stderr: the host reads that to its end.
-                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
-                ],
-            )
-        finally:
-            os.close(read_end)
-    except (OSError, AttributeError, ValueError) as exc:
-        log.warning("no group sentinel (the adapter's child processes may outlive a killed worker): %s", exc)
-        return
-    _sentinel_fds.append(write_end)
-
-    # A child forked without exec (multiprocessing's default) would keep the pipe open after
-    # the worker died, and so hold the sentinel back: it drops its copy first thing.
-    def forget_in_child():
-        try:
-            os.close(write_end)
-        except OSError:
-            pass
-
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=forget_in_child)
-
-
-def _die_with_group(*_):
-    """Exit at once, killing the worker's process group if it leads one."""
-    _kill_adopted()
     try:
         if os.getpgid(0) == os.getpid():
             os.killpg(os.getpid(), _SIGKILL)
@@ -760,49 +715,11 @@ def _die_with_group(*_):
     os._exit(EXIT_ORPHANED)
 
 
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-def _become_subreaper():
-    """prctl(PR_SET_CHILD_SUBREAPER): a daemon the adapter starts (double fork and setsid,
-    which leaves this worker's process group) is re-parented to this worker instead of init,
-    so the worker can still find it, and kills it when it stops (_kill_adopted)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except Exception:
-        pass  # best effort: without it, such a daemon outlives the worker
-
-
-def _kill_adopted():
-    """SIGKILL this worker's child processes that left its process group (daemons it adopted
-    as their subreaper); the group sentinel takes care of the group."""
-    try:
-        me, group = os.getpid(), os.getpgid(0)
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            # After the command name: state, ppid, pgrp.
-            if int(fields[1]) == me and int(fields[2]) != group:
-                try:
-                    os.kill(int(name), _SIGKILL)
-                except OSError:
-                    pass
-    except (OSError, AttributeError, ValueError, IndexError):
-        pass
-
-
 def _watchdog(ppid):
     while os.getppid() == ppid:
         time.sleep(_WATCHDOG_INTERVAL)
     log.warning("parent process %s died; exiting", ppid)
-    _die_with_group()
+    _die()
 
 
 def _take_over_stdio(threaded=True):

@@ -1336,54 +1336,79 @@ def _alive(pid):
     return state not in ("Z", "X")
 
 
-if __name__ == "__main__":
-    unittest.main()
 
-
-_SENTINEL_SCRIPT = r"""
-import os, signal, subprocess, sys
-from snakepit import worker
-worker._start_group_sentinel()
+# A stand-in for a worker under its keeper: the worker (the keeper's child) starts a child
+# process and a daemon (double fork, setsid), prints their pids, then ends as argv[1] says.
+_KEEPER_SCRIPT = r"""
+import os, signal, subprocess, sys, time
+from snakepit import _keeper
+if not _keeper.split(os.getppid()):
+    sys.exit("no keeper")
 child = subprocess.Popen(["sleep", "60"])
-print(child.pid, flush=True)
-if sys.argv[1] == "kill":
-    os.kill(os.getpid(), signal.SIGKILL)  # nothing of the worker runs at its end
-os._exit(0)
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.write(w, str(os.getpid()).encode())
+        time.sleep(60)
+    os._exit(0)
+daemon = int(os.read(r, 32))
+print(os.getpid(), child.pid, daemon, flush=True)
+how = sys.argv[1]
+if how == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+elif how == "exit":
+    os._exit(7)
+else:  # wait for the keeper's KILL_SIGNAL
+    time.sleep(60)
 """
 
 
-@unittest.skipUnless(sys.platform.startswith("linux"), "process groups and /proc")
-class GroupSentinelTests(unittest.TestCase):
-    """The processes a worker started die with it, even when it is killed with SIGKILL."""
+@unittest.skipUnless(sys.platform.startswith("linux"), "subreapers and /proc")
+class KeeperTests(unittest.TestCase):
+    """The keeper takes everything below the worker down with it, and exits as it did."""
 
-    def child_outlives(self, how):
+    def run_keeper(self, how):
         env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
-        # A session (and process group) of its own, as the host gives each worker.
-        out = subprocess.run(
-            [sys.executable, "-c", _SENTINEL_SCRIPT, how],
-            capture_output=True,
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KEEPER_SCRIPT, how],
+            stdout=subprocess.PIPE,
             text=True,
             cwd=PYTHON_DIR,
             env=env,
-            timeout=TIMEOUT,
             start_new_session=True,
         )
-        pid = int(out.stdout.split()[0])
-        end = time.monotonic() + 3
-        while time.monotonic() < end:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    # A zombie has died; only its reaping (by init here) is left.
-                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                        return False
-            except FileNotFoundError:
-                return False
-            time.sleep(0.02)
-        os.kill(pid, signal.SIGKILL)
-        return True
+        try:
+            pids = [int(p) for p in proc.stdout.readline().split()]
+            self.assertEqual(len(pids), 3, "worker, child and daemon")
+            if how == "ask":
+                from snakepit import _keeper
 
-    def test_children_die_when_the_worker_is_killed(self):
-        self.assertFalse(self.child_outlives("kill"), "the worker's child outlived a SIGKILL of the worker")
+                os.kill(proc.pid, _keeper.KILL_SIGNAL)
+            code = proc.wait(timeout=TIMEOUT)
+            end = time.monotonic() + 3
+            while time.monotonic() < end and any(_alive(p) for p in pids):
+                time.sleep(0.02)
+            left = [p for p in pids if _alive(p)]
+            for p in left:
+                os.kill(p, signal.SIGKILL)
+            self.assertEqual(left, [], "processes outlived the worker")
+            return code
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            proc.stdout.close()
 
-    def test_children_die_when_the_worker_exits(self):
-        self.assertFalse(self.child_outlives("exit"), "the worker's child outlived the worker's exit")
+    def test_the_worker_killed_with_sigkill(self):
+        self.assertEqual(self.run_keeper("kill"), -signal.SIGKILL, "the keeper ends by the same signal")
+
+    def test_the_worker_exiting(self):
+        self.assertEqual(self.run_keeper("exit"), 7, "the keeper exits with the worker's code")
+
+    def test_the_host_asking_for_a_kill(self):
+        self.assertEqual(self.run_keeper("ask"), -signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    unittest.main()

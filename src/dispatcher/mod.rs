@@ -198,8 +198,10 @@ enum Stop {
     Asked,
     /// Sent SIGTERM.
     Terminated,
-    /// Sent SIGKILL.
+    /// Sent SIGKILL (through the keeper, if it has one).
     Killed,
+    /// Sent SIGKILL to the whole process group: the keeper did not end in time.
+    Forced,
 }
 
 impl Life {
@@ -237,7 +239,7 @@ struct Slot {
 
 impl Slot {
     fn pid(&self) -> u32 {
-        self.worker.conn.pid
+        self.worker.conn.worker_pid()
     }
 }
 

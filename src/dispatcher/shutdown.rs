@@ -56,20 +56,23 @@ impl Dispatcher {
     }
 
     /// Kills a worker now; callers running calls on it see it die, and learn `reason`.
-    pub(super) fn kill(&mut self, id: WorkerId, reason: KillReason, _now: Instant) {
+    pub(super) fn kill(&mut self, id: WorkerId, reason: KillReason, now: Instant) {
         let Some(s) = self.slots.get_mut(&id) else { return };
         let was_ready = s.life == Life::Ready;
-        if s.life == Life::Stopping(Stop::Killed) {
+        if matches!(s.life, Life::Stopping(stop) if stop >= Stop::Killed) {
             return;
         }
         s.life = Life::Stopping(Stop::Killed);
         s.worker.conn.mark_killed(reason);
         s.worker.conn.signal(sys::SIGKILL);
-        let origin = s.origin;
+        let (origin, keeper) = (s.origin, s.worker.conn.has_keeper());
+        if keeper {
+            self.schedule(now + self.cfg.stop_timeout, Timer::Escalate(id));
+        }
         self.shared.board.lock().close(id);
         if was_ready {
             // If it was a ready replacement, its old worker must not wait for it.
-            self.replacement_lost(id, origin, _now);
+            self.replacement_lost(id, origin, now);
         }
     }
 
@@ -94,6 +97,18 @@ impl Dispatcher {
         let (signal, next) = match s.life {
             Life::Stopping(Stop::Asked) => (sys::SIGTERM, Stop::Terminated),
             Life::Stopping(Stop::Terminated) => (sys::SIGKILL, Stop::Killed),
+            Life::Stopping(Stop::Killed) if s.worker.conn.has_keeper() => {
+                log::warn!(
+                    "[{}] worker {id}'s keeper (pid {}) did not end within stop_timeout ({:?}) of a kill; \
+                     killing its process group",
+                    self.cfg.name,
+                    s.worker.conn.pid,
+                    self.cfg.stop_timeout
+                );
+                s.worker.conn.force_kill();
+                s.life = Life::Stopping(Stop::Forced);
+                return;
+            }
             _ => return,
         };
         log::warn!(
