@@ -3,7 +3,8 @@
 //! A command line for the pools a JSON configuration file describes. `call` runs one command;
 //! `serve` answers JSON lines on stdin, so shell pipelines and other languages can use the
 //! pools; `batch` runs a file of such lines; `stats` prints every pool's snapshot; `check`
-//! validates the file without starting anything. `--help` says more.
+//! validates the file without starting anything, and `check --import` also starts each pool in
+//! turn with one worker to prove that its adapter imports. `--help` says more.
 //!
 //! Ctrl-C, SIGTERM (`kill`, `docker stop`, `systemctl stop`) and SIGHUP all stop the CLI the
 //! same way: it stops taking work, lets the calls in flight finish within the pools' grace
@@ -19,12 +20,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender, TryRecvError};
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use snakepit::{Config, Error, PoolSet, PoolSetBuilder, DEFAULT_POOL};
+use snakepit::{Config, Error, PoolBuilder, PoolConfig, PoolSet, PoolSetBuilder, DEFAULT_POOL};
 
 const USAGE: &str = "usage: snakepit --config FILE \
-    (call POOL COMMAND [JSON-ARGS] | serve | batch FILE.jsonl [--concurrency N] | stats | check | doctor)";
+    (call POOL COMMAND [JSON-ARGS] | serve | batch FILE.jsonl [--concurrency N] | stats \
+    | check [--import] | doctor)";
 
 const HELP: &str = r#"Runs the Python worker pools that a JSON configuration file describes.
 
@@ -38,6 +40,10 @@ const HELP: &str = r#"Runs the Python worker pools that a JSON configuration fil
                                  stderr; exits 1 if any call failed.
   stats                          start the pools and print every pool's snapshot.
   check                          validate the configuration file; print every problem.
+        [--import]               then start each pool in turn, with its own settings but
+                                 one worker, and shut it down: prints per pool the
+                                 interpreter and the adapter's commands, or the start-up
+                                 error with its traceback; exits 1 if any pool failed.
   doctor                         report on the interpreter (each pool's, with --config; else
                                  $SNAKEPIT_PYTHON or python3): version, free-threading, the
                                  GIL, the recommended profile, and the installed libraries'
@@ -89,7 +95,7 @@ fn main() -> ExitCode {
             println!("{USAGE}\n\n{HELP}");
             Ok(EXIT_OK)
         }
-        Command::Check => check(config),
+        Command::Check { import: false } => check(config),
         Command::Doctor => doctor(config),
         // Only the subcommands that start pools handle the signals: the others have nothing to
         // drain and die of them as usual.
@@ -123,7 +129,8 @@ enum Command {
     Serve,
     Batch { file: PathBuf, concurrency: usize },
     Stats,
-    Check,
+    // `import`: also start each pool, to prove that its adapter imports.
+    Check { import: bool },
     Doctor,
 }
 
@@ -131,6 +138,7 @@ enum Command {
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
     let mut config = None;
     let mut concurrency = None;
+    let mut import = false;
     let mut words = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -149,6 +157,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
                     _ => return Err(format!("--concurrency: expected a number from 1 to 1024, found {n:?}")),
                 }
             }
+            "--import" if inline.is_none() => import = true,
+            "--import" => return Err("--import takes no value".into()),
             _ if arg.starts_with('-') && arg.len() > 1 => return Err(format!("unknown option {arg}")),
             _ => words.push(arg),
         }
@@ -164,8 +174,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
         ["serve"] => Command::Serve,
         ["batch", file] => Command::Batch { file: PathBuf::from(file), concurrency: BATCH_CONCURRENCY },
         ["stats"] => Command::Stats,
-        ["check"] => Command::Check,
-        ["doctor"] => return Ok(Cli { config: config.unwrap_or_default(), command: Command::Doctor }),
+        ["check"] => Command::Check { import: false },
+        ["doctor"] => Command::Doctor,
         [] => return Err("no subcommand".into()),
         [sub @ ("call" | "serve" | "batch" | "stats" | "check" | "doctor"), ..] => {
             return Err(format!("wrong number of arguments for {sub}"));
@@ -177,7 +187,16 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
         (_, Some(_)) => return Err("--concurrency applies to batch only".into()),
         (command, None) => command,
     };
-    let config = config.ok_or("missing --config FILE")?;
+    let command = match (command, import) {
+        (Command::Check { .. }, true) => Command::Check { import: true },
+        (_, true) => return Err("--import applies to check only".into()),
+        (command, false) => command,
+    };
+    let config = match command {
+        // Without --config, `doctor` reports on the default interpreter.
+        Command::Doctor => config.unwrap_or_default(),
+        _ => config.ok_or("missing --config FILE")?,
+    };
     Ok(Cli { config, command })
 }
 
@@ -191,7 +210,10 @@ fn with_pools(config: &Path, interrupt: &Interrupt, command: Command) -> Result<
         Command::Serve => serve(config, interrupt),
         Command::Batch { file, concurrency } => batch(config, interrupt, &file, concurrency),
         Command::Stats => stats(config, interrupt),
-        Command::Help | Command::Check | Command::Doctor => unreachable!("{command:?} starts no pool"),
+        Command::Check { import: true } => check_import(config, interrupt),
+        Command::Help | Command::Check { import: false } | Command::Doctor => {
+            unreachable!("{command:?} starts no pool")
+        }
     }
 }
 
@@ -201,6 +223,110 @@ fn check(path: &Path) -> Result<u8, Error> {
     let names = config.pool_names();
     println!("ok: {} pools ({})", names.len(), names.join(", "));
     Ok(EXIT_OK)
+}
+
+/// The commands every worker serves, with or without an adapter (`BUILTIN_COMMANDS` in
+/// `python/snakepit/worker.py`); an adapter cannot define commands of these names.
+const BUILT_IN_COMMANDS: [&str; 3] = ["echo", "info", "ping"];
+
+/// What the built-in `info` command says about a worker (the fields used here).
+#[derive(Deserialize)]
+struct WorkerReport {
+    python_version: String,
+    commands: Vec<String>,
+}
+
+/// `check --import`: validates the file, then starts each pool in turn with all its own
+/// settings but one worker, asks that worker what it serves, and shuts the pool down before
+/// the next. One line per pool on stdout: `ok` with the interpreter and the adapter's
+/// commands, or `FAIL` with the start-up error (which names the interpreter and carries the
+/// Python traceback on the lines after). Exits 1 if any pool failed.
+fn check_import(path: &Path, interrupt: &Interrupt) -> Result<u8, Error> {
+    let config = Config::from_path(path)?;
+    let mut interpreters = Interpreters::default();
+    let mut failed = 0;
+    for pool in config.builders() {
+        if interrupt.is_pressed() {
+            return Ok(EXIT_INTERRUPTED);
+        }
+        let settings = pool.config().clone();
+        let name = settings.name();
+        // On Ctrl-C while the pool starts, `start` exits the process with 130.
+        let set = match start([pool.size(1)], interrupt) {
+            Ok(set) => set,
+            Err(e) => {
+                failed += 1;
+                print_failure(name, &e);
+                continue;
+            }
+        };
+        let (report, interrupted) = watching_interrupt(&set, interrupt, || {
+            set.call_as::<_, WorkerReport>(name, "info", &Value::Null)
+        })?;
+        shut_down(&set);
+        if interrupted {
+            return Ok(EXIT_INTERRUPTED);
+        }
+        match report.and_then(|report| interpreters.name(&settings).map(|python| (python, report))) {
+            Ok((python, report)) => {
+                let commands: Vec<String> = report
+                    .commands
+                    .into_iter()
+                    .filter(|c| !BUILT_IN_COMMANDS.contains(&c.as_str()))
+                    .collect();
+                let listed =
+                    if commands.is_empty() { String::new() } else { format!(" ({})", commands.join(", ")) };
+                let s = if commands.len() == 1 { "" } else { "s" };
+                println!(
+                    "ok    pool {name:?}: python {python} ({}), {} command{s}{listed}",
+                    report.python_version,
+                    commands.len()
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                print_failure(name, &e);
+            }
+        }
+    }
+    Ok(if failed == 0 { EXIT_OK } else { EXIT_FAILED })
+}
+
+/// `FAIL  pool "x": <the error>`; the lines after the first (a Python traceback) are indented
+/// under it.
+fn print_failure(pool: &str, e: &Error) {
+    let text = e.to_string();
+    let mut lines = text.trim_end().lines();
+    println!("FAIL  pool {pool:?}: {}", lines.next().unwrap_or(""));
+    for line in lines {
+        println!("      {line}");
+    }
+}
+
+/// The interpreter each pool runs, named as the library's start-up errors name it, looked up
+/// once per distinct setting.
+#[derive(Default)]
+struct Interpreters {
+    known: Vec<(Option<PathBuf>, String)>,
+}
+
+impl Interpreters {
+    /// The real executable, resolved as for a pool (the `python` setting, else
+    /// `$SNAKEPIT_PYTHON`, else `python3`) by `python::inspect`. Under a launcher, the launcher
+    /// and the interpreter as the pool passes them on: it runs on the far side.
+    fn name(&mut self, pool: &PoolConfig) -> Result<String, Error> {
+        let python = pool.python().map(Path::to_path_buf);
+        if !pool.launcher().is_empty() {
+            let python = python.unwrap_or_else(|| PathBuf::from("python3"));
+            return Ok(format!("{} {}", pool.launcher().join(" "), python.display()));
+        }
+        if let Some((_, name)) = self.known.iter().find(|(p, _)| *p == python) {
+            return Ok(name.clone());
+        }
+        let name = snakepit::python::inspect(python.as_deref())?.executable.display().to_string();
+        self.known.push((python, name.clone()));
+        Ok(name)
+    }
 }
 
 /// `doctor`: which Python, which profile fits it, and how its libraries take to threads.
@@ -255,7 +381,8 @@ fn call(path: &Path, interrupt: &Interrupt, pool: &str, command: &str, args: Val
     if !known.iter().any(|name| name == pool) {
         return Err(Error::UnknownPool { name: pool.to_string(), known });
     }
-    let set = start(&config, Some(pool), interrupt)?;
+    let only = config.builders().into_iter().filter(|b| b.config().name() == pool);
+    let set = start(only, interrupt)?;
     let (result, interrupted) = watching_interrupt(&set, interrupt, || set.call(pool, command, args))?;
     match result {
         Ok(value) => println!("{}", serde_json::to_string(&value)?),
@@ -268,7 +395,7 @@ fn call(path: &Path, interrupt: &Interrupt, pool: &str, command: &str, args: Val
 
 /// `serve`: JSON requests on stdin, JSON replies on stdout, until EOF or Ctrl-C.
 fn serve(path: &Path, interrupt: &Interrupt) -> Result<u8, Error> {
-    let set = start(&Config::from_path(path)?, None, interrupt)?;
+    let set = start(Config::from_path(path)?.builders(), interrupt)?;
     let lines = read_stdin_lines()?;
     let interrupted =
         run_requests(&set, &lines, SERVE_CONCURRENCY, interrupt, &Tally::default(), MissingId::Null)?;
@@ -283,7 +410,7 @@ fn batch(path: &Path, interrupt: &Interrupt, file: &Path, concurrency: usize) ->
         std::fs::read(file).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
     let lines = split_lines(&text);
     let total = lines.len() as u64;
-    let set = start(&config, None, interrupt)?;
+    let set = start(config.builders(), interrupt)?;
     let (tx, queue) = unbounded();
     for line in lines {
         let _ = tx.send(line);
@@ -321,7 +448,7 @@ fn batch(path: &Path, interrupt: &Interrupt, file: &Path, concurrency: usize) ->
 
 /// `stats`: starts the pools and prints every pool's snapshot.
 fn stats(path: &Path, interrupt: &Interrupt) -> Result<u8, Error> {
-    let set = start(&Config::from_path(path)?, None, interrupt)?;
+    let set = start(Config::from_path(path)?.builders(), interrupt)?;
     let (stats, interrupted) = watching_interrupt(&set, interrupt, || set.stats())?;
     match stats {
         Ok(stats) => println!("{}", serde_json::to_string_pretty(&stats)?),
@@ -335,8 +462,8 @@ fn stats(path: &Path, interrupt: &Interrupt) -> Result<u8, Error> {
 // ---------------------------------------------------------------------------------------------
 // Pools, Ctrl-C and errors
 
-/// Starts every pool of the file, or only the one named `only`; on an interrupt before they are
-/// all ready, exits the process with 130 at once.
+/// Starts the pools `pools` describes; on an interrupt before they are all ready, exits the
+/// process with 130 at once.
 ///
 /// Start-up can take long (a slow import, a large model to load), and `build` blocks until every
 /// worker is ready with no way to cancel it. So it runs on a thread of its own while this one
@@ -347,12 +474,8 @@ fn stats(path: &Path, interrupt: &Interrupt) -> Result<u8, Error> {
 /// its pool's dispatcher thread, which dies with the process; a worker not that far yet sees it
 /// was orphaned (its `--parent-pid` is gone) and exits; and a worker that dies kills its own
 /// process group, so the adapter's child processes go too.
-fn start(config: &Config, only: Option<&str>, interrupt: &Interrupt) -> Result<PoolSet, Error> {
-    let builder = config
-        .builders()
-        .into_iter()
-        .filter(|b| only.map_or(true, |name| b.config().name() == name))
-        .fold(PoolSet::builder(), PoolSetBuilder::pool);
+fn start(pools: impl IntoIterator<Item = PoolBuilder>, interrupt: &Interrupt) -> Result<PoolSet, Error> {
+    let builder = pools.into_iter().fold(PoolSet::builder(), PoolSetBuilder::pool);
     let (tx, built) = bounded(1);
     std::thread::Builder::new().name("cli-start".into()).spawn(move || {
         let _ = tx.send(builder.build());

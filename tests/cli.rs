@@ -37,6 +37,93 @@ fn check_accepts_a_good_file_without_starting_anything() {
 }
 
 #[test]
+fn check_import_starts_each_pool_alone_with_one_worker_and_names_a_failed_import() {
+    let dir = TempDir::new("check-import");
+    let imported = dir.path().join("imported");
+    std::fs::create_dir(&imported).expect("create the pid folder");
+    // Each pool asks for several workers; `check --import` starts one of each.
+    let config = json!({
+        "defaults": {"python": "python3", "python_path": [fixtures()], "startup_timeout": "20s",
+                     "shutdown_timeout": "10s"},
+        "pools": [
+            {"name": "text", "size": 3, "adapter": "cli_adapter", "env": {"CLI_RUN": dir.tag()}},
+            {"name": "broken", "size": 2, "adapter": "cli_missing_module_adapter",
+             "env": {"CLI_RUN": dir.tag()}},
+            {"name": "quick", "size": 3, "adapter": "cli_slow_import_adapter",
+             "env": {"CLI_RUN": dir.tag(), "SLOW_IMPORT_SECONDS": "0", "SLOW_IMPORT_PID_DIR": imported}}
+        ]
+    });
+    let path = dir.write("pools.json", &config.to_string());
+    let out = run_cli(&[arg("--config"), path.into(), arg("check"), arg("--import")]);
+    out.assert_code(1);
+
+    let python = real_python3();
+    let pools: Vec<&str> = out.stdout.lines().filter(|l| !l.starts_with(' ')).collect();
+    assert_eq!(pools.len(), 3, "one line per pool, in file order: {out:?}");
+    let text = pools[0];
+    assert!(text.starts_with(&format!("ok    pool \"text\": python {python} (3.")), "{out:?}");
+    assert!(text.ends_with("), 3 commands (fail, slow, whoami)"), "the adapter's commands: {out:?}");
+    assert!(pools[1].starts_with("FAIL  pool \"broken\": "), "{out:?}");
+    for expected in
+        [&format!("(python {python})"), "cli_missing_module_adapter", "snakepit_cli_no_such_module"]
+    {
+        assert!(pools[1].contains(expected), "missing {expected:?} in the FAIL line: {out:?}");
+    }
+    // The traceback follows, indented under its pool.
+    for expected in ["Traceback (most recent call last)", "ModuleNotFoundError: No module named"] {
+        assert!(out.stdout.lines().any(|l| l.starts_with("      ") && l.contains(expected)), "{out:?}");
+    }
+    let quick = pools[2];
+    assert!(
+        quick.starts_with("ok    pool \"quick\": python ") && quick.ends_with(", 1 command (whoami)"),
+        "{out:?}"
+    );
+
+    let pids = pids_in(&imported);
+    assert_eq!(pids.len(), 1, "one worker, not the pool's three: {pids:?}");
+    assert_gone(&pids, Duration::from_secs(5));
+    assert_no_worker_left(&dir);
+}
+
+#[test]
+fn check_import_shuts_each_pool_down_before_the_next_and_a_signal_exits_130_leaving_no_worker() {
+    // The second pool's import takes far longer than this test waits for the CLI to exit.
+    let dir = TempDir::new("check-import-sigint");
+    let first_pool = format!("{}-text", dir.tag());
+    let importing = dir.path().join("importing");
+    std::fs::create_dir(&importing).expect("create the pid folder");
+    let config = json!({
+        "defaults": {"python_path": [fixtures()], "startup_timeout": "600s", "shutdown_timeout": "10s"},
+        "pools": [
+            {"name": "text", "size": 2, "adapter": "cli_adapter",
+             "env": {"CLI_RUN": dir.tag(), "CLI_LABEL": first_pool}},
+            {"name": "slow", "size": 2, "adapter": "cli_slow_import_adapter",
+             "env": {"CLI_RUN": dir.tag(), "SLOW_IMPORT_SECONDS": "600", "SLOW_IMPORT_PID_DIR": importing}}
+        ]
+    });
+    let config = dir.write("pools.json", &config.to_string());
+    let mut cli = Running::spawn(&[arg("check"), arg("--import"), arg("--config"), config.into()]);
+    cli.stdin = None;
+    let line = cli.stdout.recv_timeout(REPLY_TIMEOUT).expect("the first pool's line");
+    assert!(line.starts_with("ok    pool \"text\": python "), "{line:?}");
+    assert!(wait_until(REPLY_TIMEOUT, || !pids_in(&importing).is_empty()), "the slow import never began");
+    let pids = pids_in(&importing);
+    assert_eq!(pids.len(), 1, "one worker, not the pool's two: {pids:?}");
+    // The first pool was shut down, every process of it reaped, before this one started.
+    let first = processes_with(&format!("CLI_LABEL={first_pool}"));
+    assert!(first.is_empty(), "the first pool's processes still run: {first:?}");
+    cli.interrupt();
+
+    // Bounded far below the slow import (600 s): the CLI must not wait for start-up to end.
+    let out = cli.wait_for(Duration::from_secs(30));
+    out.assert_code(130);
+    assert_eq!(out.stdout, "", "no line for the pool that was still starting: {out:?}");
+    assert!(out.stderr.contains("starting"), "the message says what was cut short: {out:?}");
+    assert_gone(&pids, Duration::from_secs(5));
+    assert_no_worker_left(&dir);
+}
+
+#[test]
 fn doctor_reports_the_interpreter_and_its_libraries() {
     let out = run_cli(&[arg("doctor")]);
     out.assert_code(0);
@@ -119,6 +206,8 @@ fn bad_usage_exits_2_with_a_usage_line() {
         vec![arg("--config"), config.clone(), arg("call"), arg("blue"), arg("whoami"), arg("{not json")],
         vec![arg("--config"), config.clone(), arg("frobnicate")],
         vec![arg("--config"), config.clone(), arg("stats"), arg("--concurrency"), arg("2")],
+        vec![arg("--config"), config.clone(), arg("stats"), arg("--import")],
+        vec![arg("--config"), config.clone(), arg("check"), arg("--import=yes")],
         vec![arg("check")],
     ] {
         let out = run_cli(&args);
@@ -293,13 +382,9 @@ fn sigint_while_the_pools_start_exits_130_without_waiting_leaving_no_worker() {
     let config = dir.write("pools.json", &config.to_string());
     let cli = Running::spawn(&[arg("--config"), config.into(), arg("serve")]);
     // The slow workers' pids, from the workers themselves, once both are importing.
-    let importing_pids = || -> Vec<u32> {
-        let entries = std::fs::read_dir(&importing).expect("the pid folder is readable");
-        entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
-    };
-    assert!(wait_until(REPLY_TIMEOUT, || importing_pids().len() == 2), "the slow imports never began");
+    assert!(wait_until(REPLY_TIMEOUT, || pids_in(&importing).len() == 2), "the slow imports never began");
     // And every other process started for the test: the default pool's worker.
-    let mut pids = importing_pids();
+    let mut pids = pids_in(&importing);
     assert!(wait_until(REPLY_TIMEOUT, || workers_of(&dir).len() == 3), "{:?}", workers_of(&dir));
     pids.extend(workers_of(&dir));
     pids.sort_unstable();
@@ -401,7 +486,19 @@ fn two_pools(dir: &TempDir) -> Value {
 /// The live processes started for the test that owns `dir` (workers and their children), found
 /// by the `CLI_RUN` variable in their environment; sorted.
 fn workers_of(dir: &TempDir) -> Vec<u32> {
-    let marker = format!("CLI_RUN={}", dir.tag());
+    let all = processes_with(&format!("CLI_RUN={}", dir.tag()));
+    // Each worker runs under its keeper, which holds the same environment: the workers are
+    // the ones whose parent is another of them.
+    all.iter().copied().filter(|&pid| common::parent_of(pid).is_some_and(|p| all.contains(&p))).collect()
+}
+
+/// Every process started for this test: the workers and their keepers.
+fn processes_of(dir: &TempDir) -> Vec<u32> {
+    processes_with(&format!("CLI_RUN={}", dir.tag()))
+}
+
+/// The live processes whose environment holds `marker` (`NAME=value`); sorted.
+fn processes_with(marker: &str) -> Vec<u32> {
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
         .expect("/proc is readable")
         .flatten()
@@ -415,10 +512,25 @@ fn workers_of(dir: &TempDir) -> Vec<u32> {
     pids
 }
 
+/// The pids named by the files in `folder` (written by `cli_slow_import_adapter`).
+fn pids_in(folder: &Path) -> Vec<u32> {
+    let entries = std::fs::read_dir(folder).expect("the pid folder is readable");
+    entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
+}
+
+/// What `python3` on `PATH` resolves to (`sys.executable`), as the library names it.
+fn real_python3() -> String {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable, end='')"])
+        .output()
+        .expect("python3 runs");
+    String::from_utf8(out.stdout).expect("a UTF-8 path")
+}
+
 /// Fails unless every process started for this test is gone within a few seconds.
 fn assert_no_worker_left(dir: &TempDir) {
-    let gone = wait_until(Duration::from_secs(5), || workers_of(dir).is_empty());
-    assert!(gone, "worker processes left behind: {:?}", workers_of(dir));
+    let gone = wait_until(Duration::from_secs(5), || processes_of(dir).is_empty());
+    assert!(gone, "worker processes left behind: {:?}", processes_of(dir));
 }
 
 fn arg(s: &str) -> OsString {
