@@ -12,6 +12,16 @@ An adapter module registers the functions the host may call::
     def upper(text):
         return text.upper()
 
+    @snakepit.command(session=True)
+    def chat(message, session):
+        history = session.setdefault("history", [])
+        history.append(message)
+        return len(history)
+
+    @snakepit.on_session_end
+    def goodbye(session):
+        print("session", session.id, "ended after", session.calls, "calls")
+
 and the host starts workers with ``python -m snakepit --adapter my_adapter``.
 
 This module only holds the registry; it must stay cheap to import because
@@ -23,7 +33,18 @@ __version__ = "0.1.0"
 #: The pool's `args` setting: extra arguments for the adapter, set before it is imported.
 ARGS = []
 
-__all__ = ["command", "registry", "is_thread_safe", "is_cpu_bound", "ARGS", "__version__"]
+__all__ = [
+    "command",
+    "on_session_end",
+    "registry",
+    "session_end_hooks",
+    "is_thread_safe",
+    "is_cpu_bound",
+    "takes_session",
+    "Session",
+    "ARGS",
+    "__version__",
+]
 
 # Command name -> function, filled in by @command while adapters import.
 _registry = {}
@@ -33,16 +54,25 @@ _thread_safe = set()
 # Names of commands declared cpu_bound=True: a thread-profile pool on an interpreter whose GIL
 # is on warns about them (threads would not run them in parallel).
 _cpu_bound = set()
+# Names of commands declared session=True: they get the call's Session as the keyword `session`.
+_session = set()
+# Functions registered with @on_session_end, in registration order.
+_session_end_hooks = []
 
 
-def command(func=None, *, name=None, thread_safe=False, cpu_bound=False):
+def command(func=None, *, name=None, thread_safe=False, cpu_bound=False, session=False):
     """Register ``func`` as a command the host can call.
 
     Usable bare (``@command``) or with options
-    (``@command(name="other", thread_safe=True, cpu_bound=True)``). The function is returned
-    unchanged. Registering a second, different function under a name that is
+    (``@command(name="other", thread_safe=True, cpu_bound=True, session=True)``). The function is
+    returned unchanged. Registering a second, different function under a name that is
     already taken raises ValueError, so two adapters cannot silently shadow
     each other; registering the same function twice is harmless.
+
+    ``session=True``: the command keeps state between the calls of a host session. It gets a
+    ``Session`` (a dict-like store with ``id``, ``context``, ``fresh``, ``calls`` and ``lock``)
+    as the keyword argument ``session``, besides the call's own arguments. Called without a
+    session, it gets a throwaway one (``id`` None) that is gone after the call.
     """
 
     def register(f):
@@ -55,7 +85,7 @@ def command(func=None, *, name=None, thread_safe=False, cpu_bound=False):
         if existing is not None and existing is not f:
             raise ValueError(f"command {key!r} is already registered by {_describe(existing)}")
         _registry[key] = f
-        for flag, names in ((thread_safe, _thread_safe), (cpu_bound, _cpu_bound)):
+        for flag, names in ((thread_safe, _thread_safe), (cpu_bound, _cpu_bound), (session, _session)):
             if flag:
                 names.add(key)
             else:
@@ -65,6 +95,27 @@ def command(func=None, *, name=None, thread_safe=False, cpu_bound=False):
     if func is None:
         return register
     return register(func)
+
+
+def on_session_end(func):
+    """Register ``func(session)`` to run when the host ends a session this worker has state for.
+
+    It gets the ``Session`` being ended (its store, ``id``, ``calls``; ``context`` None), after
+    the worker has forgotten it. Hooks run in registration order, between calls in the process
+    profile and on the thread that reads the host's messages in the thread profile, so keep
+    them short. A hook that raises is logged as a warning and the others still run. The
+    function is returned unchanged; registering it twice is harmless (it runs once).
+    """
+    if not callable(func):
+        raise TypeError(f"@snakepit.on_session_end needs a callable, not {type(func).__name__}")
+    if not any(hook is func for hook in _session_end_hooks):
+        _session_end_hooks.append(func)
+    return func
+
+
+def session_end_hooks():
+    """Return a copy of the list of @on_session_end hooks, in registration order."""
+    return list(_session_end_hooks)
 
 
 def registry():
@@ -80,6 +131,20 @@ def is_thread_safe(name):
 def is_cpu_bound(name):
     """Whether the command ``name`` was registered with ``cpu_bound=True``."""
     return name in _cpu_bound
+
+
+def takes_session(name):
+    """Whether the command ``name`` was registered with ``session=True``."""
+    return name in _session
+
+
+def __getattr__(name):
+    # snakepit.Session, for type hints, without importing _sessions whenever snakepit is imported.
+    if name == "Session":
+        from snakepit._sessions import Session
+
+        return Session
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _describe(f):

@@ -13,7 +13,7 @@ from collections import deque as _deque
 from itertools import chain, compress, repeat
 from operator import is_
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 
 _HEADER = struct.Struct(">I")

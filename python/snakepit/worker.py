@@ -7,6 +7,7 @@ fds 0/1, importing the adapter, then ``Worker.serve``, and at the end a fast
 exit that skips the interpreter's teardown (``_exit_fast``).
 """
 
+import json
 import os
 import sys
 import threading
@@ -92,18 +93,45 @@ _JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", l
 
 
 class Worker:
-    """Answers protocol messages with the given commands plus the built-ins."""
+    """Answers protocol messages with the given commands plus the built-ins.
 
-    def __init__(self, commands=None, max_frame_size=DEFAULT_MAX_FRAME, adapter=None):
+    ``session_commands``: the names of the commands that get the call's Session (see
+    _session_call); by default those of ``commands`` registered with
+    ``@snakepit.command(session=True)``. ``on_session_end``: the hooks an ``end_session`` runs;
+    by default those registered with ``@snakepit.on_session_end``, as they are at that time.
+    """
+
+    def __init__(
+        self, commands=None, max_frame_size=DEFAULT_MAX_FRAME, adapter=None, session_commands=None, on_session_end=None
+    ):
         commands = dict(commands or {})
         clash = sorted(set(commands).intersection(BUILTIN_COMMANDS))
         if clash:
             raise ValueError(f"commands may not use the built-in name(s) {', '.join(clash)}")
+        if session_commands is None:
+            registered = snakepit.registry()
+            session_commands = [n for n, f in commands.items() if snakepit.takes_session(n) and registered.get(n) is f]
+        session_commands = set(session_commands)
+        unknown = sorted(session_commands.difference(commands))
+        if unknown:
+            raise ValueError(f"session_commands names commands that are not given: {', '.join(unknown)}")
         commands.update(echo=_echo, info=self.info, ping=_ping)
         self.commands = commands
         self.names = sorted(commands)
         self.max_frame_size = max_frame_size
         self.adapter = adapter
+        # _call's table: session commands are missing from it, so a plain call pays nothing for them.
+        self._plain = {n: f for n, f in commands.items() if n not in session_commands}
+        self._with_session = {n: commands[n] for n in session_commands}
+        # Session id -> state (see _sessions); None for a worker without session commands, which
+        # never has any, and does not import _sessions (~0.3 ms of every start).
+        self.sessions = None
+        if session_commands:
+            from snakepit._sessions import Registry, Session
+
+            self.sessions = Registry()
+            self._throwaway = Session  # the Session of a call without one
+        self._on_session_end = None if on_session_end is None else list(on_session_end)
 
     def serve(self, reader, write):
         """Answer frames from the binary stream ``reader`` until EOF or a shutdown.
@@ -241,7 +269,9 @@ class Worker:
     def handle(self, msg):
         """Return the reply dict for one decoded message, or None for no reply.
 
-        ``shutdown`` is acted on by serve(); here it simply gets no reply.
+        ``shutdown`` is acted on by serve(); here it simply gets no reply. ``end_session``
+        never gets one either: it is done here, so in the thread profile the reading loop does
+        it, without waiting for busy call threads.
         """
         kind = msg["type"]
         if kind == "call":
@@ -249,6 +279,9 @@ class Worker:
         if kind == "ping":
             return {"type": "pong", "id": _request_id(msg)}
         if kind == "shutdown":
+            return None
+        if kind == "end_session":
+            self.end_session(msg.get("session"))
             return None
         if msg.get("id") is None:
             log.warning("ignoring message of unknown type %r", kind)
@@ -263,11 +296,9 @@ class Worker:
         if type(rid) is not int:
             _request_id(msg)  # raises the ProtocolError
         name = msg.get("command")
-        func = self.commands.get(name) if isinstance(name, str) else None
+        func = self._plain.get(name) if isinstance(name, str) else None
         if func is None:
-            return _error_reply(
-                rid, "UnknownCommand", f"unknown command {name!r}; known commands: {', '.join(self.names)}"
-            )
+            return self._session_call(msg, rid, name)
         args = msg.get("args")
         kind = type(args)
         if kind is not list and kind is not dict and args is not None:
@@ -285,6 +316,95 @@ class Worker:
             return {"type": "error", "id": rid, "error": _error_info(exc)}
         return {"type": "result", "id": rid, "value": value}
 
+    def _session_call(self, msg, rid, name):
+        """_call for a command that takes a session, or one that does not exist.
+
+        The command gets ``session=``: the Session of the call's ``session`` id (its state
+        created if this worker has none), or without one a throwaway Session, never kept.
+        """
+        func = self._with_session.get(name) if isinstance(name, str) else None
+        if func is None:
+            return _error_reply(
+                rid, "UnknownCommand", f"unknown command {name!r}; known commands: {', '.join(self.names)}"
+            )
+        args = msg.get("args")
+        kind = type(args)
+        if kind is not list and kind is not dict and args is not None:
+            return _error_reply(
+                rid, "TypeError", f"args of command {name!r} must be an object, an array or null, not {_json_type(args)}"
+            )
+        session_id = msg.get("session")
+        if session_id is None:
+            session = self._throwaway()
+        elif type(session_id) is str:
+            session = self.sessions.enter(session_id, msg.get("context"))
+        else:
+            return _error_reply(
+                rid, "ProtocolError", f"the 'session' of a call must be a string, not {_json_type(session_id)}"
+            )
+        try:
+            if kind is list:
+                value = func(*args, session=session)
+            elif kind is dict:
+                value = func(**args, session=session)
+            else:
+                value = func(session=session)
+        except Exception as exc:  # not BaseException: SystemExit must still end the worker
+            return {"type": "error", "id": rid, "error": _error_info(exc)}
+        return {"type": "result", "id": rid, "value": value}
+
+    def end_session(self, session_id):
+        """Forget ``session_id``'s state and run the on_session_end hooks with it, in order.
+
+        Nothing happens when this worker has no state for it. A hook that raises is logged
+        (a warning with its traceback) and the next one runs.
+        """
+        if type(session_id) is not str:
+            log.warning("ignoring end_session whose 'session' is %s, not a string", _json_type(session_id))
+            return
+        session = None if self.sessions is None else self.sessions.remove(session_id)
+        if session is None:
+            return
+        hooks = snakepit.session_end_hooks() if self._on_session_end is None else self._on_session_end
+        for hook in hooks:
+            try:
+                hook(session)
+            except Exception as exc:
+                log.warning(
+                    "on_session_end hook %s failed for session %r:\n%s",
+                    snakepit._describe(hook),
+                    session_id,
+                    _error_info(exc)["traceback"].rstrip("\n"),
+                )
+
+    def run_init(self, name, args_json=None):
+        """Run the command ``name`` once, as the worker's initialisation (``--init``): with the
+        arguments ``args_json`` (JSON text: an object for keyword arguments, an array for
+        positional ones, None or null for none), not in a session.
+
+        Returns None, or the ``error`` of a startup_error frame when the command is unknown,
+        the arguments are not valid, or the command raises (anything, even SystemExit): its
+        message is ``init command 'NAME' failed: TYPE: MESSAGE``, with the traceback.
+        """
+        msg = {"type": "call", "id": 0, "command": name}
+        error = None
+        if args_json is not None:
+            try:
+                msg["args"] = json.loads(args_json)
+            except ValueError as exc:  # json.JSONDecodeError
+                error = _error_reply(0, "ValueError", f"--init-args is not valid JSON: {_text(exc)}")["error"]
+        if error is None:
+            try:
+                reply = self._call(msg)
+            except BaseException as exc:  # as for the adapter's import: SystemExit too
+                error = _error_info(exc)
+            else:
+                if reply["type"] != "error":
+                    return None
+                error = reply["error"]
+        error["message"] = _utf8_safe(f"init command {name!r} failed: {error['type']}: {error['message']}")
+        return error
+
     def ready_info(self):
         """The ``info`` of the ready message."""
         info = _runtime_info()
@@ -299,15 +419,19 @@ class Worker:
         info["rss_bytes"] = _rss_bytes()
         info["commands"] = self.names
         info["adapter"] = self.adapter
+        info["sessions"] = 0 if self.sessions is None else len(self.sessions)
         return info
 
 
-def load_worker(adapter, max_frame_size=DEFAULT_MAX_FRAME, threads=0, allow_unsafe_threads=False):
-    """Import the adapter module and build its Worker.
+def load_worker(
+    adapter, max_frame_size=DEFAULT_MAX_FRAME, threads=0, allow_unsafe_threads=False, init=None, init_args=None
+):
+    """Import the adapter module, build its Worker and run its ``init`` command.
 
     Returns ``(worker, None)``, or ``(None, startup_error_message)`` when the
-    adapter cannot be imported, registers a built-in command name, or (with
-    ``threads``) has commands not declared thread-safe.
+    adapter cannot be imported, registers a built-in command name, (with
+    ``threads``) has commands not declared thread-safe, or the ``init`` command fails
+    (see Worker.run_init; ``init_args`` is its arguments as JSON text, or None).
     """
     if adapter:
         try:
@@ -331,10 +455,15 @@ def load_worker(adapter, max_frame_size=DEFAULT_MAX_FRAME, threads=0, allow_unsa
             error = {"type": "ThreadSafetyError", "message": message, "traceback": ""}
             return None, {"type": "startup_error", "error": error}
     try:
-        return Worker(commands, max_frame_size, adapter), None
+        worker = Worker(commands, max_frame_size, adapter)
     except ValueError as exc:
         error = {"type": "ValueError", "message": f"adapter {adapter!r} is not usable: {exc}", "traceback": ""}
         return None, {"type": "startup_error", "error": error}
+    if init is not None:
+        error = worker.run_init(init, init_args)
+        if error is not None:
+            return None, {"type": "startup_error", "error": error}
+    return worker, None
 
 
 def main(argv=None, *, exit_fast=True):
@@ -358,10 +487,12 @@ def main(argv=None, *, exit_fast=True):
     reader, write = _take_over_stdio(threaded=bool(args.threads))
     snakepit.ARGS[:] = args.adapter_args
 
-    worker, failure = load_worker(args.adapter, args.max_frame_size, args.threads, args.allow_unsafe_threads)
+    worker, failure = load_worker(
+        args.adapter, args.max_frame_size, args.threads, args.allow_unsafe_threads, args.init, args.init_args
+    )
     if failure is not None:
         log.error("%s", failure["error"]["message"])
-        write(encode_frame(failure, args.max_frame_size))
+        write(_startup_error_frame(failure, args.max_frame_size))
         return EXIT_STARTUP
     _logbridge.install()  # after the adapter's import: it may have configured logging
     write(encode_frame({"type": "ready", "info": worker.ready_info()}, args.max_frame_size))
@@ -476,6 +607,25 @@ def _error_frame(rid, kind, message, limit):
             # Bytes over, in characters: at least as many (JSON escapes and UTF-8 only add bytes).
             keep = len(message) - (exc.size - exc.limit) - 3
             message = message[:keep] + "..." if keep > 0 else ""
+
+
+def _startup_error_frame(failure, limit):
+    """The frame of a startup_error, its traceback (then its message) cut short if the whole
+    would be larger than ``limit``. The traceback keeps its end, where the exception is."""
+    error = failure["error"]
+    while True:
+        try:
+            return encode_frame(failure, limit)
+        except FrameTooLarge as exc:
+            over = exc.size - exc.limit + 3  # bytes over, in characters: at least as many
+            if error["traceback"]:
+                keep = len(error["traceback"]) - over
+                error["traceback"] = "..." + error["traceback"][-keep:] if keep > 0 else ""
+            elif error["message"]:
+                keep = len(error["message"]) - over
+                error["message"] = error["message"][:keep] + "..." if keep > 0 else ""
+            else:
+                raise
 
 
 def _value_problem(value):
@@ -595,7 +745,7 @@ def _rss_bytes():
 # --- process plumbing ------------------------------------------------------
 
 
-_USAGE = "usage: python -m snakepit [--adapter MODULE] [--max-frame-size BYTES] [--parent-pid PID] [--worker-id ID] [--pool NAME] [--threads N [--allow-unsafe-threads]] [--keeper] [-- ADAPTER_ARGS...]"
+_USAGE = "usage: python -m snakepit [--adapter MODULE] [--init COMMAND [--init-args JSON]] [--max-frame-size BYTES] [--parent-pid PID] [--worker-id ID] [--pool NAME] [--threads N [--allow-unsafe-threads]] [--keeper] [-- ADAPTER_ARGS...]"
 
 _OPTIONS = {
     "--adapter": ("adapter", str),
@@ -604,6 +754,8 @@ _OPTIONS = {
     "--worker-id": ("worker_id", str),
     "--pool": ("pool", str),
     "--threads": ("threads", int),
+    "--init": ("init", str),
+    "--init-args": ("init_args", str),
 }
 
 
@@ -622,6 +774,8 @@ def _parse_args(argv):
         "threads": 0,
         "allow_unsafe_threads": False,
         "keeper": False,
+        "init": None,
+        "init_args": None,
     }
     argv = list(sys.argv[1:] if argv is None else argv)
     while argv:
@@ -654,6 +808,10 @@ def _parse_args(argv):
         _usage_error(f"--threads: expected a non-negative integer, got {args['threads']}")
     if args["max_frame_size"] <= 0:
         _usage_error(f"--max-frame-size: expected a positive integer, got {args['max_frame_size']}")
+    if args["init"] == "":
+        _usage_error("--init: expected a command name, got ''")
+    if args["init_args"] is not None and args["init"] is None:
+        _usage_error("--init-args needs --init")
     return SimpleNamespace(**args)
 
 

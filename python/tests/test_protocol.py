@@ -49,7 +49,7 @@ class TrackingReader(io.BytesIO):
 
 class ReadFrameTests(unittest.TestCase):
     def test_constants(self):
-        self.assertEqual(PROTOCOL_VERSION, 1)
+        self.assertEqual(PROTOCOL_VERSION, 2)
         self.assertEqual(DEFAULT_MAX_FRAME, 64 * 1024 * 1024)
 
     def test_round_trip(self):

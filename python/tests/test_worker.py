@@ -210,7 +210,7 @@ class WorkerTests(unittest.TestCase):
 
     def test_ready_info(self):
         info = self.worker.ready_info()
-        self.assertEqual(info["protocol_version"], 1)
+        self.assertEqual(info["protocol_version"], 2)
         self.assertEqual(info["commands"], sorted(info["commands"]))
         self.assertIn("echo", info["commands"])
         self.assertIn("add", info["commands"])
@@ -619,7 +619,7 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(ready["type"], "ready")
         info = ready["info"]
         self.assertEqual(info["pid"], w.proc.pid)
-        self.assertEqual(info["protocol_version"], 1)
+        self.assertEqual(info["protocol_version"], 2)
         self.assertEqual(info["implementation"], sys.implementation.name)
         self.assertIs(info["free_threaded"], False if sys.version_info < (3, 13) else info["free_threaded"])
         self.assertEqual(
