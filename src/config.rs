@@ -57,6 +57,11 @@ pub struct PoolConfig {
     pub(crate) threads_per_worker: usize,
     pub(crate) allow_unsafe_threads: bool,
     pub(crate) kill_on_timeout: bool,
+    pub(crate) session_ttl: Option<Duration>,
+    pub(crate) max_sessions: usize,
+    pub(crate) session_drain: Duration,
+    /// A command each worker runs before it counts as ready, with its arguments.
+    pub(crate) init: Option<(String, serde_json::Value)>,
 }
 
 impl Default for PoolConfig {
@@ -89,6 +94,10 @@ impl Default for PoolConfig {
             threads_per_worker: 8,
             allow_unsafe_threads: false,
             kill_on_timeout: false,
+            session_ttl: None,
+            max_sessions: 100_000,
+            session_drain: Duration::from_secs(30),
+            init: None,
         }
     }
 }
@@ -272,6 +281,23 @@ impl PoolConfig {
         if self.queue_timeout.is_some_and(|d| d.is_zero()) {
             problems.push(Error::config("queue_timeout", "must be greater than zero"));
         }
+        if self.session_ttl.is_some_and(|d| d.is_zero()) {
+            problems.push(Error::config("session_ttl", "must be greater than zero"));
+        }
+        if self.max_sessions == 0 {
+            problems.push(Error::config("max_sessions", "must be at least 1"));
+        }
+        if let Some((command, args)) = &self.init {
+            if command.is_empty() {
+                problems.push(Error::config("init", "the command name is empty"));
+            }
+            if !matches!(
+                args,
+                serde_json::Value::Object(_) | serde_json::Value::Array(_) | serde_json::Value::Null
+            ) {
+                problems.push(Error::config("init", "args must be a JSON object, array or null"));
+            }
+        }
         if self.restart_backoff.1 < self.restart_backoff.0 {
             problems.push(Error::config("restart_backoff", "the largest delay is smaller than the first"));
         }
@@ -453,7 +479,8 @@ impl PoolBuilder {
         self.config.policy.ttl = Some(ttl);
         self
     }
-    /// Recycles a worker after this many calls (plus its jitter); it is never given more.
+    /// Recycles a worker after this many calls (plus its jitter); it is never given more, but
+    /// for the calls of its strict sessions while it drains (see `session_drain`).
     /// Defaults to off.
     pub fn max_requests(mut self, calls: u64) -> Self {
         self.config.policy.max_requests = Some(calls);
@@ -552,6 +579,32 @@ impl PoolBuilder {
         self.config.kill_on_timeout = kill;
         self
     }
+    /// Ends sessions after this long without a call, unless a session sets its own idle
+    /// time-out. Defaults to none: a session lives until it is closed or dropped.
+    pub fn session_ttl(mut self, ttl: Duration) -> Self {
+        self.config.session_ttl = Some(ttl);
+        self
+    }
+    /// The most sessions open at once; past it, opening one fails with `TooManySessions`.
+    /// Defaults to 100 000.
+    pub fn max_sessions(mut self, max: usize) -> Self {
+        self.config.max_sessions = max;
+        self
+    }
+    /// How long a worker being recycled keeps serving the strict sessions bound to it (they may
+    /// end meanwhile) before they are lost. Its replacement takes every other call at once.
+    /// Defaults to 30 s.
+    pub fn session_drain(mut self, drain: Duration) -> Self {
+        self.config.session_drain = drain;
+        self
+    }
+    /// A command every worker runs once before it counts as ready: the first workers,
+    /// restarts and recycling replacements alike (like `multiprocessing.Pool`'s initializer).
+    /// `args` as for a call. Its failure is a start-up failure, with the Python traceback.
+    pub fn init(mut self, command: &str, args: serde_json::Value) -> Self {
+        self.config.init = Some((command.to_string(), args));
+        self
+    }
     /// The settings as they stand.
     pub fn config(&self) -> &PoolConfig {
         &self.config
@@ -607,5 +660,9 @@ mod tests {
         assert_eq!(err_setting(b().startup_timeout(Duration::MAX)), "startup_timeout");
         assert_eq!(err_setting(b().shutdown_timeout(Duration::MAX)), "shutdown_timeout");
         assert_eq!(err_setting(b().ttl(Duration::MAX)), "ttl");
+        assert_eq!(err_setting(b().session_ttl(Duration::ZERO)), "session_ttl");
+        assert_eq!(err_setting(b().max_sessions(0)), "max_sessions");
+        assert_eq!(err_setting(b().init("", serde_json::Value::Null)), "init");
+        assert_eq!(err_setting(b().init("load", serde_json::json!(3))), "init");
     }
 }

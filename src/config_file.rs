@@ -55,11 +55,27 @@ pub const POOL_KEYS: &[(&str, &str, &str)] = &[
     ("health_timeout", "\"5s\"", "how long a pinged worker has to answer"),
     ("reaper_interval", "\"1s\"", "how often memory is read (when a memory limit is set)"),
     ("degraded_after", "3", "start-up failures in a row before a pool with no ready worker fails calls fast"),
+    ("session_ttl", "off", "end a session after this long without a call"),
+    ("max_sessions", "100000", "sessions open at once; more get `TooManySessions`"),
+    ("session_drain", "\"30s\"", "how long a worker being recycled keeps serving its strict sessions"),
+    (
+        "init",
+        "none",
+        "`{\"command\": ..., \"args\": ...}`: run once on every worker before it counts as ready",
+    ),
 ];
 
 /// The keys whose `null` means "off" (to override a default).
-const OPTIONAL: &[&str] =
-    &["ttl", "max_requests", "max_memory", "max_memory_hard", "health_interval", "queue_timeout"];
+const OPTIONAL: &[&str] = &[
+    "ttl",
+    "max_requests",
+    "max_memory",
+    "max_memory_hard",
+    "health_interval",
+    "queue_timeout",
+    "session_ttl",
+    "init",
+];
 
 /// The keys the file itself takes at the top level, besides the legacy single-pool keys.
 const TOP_KEYS: &[&str] = &["defaults", "pools"];
@@ -227,6 +243,8 @@ fn parse_pool<'a>(
                 "max_memory" => c.policy.max_memory = None,
                 "max_memory_hard" => c.policy.max_memory_hard = None,
                 "health_interval" => c.health_interval = None,
+                "session_ttl" => c.session_ttl = None,
+                "init" => c.init = None,
                 _ => c.queue_timeout = None,
             }
             continue;
@@ -323,8 +341,11 @@ fn parse_pool<'a>(
                 }
             },
             "startup_timeout" | "request_timeout" | "queue_timeout" | "shutdown_timeout" | "stop_timeout"
-            | "ttl" | "health_interval" | "health_timeout" | "reaper_interval" => match dur(value) {
+            | "ttl" | "health_interval" | "health_timeout" | "reaper_interval" | "session_ttl"
+            | "session_drain" => match dur(value) {
                 Some(d) if !d.is_zero() => match key.as_str() {
+                    "session_ttl" => b.session_ttl(d),
+                    "session_drain" => b.session_drain(d),
                     "startup_timeout" => b.startup_timeout(d),
                     "request_timeout" => b.request_timeout(d),
                     "queue_timeout" => b.queue_timeout(d),
@@ -347,20 +368,34 @@ fn parse_pool<'a>(
                     b
                 }
             },
-            "max_requests" | "max_concurrent_recycles" | "degraded_after" | "threads_per_worker" => {
-                match positive(value) {
-                    Some(n) => match key.as_str() {
-                        "max_requests" => b.max_requests(n),
-                        "threads_per_worker" => b.threads_per_worker(n as usize),
-                        "max_concurrent_recycles" => b.max_concurrent_recycles(n as usize),
-                        _ => b.degraded_after(n.min(u64::from(u32::MAX)) as u32),
-                    },
-                    None => {
-                        bad("a positive integer");
-                        b
-                    }
+            "init" => match value.as_object().map(|o| (o.get("command").and_then(Value::as_str), o)) {
+                Some((Some(command), o))
+                    if !command.is_empty() && o.keys().all(|k| k == "command" || k == "args") =>
+                {
+                    b.init(command, o.get("args").cloned().unwrap_or(Value::Null))
                 }
-            }
+                _ => {
+                    bad("an object {\"command\": name, \"args\": object, array or null}");
+                    b
+                }
+            },
+            "max_requests"
+            | "max_concurrent_recycles"
+            | "degraded_after"
+            | "threads_per_worker"
+            | "max_sessions" => match positive(value) {
+                Some(n) => match key.as_str() {
+                    "max_sessions" => b.max_sessions(n as usize),
+                    "max_requests" => b.max_requests(n),
+                    "threads_per_worker" => b.threads_per_worker(n as usize),
+                    "max_concurrent_recycles" => b.max_concurrent_recycles(n as usize),
+                    _ => b.degraded_after(n.min(u64::from(u32::MAX)) as u32),
+                },
+                None => {
+                    bad("a positive integer");
+                    b
+                }
+            },
             "max_frame_size" | "max_memory" | "max_memory_hard" => match parse_size(value) {
                 Some(n) if n > 0 => match key.as_str() {
                     "max_frame_size" => b.max_frame_size(n as usize),

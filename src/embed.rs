@@ -18,6 +18,7 @@ const FILES: &[(&str, &str)] = &[
     ("snakepit/worker.py", include_str!("../python/snakepit/worker.py")),
     ("snakepit/_logbridge.py", include_str!("../python/snakepit/_logbridge.py")),
     ("snakepit/_keeper.py", include_str!("../python/snakepit/_keeper.py")),
+    ("snakepit/_sessions.py", include_str!("../python/snakepit/_sessions.py")),
     ("snakepit/demo.py", include_str!("../python/snakepit/demo.py")),
 ];
 

@@ -116,6 +116,36 @@ pub enum Error {
         /// The id asked for.
         worker: u64,
     },
+    /// A strict session's worker was lost (it died, the pool killed it, or it was recycled
+    /// and the session outlived `session_drain`): its Python state is gone, and every call of
+    /// the session fails with this. Open a new session.
+    SessionLost {
+        /// The session.
+        session: u64,
+        /// The worker it was bound to.
+        worker: u64,
+        /// Why the worker was lost.
+        reason: crate::session::Loss,
+    },
+    /// A strict fail-fast session's worker had no room for the call.
+    SessionBusy {
+        /// The session.
+        session: u64,
+        /// Its worker.
+        worker: u64,
+    },
+    /// The session has ended (closed, or idle past its time-out).
+    SessionClosed {
+        /// The session.
+        session: u64,
+        /// Why it ended.
+        reason: crate::session::SessionEnd,
+    },
+    /// The pool already has `max_sessions` sessions open.
+    TooManySessions {
+        /// The pool's `max_sessions`.
+        max_sessions: usize,
+    },
     /// An I/O error outside a worker (for example, writing the embedded package).
     Io(io::Error),
     /// Arguments could not be serialised or a result could not be deserialised.
@@ -297,6 +327,16 @@ impl fmt::Display for Error {
                 write!(f, "unknown pool `{name}`: the pools are {}", known.join(", "))
             }
             Error::UnknownWorker { worker } => write!(f, "unknown worker: no ready worker {worker}"),
+            Error::SessionLost { session, worker, reason } => {
+                write!(f, "session {session} lost on worker {worker}: {reason}; its state is gone")
+            }
+            Error::SessionBusy { session, worker } => {
+                write!(f, "session {session} busy: its worker {worker} has no room now")
+            }
+            Error::SessionClosed { session, reason } => write!(f, "session {session} has ended: {reason}"),
+            Error::TooManySessions { max_sessions } => {
+                write!(f, "too many sessions: the pool's max_sessions ({max_sessions}) are open")
+            }
             Error::Io(e) => write!(f, "i/o: {e}"),
             Error::Json(e) => write!(f, "json: {e}"),
         }
@@ -391,6 +431,16 @@ impl Error {
             }
             Error::InvalidArgs(m) => Error::InvalidArgs(m.clone()),
             Error::UnknownWorker { worker } => Error::UnknownWorker { worker: *worker },
+            Error::SessionLost { session, worker, reason } => {
+                Error::SessionLost { session: *session, worker: *worker, reason: *reason }
+            }
+            Error::SessionBusy { session, worker } => {
+                Error::SessionBusy { session: *session, worker: *worker }
+            }
+            Error::SessionClosed { session, reason } => {
+                Error::SessionClosed { session: *session, reason: *reason }
+            }
+            Error::TooManySessions { max_sessions } => Error::TooManySessions { max_sessions: *max_sessions },
             Error::ConfigFile { problems } => Error::ConfigFile { problems: problems.clone() },
             Error::UnknownPool { name, known } => {
                 Error::UnknownPool { name: name.clone(), known: known.clone() }

@@ -95,6 +95,45 @@ pub enum Event {
         execution: Duration,
         /// Whether it returned `Ok`.
         ok: bool,
+        /// The session it ran in, if any.
+        session: Option<u64>,
+    },
+    /// A session was opened.
+    SessionStarted {
+        /// The pool.
+        pool: String,
+        /// The session's id.
+        session: u64,
+        /// The worker it is bound to (`None` if none was ready; it binds at its first call).
+        worker: Option<u64>,
+        /// How its calls find its worker.
+        affinity: crate::session::Affinity,
+    },
+    /// A session ended: closed by its owner, or idle past its time-out. The workers that ran
+    /// its calls are told to free its state.
+    SessionEnded {
+        /// The pool.
+        pool: String,
+        /// The session's id.
+        session: u64,
+        /// Why.
+        reason: crate::session::SessionEnd,
+        /// Calls made through it.
+        calls: u64,
+    },
+    /// A session's worker was lost. A strict session fails from now on (`moved` false); a
+    /// prefer session moved to another worker, with fresh state there (`moved` true).
+    SessionLost {
+        /// The pool.
+        pool: String,
+        /// The session's id.
+        session: u64,
+        /// The worker it lost.
+        worker: u64,
+        /// Why the worker was lost.
+        reason: crate::session::Loss,
+        /// Whether the session moved to another worker.
+        moved: bool,
     },
     /// A call was refused because the queue was full.
     QueueFull {

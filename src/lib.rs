@@ -59,6 +59,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod call;
 mod compat;
 mod config;
 mod config_file;
@@ -74,6 +75,7 @@ mod pool_set;
 mod proc;
 mod protocol;
 pub mod python;
+mod session;
 mod stats;
 mod sys;
 mod worker;
@@ -87,6 +89,7 @@ pub use policy::RecycleReason;
 pub use pool::{CallOptions, Pool};
 pub use pool_set::{PoolSet, PoolSetBuilder, DEFAULT_POOL};
 pub use protocol::WorkerInfo;
+pub use session::{Affinity, Loss, Session, SessionCounts, SessionEnd, SessionInfo, SessionOptions};
 pub use stats::{Latency, PoolStats, Recycles, WorkerState, WorkerStats};
 
 /// The README's Rust examples, compiled as doctests so they cannot rot.

@@ -96,8 +96,9 @@ pub(crate) struct WorkerFacts {
 /// dispatcher (TTL) and the housekeeper (memory) call it, and unit tests call it directly.
 ///
 /// `max_requests` fires a quarter of the budget early, so the replacement can be ready before
-/// the worker is spent (the worker retires as soon as it is); the dispatcher never gives a
-/// worker more calls than its limit, which is what makes the limit exact.
+/// the worker is spent (the worker retires as soon as it is); the board never gives an open
+/// worker more calls than its limit, which is what makes the limit exact (a retired worker
+/// still serves its strict sessions for `session_drain`).
 pub(crate) fn should_recycle(w: &WorkerFacts, now: Instant) -> Option<RecycleReason> {
     if let (Some(limit), Some(rss)) = (w.limits.max_memory, w.rss) {
         if rss > limit {

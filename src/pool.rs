@@ -1,11 +1,7 @@
-//! [`Pool`]: start-up, the blocking calls, stats, and shutdown.
-//!
-//! A call is owned by its caller from start to end: it takes a lease on a worker (or waits for
-//! one, in order), exchanges the frames with the worker itself, and records the one outcome on
-//! the board as it gives the lease back. The dispatcher is not on the path.
+//! [`Pool`]: start-up, the blocking calls (run by [`crate::call`]), sessions, stats, and
+//! shutdown.
 
 use std::ffi::OsString;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,21 +12,15 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::call::Calls;
 use crate::config::{PoolBuilder, PoolConfig, Profile};
-use crate::dispatcher::{Admit, Board, Dispatcher, Effects, Lease, Request, Return, Shared, Spawner};
+use crate::dispatcher::{Board, Dispatcher, Request, Shared, Spawner};
 use crate::error::{Error, Result, TimeoutKind};
-use crate::events::{Emitter, Event};
-use crate::mailbox::Missed;
+use crate::events::Emitter;
+use crate::session::{Session, SessionInfo, SessionOptions, Sessions};
 use crate::stats::PoolStats;
-use crate::worker::{thread_name, Conn, Exchange, KillReason, Sending, SpawnSpec};
-use crate::{embed, housekeeper, protocol, python};
-
-/// The largest frame a freeing caller writes for the next waiting call: one atomic pipe write
-/// (`PIPE_BUF`), which a non-blocking pipe takes whole or not at all.
-const PREWRITE_MAX: usize = 4096;
-/// How long a caller whose queue deadline passed just as a lease was handed to it waits for
-/// that lease to arrive (the handing thread is between two lines of code).
-const HANDOFF_WAIT: Duration = Duration::from_secs(1);
+use crate::worker::{thread_name, SpawnSpec};
+use crate::{embed, housekeeper, python};
 
 /// How much longer than its own limits the pool waits for the dispatcher before giving up on
 /// it (it enforces those limits itself; this only guards against a wedged thread).
@@ -64,7 +54,7 @@ impl CallOptions {
 pub struct Pool {
     config: Arc<PoolConfig>,
     shared: Arc<Shared>,
-    next_id: AtomicU64,
+    calls: Arc<Calls>,
     /// Held for the whole of a shutdown, so a second `shutdown()` returns only when the pool is
     /// down.
     threads: Mutex<Threads>,
@@ -97,6 +87,7 @@ impl PoolBuilder {
             board: parking_lot::Mutex::new(Board::new(config.max_queue)),
             requests,
             emitter,
+            sessions: Sessions::default(),
         });
         let (started_tx, started_rx) = bounded(1);
         let dispatcher = Dispatcher::new(
@@ -113,7 +104,8 @@ impl PoolBuilder {
                 .spawn(move || dispatcher.run())
                 .map_err(spawn_err("dispatcher thread"))?,
         );
-        let pool = Pool { config, shared, next_id: AtomicU64::new(1), threads: Mutex::new(threads) };
+        let calls = Arc::new(Calls::new(config.clone(), shared.clone()));
+        let pool = Pool { config, shared, calls, threads: Mutex::new(threads) };
         match started_rx.recv_timeout(pool.config.startup_timeout + DISPATCHER_SLACK) {
             Ok(Ok(())) => {}
             // The dispatcher has killed the workers; dropping the pool joins its threads.
@@ -174,6 +166,7 @@ fn spawn_spec(config: &PoolConfig) -> Result<SpawnSpec> {
         launcher: config.launcher.clone(),
         threads: if config.profile == Profile::Thread { config.threads_per_worker } else { 0 },
         allow_unsafe_threads: config.allow_unsafe_threads,
+        init: config.init.as_ref().map(|(command, args)| (command.clone(), args.to_string())),
     })
 }
 
@@ -229,179 +222,75 @@ impl Pool {
     /// with `Timeout(Call)` and its worker is killed and replaced (in the thread profile, its
     /// thread is left to finish unless `kill_on_timeout` is set).
     pub fn call_with(&self, command: &str, args: Value, options: CallOptions) -> Result<Value> {
-        if !matches!(args, Value::Object(_) | Value::Array(_) | Value::Null) {
-            return Err(Error::InvalidArgs(format!(
-                "args must be a JSON object, array or null, found {}",
-                protocol::json_kind(&args)
-            )));
-        }
-        if depth(&args) > MAX_ARGS_DEPTH {
-            return Err(Error::InvalidArgs(format!("args nest deeper than {MAX_ARGS_DEPTH} levels")));
-        }
-        let timeout = options.timeout.unwrap_or(self.config.request_timeout);
-        if timeout.is_zero() {
-            return Err(Error::config("CallOptions::timeout", "must be greater than zero"));
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = protocol::encode_call(id, command, &args, self.config.max_frame_size).map_err(|e| {
-            match protocol::as_too_large(&e) {
-                Some(t) => Error::FrameTooLarge { size: t.size, max: t.max },
-                None => Error::Io(e),
-            }
-        })?;
-        let frame = Arc::new(frame);
-        let enqueued = Instant::now();
-        let far = enqueued + Duration::from_secs(100 * 365 * 24 * 3600);
-        let deadline = enqueued.checked_add(timeout).unwrap_or(far).min(far);
-        let queue_deadline = match self.config.queue_timeout {
-            Some(q) => deadline.min(enqueued.checked_add(q).unwrap_or(far)),
-            None => deadline,
-        };
-        let queue_timeout = self.config.queue_timeout.map_or(timeout, |q| q.min(timeout));
-        self.run(command, id, &frame, enqueued, (queue_deadline, deadline))
-            .map_err(|e| e.in_call(command, timeout, queue_timeout))
+        self.calls.call(command, args, options, None)
     }
 
-    /// Runs an admitted call to its one outcome.
-    fn run(
+    /// Runs `command` on worker `worker` (see [`WorkerStats::id`](crate::WorkerStats::id)),
+    /// waiting in the queue for it; for tools and tests. `UnknownWorker` if no worker with that
+    /// id takes calls (or it stops taking them while the call waits).
+    pub fn call_on(&self, worker: u64, command: &str, args: Value, options: CallOptions) -> Result<Value> {
+        self.calls.call(command, args, options, Some(worker))
+    }
+
+    /// Runs `command` once on every ready worker, at once, and returns each worker's result, by
+    /// worker id: for example, to reload a model everywhere after deploying new weights.
+    /// Workers that start later do not run it (use [`PoolBuilder::init`] for that).
+    pub fn broadcast(
         &self,
         command: &str,
-        id: u64,
-        frame: &Arc<Vec<u8>>,
-        enqueued: Instant,
-        (queue_deadline, deadline): (Instant, Instant),
-    ) -> Result<Value> {
-        // A worker found dead (or untrustworthy) at checkout never saw the call: try another,
-        // until the call's queue deadline (each such worker is closed, so none is tried twice).
-        loop {
-            let lease = self.lease(command, frame, queue_deadline)?;
-            let started = Instant::now();
-            if !lease.sent && started >= queue_deadline {
-                // Its time ran out before a worker took it: a queue time-out, which costs no
-                // worker (writing it now would only get the worker killed).
-                let mut fx = Effects::default();
-                let mut board = self.shared.board.lock();
-                board.give_back(lease, Return::Done, None, &mut fx);
-                board.record_queue_timeout();
-                drop(board);
-                self.shared.apply(fx);
-                return Err(Error::timeout(TimeoutKind::Queue));
-            }
-            let what = Sending::Call { sent: lease.sent };
-            let exchange = lease.conn.exchange(frame, id, deadline, what);
-            if let Some(result) = self.finish(lease, exchange, (id, command), enqueued, started, deadline) {
-                return result;
+        args: Value,
+        options: CallOptions,
+    ) -> Result<Vec<(u64, Result<Value>)>> {
+        let workers = self.calls.shared().board.lock().open_workers();
+        if workers.is_empty() {
+            if let Some(e) = self.calls.shared().board.lock().refusal() {
+                return Err(e);
             }
         }
+        let name = thread_name("bcast", &self.config.name);
+        let results = std::thread::scope(|scope| {
+            let handles: Vec<_> = workers
+                .iter()
+                .map(|&w| {
+                    let (args, options) = (args.clone(), options.clone());
+                    let call = move || self.call_on(w, command, args, options);
+                    (w, std::thread::Builder::new().name(name.clone()).spawn_scoped(scope, call))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(w, h)| {
+                    let result = match h {
+                        Ok(h) => h.join().unwrap_or_else(|_| {
+                            Err(Error::Io(std::io::Error::new(
+                                std::io::ErrorKind::Other,
+                                "the broadcast thread panicked",
+                            )))
+                        }),
+                        Err(source) => Err(Error::Spawn { program: "broadcast thread".into(), source }),
+                    };
+                    (w, result)
+                })
+                .collect::<Vec<_>>()
+        });
+        Ok(results)
     }
 
-    /// Takes a lease on a worker: at once if one is free and nobody waits, else in order, until
-    /// `queue_deadline`. Refusals and queue time-outs are counted here. A waiting call leaves
-    /// its frame, so that the caller who frees a process worker can write it on its behalf (the
-    /// lease then comes `sent`).
-    fn lease(
-        &self,
-        command: &str,
-        frame: &Arc<Vec<u8>>,
-        queue_deadline: Instant,
-    ) -> Result<Lease<Arc<Conn>>> {
-        let prewrite =
-            (self.config.profile == Profile::Process && frame.len() <= PREWRITE_MAX).then(|| frame.clone());
-        let mut fx = Effects::default();
-        let admitted = self.shared.board.lock().admit(command, prewrite, queue_deadline, &mut fx);
-        self.shared.apply(fx);
-        let (rx, place) = match admitted? {
-            Admit::Run(lease) => return Ok(lease),
-            Admit::Wait(rx, place) => (rx, place),
-        };
-        let handed = match rx.recv_deadline(queue_deadline) {
-            Ok(lease) => return Ok(lease),
-            Err(Missed::Timeout) => {
-                if self.shared.board.lock().withdraw(place) {
-                    return Err(Error::timeout(TimeoutKind::Queue));
-                }
-                // A lease was handed to us just as the deadline passed; it is on its way.
-                rx.recv_deadline(Instant::now() + HANDOFF_WAIT).ok()
-            }
-            Err(Missed::Closed) => None,
-        };
-        match handed {
-            Some(lease) => Ok(lease),
-            None => {
-                // The queue was emptied (shutdown, or the pool is degraded).
-                let mut board = self.shared.board.lock();
-                let err = match board.dropped_for.clone() {
-                    crate::dispatcher::Gate::Degraded(last_error) => Error::Degraded { last_error },
-                    _ => Error::ShuttingDown,
-                };
-                board.record(&Err(err.duplicate()));
-                Err(err)
-            }
-        }
+    /// Opens a strict session: its calls all run on one worker, where a command declared
+    /// `@snakepit.command(session=True)` finds the session's state. See [`Session`].
+    pub fn session(&self) -> Result<Session> {
+        self.session_with(SessionOptions::default())
     }
 
-    /// Turns an exchange into the call's one outcome, records it as the lease goes back, and
-    /// announces it. `None`: the call never reached the worker; run it elsewhere.
-    fn finish(
-        &self,
-        lease: Lease<Arc<Conn>>,
-        exchange: Exchange,
-        (id, command): (u64, &str),
-        enqueued: Instant,
-        started: Instant,
-        deadline: Instant,
-    ) -> Option<Result<Value>> {
-        let conn = lease.conn.clone();
-        let (how, result) = match exchange {
-            Exchange::Reply(result) => (Return::Done, result),
-            Exchange::NotSent { dead } => {
-                let how = if dead { Return::Dead } else { Return::Unusable };
-                let mut fx = Effects::default();
-                self.shared.board.lock().give_back(lease, how, None, &mut fx);
-                self.shared.apply(fx);
-                return None;
-            }
-            Exchange::TimedOut { running, corrupt } => {
-                let how = if corrupt || (running && self.config.kills_on_timeout()) {
-                    // Thread profile: its other calls die with it (collateral).
-                    conn.mark_killed(KillReason::CallTimeout);
-                    Return::Kill(KillReason::CallTimeout)
-                } else if running && self.config.profile == Profile::Thread {
-                    Return::Abandoned
-                } else {
-                    Return::Done
-                };
-                log::warn!(
-                    "[{}] call {id} `{command}` timed out on worker {}",
-                    self.config.name,
-                    lease.worker
-                );
-                (how, Err(Error::timeout(TimeoutKind::Call)))
-            }
-            Exchange::Died => {
-                let err = conn.death_error(deadline);
-                (Return::Died, Err(err))
-            }
-            Exchange::Broken(err) => {
-                conn.mark_broken(err.duplicate());
-                (Return::Kill(KillReason::Protocol), Err(err))
-            }
-        };
-        let ended = Instant::now();
-        let (queue_wait, execution) = (started.saturating_duration_since(enqueued), ended - started);
-        let mut fx = Effects::default();
-        self.shared.board.lock().give_back(lease, how, Some((&result, queue_wait, execution)), &mut fx);
-        self.shared.apply(fx);
-        if self.shared.emitter.enabled() {
-            self.shared.emitter.emit(Event::CallCompleted {
-                pool: self.config.name.clone(),
-                command: command.to_string(),
-                queue_wait,
-                execution,
-                ok: result.is_ok(),
-            });
-        }
-        Some(result)
+    /// Opens a session with options (affinity, idle time-out, context). `TooManySessions` past
+    /// the pool's `max_sessions`.
+    pub fn session_with(&self, options: SessionOptions) -> Result<Session> {
+        Session::open(self.calls.clone(), options)
+    }
+
+    /// Snapshots of the live sessions, by id.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        self.calls.shared().sessions.infos()
     }
 
     /// A snapshot of the pool and each of its workers.
@@ -532,38 +421,9 @@ impl Drop for Pool {
     }
 }
 
-/// How deep a call's arguments may nest: well within what both sides' JSON decoders take.
-const MAX_ARGS_DEPTH: usize = 100;
-
-/// The nesting depth of a JSON value (a scalar is 0), without recursion.
-fn depth(v: &Value) -> usize {
-    let mut deepest = 0;
-    let mut stack = vec![(v, 0usize)];
-    while let Some((v, d)) = stack.pop() {
-        deepest = deepest.max(d);
-        match v {
-            Value::Array(items) => stack.extend(items.iter().map(|x| (x, d + 1))),
-            Value::Object(map) => stack.extend(map.values().map(|x| (x, d + 1))),
-            _ => {}
-        }
-    }
-    deepest
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn depth_counts_nesting() {
-        assert_eq!(depth(&serde_json::json!(1)), 0);
-        assert_eq!(depth(&serde_json::json!({"a": [1, {"b": []}]})), 3);
-        let mut deep = serde_json::json!(0);
-        for _ in 0..1000 {
-            deep = serde_json::json!([deep]);
-        }
-        assert_eq!(depth(&deep), 1000);
-    }
 
     #[test]
     fn pool_is_send_and_sync() {

@@ -11,6 +11,7 @@ use crate::config::PoolBuilder;
 use crate::config_file::Config;
 use crate::error::{Error, Result};
 use crate::pool::{CallOptions, Pool};
+use crate::session::{Session, SessionOptions};
 use crate::stats::PoolStats;
 
 /// The name of the pool that the short forms ([`PoolSet::call_default`]) use when the set has
@@ -144,6 +145,12 @@ impl PoolSet {
     /// [`call`](PoolSet::call) with per-call options. See [`Pool::call_with`].
     pub fn call_with(&self, pool: &str, command: &str, args: Value, options: CallOptions) -> Result<Value> {
         self.pool(pool)?.call_with(command, args, options)
+    }
+
+    /// Opens a session on the pool named `pool` (its calls are routed there). See
+    /// [`Pool::session_with`].
+    pub fn session(&self, pool: &str, options: SessionOptions) -> Result<Session> {
+        self.pool(pool)?.session_with(options)
     }
 
     /// Runs `command` on the [default pool](PoolSet::default_pool).

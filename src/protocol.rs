@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::error::RemoteError;
 
 /// The protocol version both sides speak; the worker reports its own in `ready`.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
 /// The default largest frame, in bytes (64 MiB).
 pub(crate) const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
@@ -50,13 +50,19 @@ pub(crate) enum Msg {
     Ready { info: WorkerInfo },
     /// Worker to host, instead of `ready`, when it cannot start (the adapter failed to import).
     StartupError { error: RemoteError },
-    /// Host to worker: run `command` with `args`.
+    /// Host to worker: run `command` with `args`; in a session, with its id and context.
     Call {
         id: u64,
         command: String,
         #[serde(default)]
         args: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        context: Option<Value>,
     },
+    /// Host to worker: the session ended; free its state. No reply.
+    EndSession { session: String },
     /// Worker to host: the command returned `value`.
     Result { id: u64, value: Value },
     /// Worker to host: the command raised.
@@ -167,8 +173,14 @@ pub(crate) fn read_frame(r: &mut impl Read, max: usize) -> io::Result<Option<Msg
     decode(&buf).map(Some)
 }
 
-/// The frame for a call, built by the calling thread so the dispatcher only moves bytes.
-pub(crate) fn encode_call(id: u64, command: &str, args: &Value, max: usize) -> io::Result<Vec<u8>> {
+/// The frame for a call, built by the calling thread; `session`: its session's id and context.
+pub(crate) fn encode_call(
+    id: u64,
+    command: &str,
+    args: &Value,
+    session: Option<(&str, Option<&Value>)>,
+    max: usize,
+) -> io::Result<Vec<u8>> {
     #[derive(Serialize)]
     struct CallRef<'a> {
         #[serde(rename = "type")]
@@ -176,8 +188,21 @@ pub(crate) fn encode_call(id: u64, command: &str, args: &Value, max: usize) -> i
         id: u64,
         command: &'a str,
         args: &'a Value,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        context: Option<&'a Value>,
     }
-    encode_frame(&CallRef { kind: "call", id, command, args }, max)
+    let (session, context) = match session {
+        Some((id, context)) => (Some(id), context),
+        None => (None, None),
+    };
+    encode_frame(&CallRef { kind: "call", id, command, args, session, context }, max)
+}
+
+/// The frame that tells a worker a session ended.
+pub(crate) fn encode_end_session(session: &str) -> io::Result<Vec<u8>> {
+    encode_frame(&Msg::EndSession { session: session.to_string() }, DEFAULT_MAX_FRAME)
 }
 
 /// Bytes read from a stream that may hand them out in any pieces (a non-blocking pipe), cut
@@ -333,7 +358,14 @@ mod tests {
 
     fn sample_messages() -> Vec<Msg> {
         vec![
-            Msg::Call { id: 1, command: "add".into(), args: json!({"a": 1, "b": [1, 2]}) },
+            Msg::Call {
+                id: 1,
+                command: "add".into(),
+                args: json!({"a": 1, "b": [1, 2]}),
+                session: None,
+                context: None,
+            },
+            Msg::EndSession { session: "7".into() },
             Msg::Result { id: u64::MAX, value: json!({"ok": "é"}) },
             Msg::Error {
                 id: 3,
@@ -459,9 +491,33 @@ mod tests {
     #[test]
     fn encode_call_matches_the_message_form() {
         let args = json!({"text": "hi"});
-        let bytes = encode_call(9, "embed", &args, DEFAULT_MAX_FRAME).unwrap();
+        let bytes = encode_call(9, "embed", &args, None, DEFAULT_MAX_FRAME).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("session"), "a plain call carries no session keys");
         let msg = read_frame(&mut Cursor::new(bytes), DEFAULT_MAX_FRAME).unwrap();
-        assert_eq!(msg, Some(Msg::Call { id: 9, command: "embed".into(), args }));
+        assert_eq!(
+            msg,
+            Some(Msg::Call { id: 9, command: "embed".into(), args, session: None, context: None })
+        );
+    }
+
+    #[test]
+    fn a_session_call_carries_its_id_and_context_and_its_end_is_a_frame() {
+        let (args, context) = (json!([1]), json!({"model": "m1"}));
+        let bytes =
+            encode_call(3, "predict", &args, Some(("12", Some(&context))), DEFAULT_MAX_FRAME).unwrap();
+        let msg = read_frame(&mut Cursor::new(bytes), DEFAULT_MAX_FRAME).unwrap();
+        let expected = Msg::Call {
+            id: 3,
+            command: "predict".into(),
+            args: args.clone(),
+            session: Some("12".into()),
+            context: Some(context),
+        };
+        assert_eq!(msg, Some(expected));
+        let bytes = encode_call(4, "predict", &args, Some(("12", None)), DEFAULT_MAX_FRAME).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("context"), "no context, no key");
+        let end = encode_end_session("12").unwrap();
+        assert_eq!(&end[4..], br#"{"type":"end_session","session":"12"}"#);
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct PoolStats {
     pub queue_wait: Latency,
     /// Time calls spent on a worker, over the most recent calls.
     pub execution: Latency,
+    /// Sessions live, closed, expired and lost.
+    pub sessions: crate::session::SessionCounts,
     /// One entry per live worker.
     pub workers: Vec<WorkerStats>,
 }
@@ -76,6 +78,8 @@ pub struct WorkerStats {
     pub recycle_in_ms: Option<u64>,
     /// Why it is being replaced, while its replacement starts.
     pub recycling: Option<RecycleReason>,
+    /// Strict sessions bound to it.
+    pub sessions: usize,
 }
 
 /// Recycled workers, by reason.

@@ -119,6 +119,8 @@ pub(crate) struct SpawnSpec {
     /// Threads per worker in the thread profile; 0 in the process profile.
     pub(crate) threads: usize,
     pub(crate) allow_unsafe_threads: bool,
+    /// The init command and its arguments as JSON text.
+    pub(crate) init: Option<(String, String)>,
 }
 
 /// Whether a launcher runs its command through a remote shell (`ssh`, by the program's file
@@ -191,6 +193,9 @@ pub(crate) struct Conn {
     max_frame: usize,
     /// Our end of its stdin, non-blocking; `None` once closed.
     stdin: Mutex<Option<File>>,
+    /// Frames posted to go ahead of the next one written (see [`Conn::post`]); written only
+    /// under `stdin`'s lock.
+    outbox: Mutex<Vec<u8>>,
     /// Our end of its stdout, non-blocking.
     stdout: Mutex<Reader>,
     stdout_fd: RawFd,
@@ -231,6 +236,7 @@ impl Conn {
             worker_pid: AtomicU32::new(0),
             max_frame,
             stdin: Mutex::new(Some(stdin)),
+            outbox: Mutex::new(Vec::new()),
             stdout_fd: stdout.as_raw_fd(),
             stdout: Mutex::new(Reader { file: stdout, buf: FrameBuf::default() }),
             exit_fd,
@@ -270,8 +276,9 @@ impl Conn {
             return false;
         }
         let Some(stdin) = self.stdin.try_lock() else { return false };
+        let Some(file) = stdin.as_ref() else { return false };
         // A write of at most PIPE_BUF bytes to a non-blocking pipe is all or nothing.
-        stdin.as_ref().is_some_and(|f| matches!((&*f).write(frame), Ok(n) if n == frame.len()))
+        self.flush_outbox(file) && matches!((&*file).write(frame), Ok(n) if n == frame.len())
     }
 
     /// `None` if the process is alive and has written nothing since its last reply; else
@@ -316,12 +323,53 @@ impl Conn {
         self.read_reply(&mut out, id, deadline)
     }
 
-    /// Writes a whole frame, waiting for room in the pipe until `deadline`.
+    /// Writes a whole frame (after any posted ones), waiting for room in the pipe until
+    /// `deadline`.
     fn write(&self, frame: &[u8], deadline: Instant) -> Written {
         let Some(stdin) = self.stdin.try_lock_until(deadline) else {
             return Written::Late { partial: false };
         };
         let Some(file) = stdin.as_ref() else { return Written::Nothing };
+        let posted = std::mem::take(&mut *self.outbox.lock());
+        if !posted.is_empty() {
+            // They go first: a frame is never cut by another. Not written in time, they leave
+            // a part-written frame in the pipe, like a call's own.
+            match self.write_until(file, &posted, deadline) {
+                Written::All => {}
+                Written::Late { .. } => return Written::Late { partial: true },
+                Written::Nothing => return Written::Nothing,
+            }
+        }
+        self.write_until(file, frame, deadline)
+    }
+
+    /// Posts a frame that needs no reply (a session's end): written now if the pipe is free and
+    /// takes it, else ahead of the next frame written to this worker.
+    pub(crate) fn post(&self, frame: &[u8]) {
+        self.outbox.lock().extend_from_slice(frame);
+        if let Some(stdin) = self.stdin.try_lock() {
+            if let Some(file) = stdin.as_ref() {
+                self.flush_outbox(file);
+            }
+        }
+    }
+
+    /// Writes what the pipe takes now of the posted frames; true if none is left.
+    fn flush_outbox(&self, file: &File) -> bool {
+        let mut outbox = self.outbox.lock();
+        while !outbox.is_empty() {
+            match (&*file).write(&outbox) {
+                Ok(n) => {
+                    outbox.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    fn write_until(&self, file: &File, frame: &[u8], deadline: Instant) -> Written {
         let mut done = 0;
         loop {
             match (&*file).write(&frame[done..]) {
@@ -685,6 +733,9 @@ impl Worker {
             if spec.allow_unsafe_threads {
                 line.push("--allow-unsafe-threads".into());
             }
+        }
+        if let Some((command, args)) = &spec.init {
+            line.extend(["--init", command, "--init-args", args].map(OsString::from));
         }
         if !spec.args.is_empty() {
             line.push("--".into());

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result, TimeoutKind};
 use crate::mailbox::{mailbox, Address, Mailbox};
+use crate::session::Loss;
 use crate::stats::Window;
 use crate::worker::{KillReason, WorkerId};
 
@@ -99,6 +100,19 @@ pub(crate) enum Gate {
     Closed,
 }
 
+/// Which workers a call may run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// The least-loaded worker with room.
+    Any,
+    /// Only this worker: wait for it, in order (a strict session, `call_on`, a broadcast).
+    Only(WorkerId),
+    /// Only this worker, and only if it has room now (a strict fail-fast session).
+    OnlyNow(WorkerId),
+    /// This worker if it has room now, else any (a prefer session).
+    Prefer(WorkerId),
+}
+
 /// What a caller gets when it asks for a worker.
 pub(crate) enum Admit<T> {
     /// A worker is free.
@@ -106,6 +120,11 @@ pub(crate) enum Admit<T> {
     /// Every worker is busy: wait on the receiver for a lease, in order; `u64` names the place
     /// in the queue, for [`Board::withdraw`].
     Wait(Mailbox<Lease<T>>, u64),
+    /// The worker the call was routed to takes no calls any more (or never existed): why, if
+    /// the pool knows.
+    Gone(Option<Loss>),
+    /// The worker the call was routed to has no room now ([`Route::OnlyNow`]).
+    Busy,
 }
 
 /// Outcome counters and latency windows, for `stats()`.
@@ -144,11 +163,30 @@ pub(crate) struct Seat<T> {
     told_wedged: bool,
     /// Calls whose callers saw it die under them (so its death was a call's doing).
     pub(crate) lost: usize,
+    /// Strict sessions bound to it.
+    pub(crate) sessions: usize,
+    /// Retired, but still taking the calls of its strict sessions until they end (or the
+    /// dispatcher's `session_drain` runs out).
+    session_only: bool,
+    /// Why it stopped taking calls, once it has; what its sessions are told.
+    loss: Option<Loss>,
 }
 
 impl<T> Seat<T> {
     fn has_room(&self) -> bool {
         self.open && self.busy < self.capacity && self.limit.map_or(true, |l| self.assigned < l)
+    }
+
+    /// Whether it takes calls routed to it alone (a retired worker: only its strict
+    /// sessions').
+    fn targetable(&self) -> bool {
+        self.open || self.session_only
+    }
+
+    /// Room for a call routed to it: within `max_requests` while open; a retired worker
+    /// serves its strict sessions past it, for `session_drain` at most.
+    fn has_room_for_routed(&self) -> bool {
+        self.busy < self.capacity && (self.session_only || self.has_room())
     }
 
     /// Whether it has been given its last call (`max_requests` is exact).
@@ -168,12 +206,22 @@ struct Waiter<T> {
     tx: Address<Lease<T>>,
     frame: Option<Arc<Vec<u8>>>,
     by: Instant,
+    /// The one worker it waits for; `None`: any.
+    only: Option<WorkerId>,
 }
+
+/// How many workers' losses the board remembers after they are gone, for the sessions that
+/// were bound to them and have not called since.
+const LOSSES_KEPT: usize = 1024;
 
 /// See the module docs.
 pub(crate) struct Board<T> {
     seats: Vec<Seat<T>>,
     waiters: VecDeque<Waiter<T>>,
+    /// Waiters that take any worker.
+    waiting_for_any: usize,
+    /// Why the workers that are gone stopped taking calls, newest last.
+    losses: VecDeque<(WorkerId, Loss)>,
     next_place: u64,
     max_queue: usize,
     pub(crate) gate: Gate,
@@ -189,6 +237,8 @@ impl<T: Clone> Board<T> {
         Board {
             seats: Vec::new(),
             waiters: VecDeque::new(),
+            waiting_for_any: 0,
+            losses: VecDeque::new(),
             next_place: 0,
             max_queue,
             gate: Gate::Open,
@@ -198,22 +248,19 @@ impl<T: Clone> Board<T> {
         }
     }
 
-    /// Lets a call in: a lease on the least-loaded worker with room, else a place in the queue,
-    /// else (refused, and counted as failed) why not. A waiting call leaves its `frame` (if it
-    /// may be written by another thread) and its queue deadline `by`.
+    /// Lets a call in: a lease on the least-loaded worker with room (of those `route` allows),
+    /// else a place in the queue, else (refused, and counted as failed) why not. A waiting
+    /// call leaves its `frame` (if it may be written by another thread) and its queue deadline
+    /// `by`.
     pub(crate) fn admit(
         &mut self,
         command: &str,
         frame: Option<Arc<Vec<u8>>>,
         by: Instant,
+        route: Route,
         fx: &mut Effects<T>,
     ) -> Result<Admit<T>> {
-        let refused = match &self.gate {
-            Gate::Open => None,
-            Gate::Closed => Some(Error::ShuttingDown),
-            Gate::Degraded(last_error) => Some(Error::Degraded { last_error: last_error.clone() }),
-        };
-        let refused = refused.or_else(|| {
+        let refused = self.refusal().or_else(|| {
             let commands = self.commands.as_ref()?;
             if commands.contains(command) {
                 return None;
@@ -226,7 +273,32 @@ impl<T: Clone> Board<T> {
             self.counters.failed += 1;
             return Err(e);
         }
-        if self.waiters.is_empty() {
+        // A free worker has no waiter that could take it (each release serves the queue), so
+        // a call runs at once wherever its route finds room.
+        let only = match route {
+            Route::Any => None,
+            Route::Prefer(w) => {
+                if let Some(lease) = self.pick_this(w, false, &mut fx.notices) {
+                    return Ok(Admit::Run(lease));
+                }
+                None
+            }
+            Route::Only(w) | Route::OnlyNow(w) => {
+                if !self.seat(w).is_some_and(Seat::targetable) {
+                    self.counters.failed += 1;
+                    return Ok(Admit::Gone(self.loss_of(w)));
+                }
+                if let Some(lease) = self.pick_this(w, true, &mut fx.notices) {
+                    return Ok(Admit::Run(lease));
+                }
+                if matches!(route, Route::OnlyNow(_)) {
+                    self.counters.failed += 1;
+                    return Ok(Admit::Busy);
+                }
+                Some(w)
+            }
+        };
+        if only.is_none() && self.waiting_for_any == 0 {
             if let Some(lease) = self.pick(&mut fx.notices) {
                 return Ok(Admit::Run(lease));
             }
@@ -239,7 +311,10 @@ impl<T: Clone> Board<T> {
         let (tx, rx) = mailbox();
         let place = self.next_place;
         self.next_place += 1;
-        self.waiters.push_back(Waiter { place, tx, frame, by });
+        self.waiters.push_back(Waiter { place, tx, frame, by, only });
+        if only.is_none() {
+            self.waiting_for_any += 1;
+        }
         self.counters.queue_high_water = self.counters.queue_high_water.max(self.waiters.len());
         Ok(Admit::Wait(rx, place))
     }
@@ -247,6 +322,18 @@ impl<T: Clone> Board<T> {
     /// A lease on the least-loaded worker with room, preferring the one that has served least.
     fn pick(&mut self, notices: &mut Vec<Notice>) -> Option<Lease<T>> {
         let seat = self.seats.iter_mut().filter(|s| s.has_room()).min_by_key(|s| (s.busy, s.served))?;
+        Some(Self::lease_on(seat, notices))
+    }
+
+    /// A lease on worker `id` if it has room: for any call (`routed` false), or for a call
+    /// routed to it alone.
+    fn pick_this(&mut self, id: WorkerId, routed: bool, notices: &mut Vec<Notice>) -> Option<Lease<T>> {
+        let seat = self.seat_mut(id)?;
+        let room = if routed { seat.has_room_for_routed() } else { seat.has_room() };
+        room.then(|| Self::lease_on(seat, notices))
+    }
+
+    fn lease_on(seat: &mut Seat<T>, notices: &mut Vec<Notice>) -> Lease<T> {
         seat.busy += 1;
         seat.assigned += 1;
         if let Some(limit) = seat.limit {
@@ -256,15 +343,27 @@ impl<T: Clone> Board<T> {
                 notices.push(Notice::Due(seat.id));
             }
         }
-        Some(Lease { worker: seat.id, conn: seat.conn.clone(), sent: false })
+        Lease { worker: seat.id, conn: seat.conn.clone(), sent: false }
     }
 
     /// Hands free capacity to waiting callers, first come first served (delivered by the
     /// caller of the board once its lock is released).
     fn serve_waiters(&mut self, fx: &mut Effects<T>) {
-        while !self.waiters.is_empty() {
-            let Some(lease) = self.pick(&mut fx.notices) else { return };
-            let w = self.waiters.pop_front().expect("not empty");
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let lease = match self.waiters[i].only {
+                None => self.pick(&mut fx.notices),
+                Some(w) => self.pick_this(w, true, &mut fx.notices),
+            };
+            let Some(lease) = lease else {
+                // Waiters for other workers behind this one may still be served.
+                i += 1;
+                continue;
+            };
+            let w = self.waiters.remove(i).expect("in range");
+            if w.only.is_none() {
+                self.waiting_for_any -= 1;
+            }
             fx.handoffs.push(Handoff { lease, to: w.tx, frame: w.frame, by: w.by });
         }
     }
@@ -273,7 +372,9 @@ impl<T: Clone> Board<T> {
     /// its time-out counted); false if a lease (or the queue's end) reached it first.
     pub(crate) fn withdraw(&mut self, place: u64) -> bool {
         let Some(i) = self.waiters.iter().position(|w| w.place == place) else { return false };
-        self.waiters.remove(i);
+        if self.waiters.remove(i).is_some_and(|w| w.only.is_none()) {
+            self.waiting_for_any -= 1;
+        }
         self.counters.failed += 1;
         self.counters.timeouts += 1;
         true
@@ -325,6 +426,7 @@ impl<T: Clone> Board<T> {
             Return::Kill(reason) => {
                 seat.busy -= 1;
                 seat.open = false;
+                seat.loss.get_or_insert(Loss::Killed(reason));
                 fx.notices.push(Notice::Kill(seat.id, reason));
             }
             Return::Dead => {
@@ -372,11 +474,77 @@ impl<T: Clone> Board<T> {
 
     fn after_release(&mut self, worker: WorkerId, fx: &mut Effects<T>) {
         let Some(seat) = self.seat_mut(worker) else { return };
-        if !seat.open && seat.busy == seat.abandoned {
+        if !seat.targetable() && seat.busy == seat.abandoned {
             fx.notices.push(Notice::Drained(worker));
-        } else if seat.open {
+        } else if seat.targetable() {
             self.serve_waiters(fx);
         }
+    }
+
+    // ---- sessions -----------------------------------------------------------------------------
+
+    /// The worker a new session goes to: the open one with the fewest strict sessions, then
+    /// the least loaded. `strict`: it counts the session until [`Board::unbind`].
+    pub(crate) fn bind(&mut self, strict: bool) -> Option<WorkerId> {
+        let seat = self.seats.iter_mut().filter(|s| s.open).min_by_key(|s| (s.sessions, s.busy, s.served))?;
+        if strict {
+            seat.sessions += 1;
+        }
+        Some(seat.id)
+    }
+
+    /// Binds a strict session to worker `id` (a session moving there).
+    pub(crate) fn bind_to(&mut self, id: WorkerId) {
+        if let Some(seat) = self.seat_mut(id) {
+            seat.sessions += 1;
+        }
+    }
+
+    /// A strict session bound to worker `id` ended. A retired worker whose last session this
+    /// was stops taking calls, and is drained.
+    pub(crate) fn unbind(&mut self, id: WorkerId, fx: &mut Effects<T>) {
+        let Some(seat) = self.seat_mut(id) else { return };
+        seat.sessions = seat.sessions.saturating_sub(1);
+        if seat.session_only && seat.sessions == 0 {
+            seat.session_only = false;
+            self.drop_waiters_for(id);
+            self.after_release(id, fx);
+        }
+    }
+
+    /// Whether worker `id` takes calls routed to it.
+    pub(crate) fn takes_routed(&self, id: WorkerId) -> bool {
+        self.seat(id).is_some_and(Seat::targetable)
+    }
+
+    /// Whether worker `id` takes calls that any worker could run (it is not retired or lost).
+    pub(crate) fn takes_any(&self, id: WorkerId) -> bool {
+        self.seat(id).is_some_and(|s| s.open)
+    }
+
+    /// Records why worker `id` stops taking calls (the first reason stands).
+    pub(crate) fn mark_lost(&mut self, id: WorkerId, loss: Loss) {
+        if let Some(seat) = self.seat_mut(id) {
+            seat.loss.get_or_insert(loss);
+        }
+    }
+
+    /// Why worker `id` stopped taking calls, if it has and the board still knows.
+    pub(crate) fn loss_of(&self, id: WorkerId) -> Option<Loss> {
+        match self.seat(id) {
+            Some(seat) => seat.loss,
+            None => self.losses.iter().rev().find(|(w, _)| *w == id).map(|(_, l)| *l),
+        }
+    }
+
+    /// The connection to worker `id`, while it is on the board.
+    pub(crate) fn conn_of(&self, id: WorkerId) -> Option<T> {
+        self.seat(id).map(|s| s.conn.clone())
+    }
+
+    /// Fails the callers waiting for worker `id` alone: each sees its mailbox closed.
+    fn drop_waiters_for(&mut self, id: WorkerId) {
+        self.waiters.retain(|w| w.only != Some(id));
     }
 
     // ---- the dispatcher's side ----------------------------------------------------------------
@@ -405,25 +573,53 @@ impl<T: Clone> Board<T> {
             told_due: false,
             told_wedged: false,
             lost: 0,
+            sessions: 0,
+            session_only: false,
+            loss: None,
         });
         self.serve_waiters(fx);
     }
 
+    /// A replaced worker takes no new calls. If strict sessions are bound to it, it still takes
+    /// theirs (true: the dispatcher closes it after `session_drain`); else it is drained.
+    pub(crate) fn retire(&mut self, id: WorkerId, loss: Loss, fx: &mut Effects<T>) -> bool {
+        let Some(s) = self.seat_mut(id) else { return false };
+        s.open = false;
+        s.loss.get_or_insert(loss);
+        s.session_only = s.sessions > 0;
+        if s.session_only {
+            // Its sessions' calls that waited for it past `max_requests` run now.
+            self.serve_waiters(fx);
+            return true;
+        }
+        false
+    }
+
     /// The worker takes no new calls. Returns (calls running, of which abandoned).
     pub(crate) fn close(&mut self, id: WorkerId) -> (usize, usize) {
-        match self.seat_mut(id) {
+        let closed = match self.seat_mut(id) {
             Some(s) => {
                 s.open = false;
+                s.session_only = false;
                 (s.busy, s.abandoned)
             }
             None => (0, 0),
-        }
+        };
+        self.drop_waiters_for(id);
+        closed
     }
 
-    /// Forgets a worker that exited; its seat as it was then.
-    pub(crate) fn remove(&mut self, id: WorkerId) -> Option<Seat<T>> {
+    /// Forgets a worker that exited; its seat as it was then. `loss`: why, unless the board
+    /// already knows.
+    pub(crate) fn remove(&mut self, id: WorkerId, loss: Loss) -> Option<Seat<T>> {
         let i = self.seats.iter().position(|s| s.id == id)?;
-        Some(self.seats.remove(i))
+        let seat = self.seats.remove(i);
+        self.drop_waiters_for(id);
+        if self.losses.len() == LOSSES_KEPT {
+            self.losses.pop_front();
+        }
+        self.losses.push_back((id, seat.loss.unwrap_or(loss)));
+        Some(seat)
     }
 
     /// Whether every slot of the worker is still held by a call that timed out; if not, a
@@ -437,7 +633,7 @@ impl<T: Clone> Board<T> {
 
     /// Takes a process worker that is idle (for a health check), unless callers wait for it.
     pub(crate) fn take_idle(&mut self, id: WorkerId) -> Option<Lease<T>> {
-        if !self.waiters.is_empty() {
+        if self.waiting_for_any > 0 || self.waiters.iter().any(|w| w.only == Some(id)) {
             return None;
         }
         let s = self.seat_mut(id).filter(|s| s.open && s.busy == 0)?;
@@ -451,6 +647,27 @@ impl<T: Clone> Board<T> {
     pub(crate) fn drop_waiters(&mut self) {
         self.dropped_for = self.gate.clone();
         self.waiters.clear();
+        self.waiting_for_any = 0;
+    }
+
+    /// Why calls are refused now, if they are.
+    pub(crate) fn refusal(&self) -> Option<Error> {
+        match &self.gate {
+            Gate::Open => None,
+            Gate::Closed => Some(Error::ShuttingDown),
+            Gate::Degraded(last_error) => Some(Error::Degraded { last_error: last_error.clone() }),
+        }
+    }
+
+    pub(crate) fn gate_open(&self) -> bool {
+        self.gate == Gate::Open
+    }
+
+    /// The workers that take calls now, by id.
+    pub(crate) fn open_workers(&self) -> Vec<WorkerId> {
+        let mut ids: Vec<WorkerId> = self.seats.iter().filter(|s| s.open).map(|s| s.id).collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Callers waiting now.
@@ -492,15 +709,106 @@ mod tests {
     }
 
     fn admit(b: &mut Board<&'static str>, fx: &mut Fx) -> Result<Admit<&'static str>> {
-        b.admit("echo", None, far(), fx)
+        b.admit("echo", None, far(), Route::Any, fx)
     }
 
     fn run(b: &mut Board<&'static str>) -> Lease<&'static str> {
         match admit(b, &mut Fx::default()) {
             Ok(Admit::Run(l)) => l,
-            Ok(Admit::Wait(..)) => panic!("queued"),
+            Ok(_) => panic!("not run"),
             Err(e) => panic!("{e}"),
         }
+    }
+
+    fn routed(b: &mut Board<&'static str>, route: Route) -> Admit<&'static str> {
+        b.admit("echo", None, far(), route, &mut Fx::default()).expect("admitted")
+    }
+
+    fn give(b: &mut Board<&'static str>, lease: Lease<&'static str>) {
+        let mut fx = Fx::default();
+        b.give_back(lease, Return::Done, Some((&ok(), Q, Q)), &mut fx);
+        deliver(fx);
+    }
+
+    #[test]
+    fn a_routed_call_waits_for_its_worker_while_others_run_elsewhere() {
+        let mut b = board(&[(1, 1, None), (2, 1, None)]);
+        let on1 = match routed(&mut b, Route::Only(1)) {
+            Admit::Run(l) => l,
+            _ => panic!("worker 1 is free"),
+        };
+        assert_eq!(on1.worker, 1);
+        // Worker 1 is busy: the next call for it waits, and fail-fast is refused at once.
+        let Admit::Wait(for1, _) = routed(&mut b, Route::Only(1)) else { panic!("queued") };
+        assert!(matches!(routed(&mut b, Route::OnlyNow(1)), Admit::Busy));
+        // A call for any worker is not held up by it: worker 2 is free.
+        let any = run(&mut b);
+        assert_eq!(any.worker, 2);
+        // A prefer call for the busy worker 1 queues for any (none free now).
+        let Admit::Wait(pref, _) = routed(&mut b, Route::Prefer(1)) else { panic!("queued") };
+        // Worker 2 frees: only the waiter that takes any worker can have it.
+        give(&mut b, any);
+        assert!(for1.try_recv().is_err());
+        assert_eq!(pref.try_recv().expect("the prefer call ran on worker 2").worker, 2);
+        // Worker 1 frees: its own waiter gets it.
+        give(&mut b, on1);
+        assert_eq!(for1.try_recv().expect("its worker").worker, 1);
+        assert_eq!(b.counters.failed, 1, "the fail-fast refusal counts as failed");
+    }
+
+    #[test]
+    fn a_routed_call_for_a_gone_worker_learns_why_and_its_waiters_are_dropped() {
+        let mut b = board(&[(1, 1, None), (2, 1, None)]);
+        let on1 = run(&mut b);
+        let Admit::Wait(waiting, _) = routed(&mut b, Route::Only(on1.worker)) else { panic!("queued") };
+        let w = on1.worker;
+        b.mark_lost(w, Loss::Killed(KillReason::MemoryLimit));
+        b.close(w);
+        assert!(waiting.try_recv().is_err() && !b.takes_routed(w), "dropped, not served");
+        match routed(&mut b, Route::Only(w)) {
+            Admit::Gone(Some(Loss::Killed(KillReason::MemoryLimit))) => {}
+            _ => panic!("gone, with the first reason"),
+        }
+        b.give_back(on1, Return::Died, Some((&ok(), Q, Q)), &mut Fx::default());
+        b.remove(w, Loss::Died { exit: crate::ExitKind::Signal(9) });
+        assert_eq!(b.loss_of(w), Some(Loss::Killed(KillReason::MemoryLimit)), "remembered after removal");
+        assert!(matches!(routed(&mut b, Route::Only(99)), Admit::Gone(None)), "never existed");
+    }
+
+    #[test]
+    fn a_retired_worker_serves_its_strict_sessions_until_the_last_ends() {
+        let mut b = board(&[(1, 1, Some(2)), (2, 1, None)]);
+        assert_eq!(b.bind(true), Some(1), "the fewest sessions, then the least loaded");
+        assert_eq!(b.bind(false), Some(2), "a prefer session is not counted, but spreads by load");
+        assert_eq!(b.bind(true), Some(2));
+        // Open, it keeps max_requests (2) exactly, routed calls included: the third waits.
+        for _ in 0..2 {
+            let Admit::Run(l) = routed(&mut b, Route::Only(1)) else { panic!("within the budget") };
+            give(&mut b, l);
+        }
+        let Admit::Wait(third, _) = routed(&mut b, Route::Only(1)) else { panic!("past the budget: waits") };
+        let mut fx = Fx::default();
+        assert!(
+            b.retire(1, Loss::Recycled(crate::RecycleReason::MaxRequests), &mut fx),
+            "a session holds it"
+        );
+        assert_eq!(fx.handoffs.len(), 1, "retired, it serves its session's waiting call");
+        deliver(fx);
+        give(&mut b, third.try_recv().expect("handed over"));
+        // New calls for any worker go elsewhere; its session's calls still run there, past
+        // max_requests (2) too.
+        for _ in 0..3 {
+            let l = match routed(&mut b, Route::Only(1)) {
+                Admit::Run(l) => l,
+                _ => panic!("its session's call runs"),
+            };
+            give(&mut b, l);
+        }
+        assert_eq!(run(&mut b).worker, 2);
+        let mut fx = Fx::default();
+        b.unbind(1, &mut fx);
+        assert_eq!(fx.notices, [Notice::Drained(1)], "the last session ended: drain it");
+        assert!(matches!(routed(&mut b, Route::Only(1)), Admit::Gone(Some(Loss::Recycled(_)))));
     }
 
     fn wait(b: &mut Board<&'static str>) -> (Mailbox<Lease<&'static str>>, u64) {
@@ -555,7 +863,9 @@ mod tests {
         let a = run(&mut b);
         let frame = Arc::new(vec![1, 2, 3]);
         let by = far();
-        let Ok(Admit::Wait(_rx, _)) = b.admit("echo", Some(frame.clone()), by, &mut Fx::default()) else {
+        let Ok(Admit::Wait(_rx, _)) =
+            b.admit("echo", Some(frame.clone()), by, Route::Any, &mut Fx::default())
+        else {
             panic!()
         };
         let mut fx = Fx::default();
@@ -617,7 +927,7 @@ mod tests {
     #[test]
     fn refusals_name_their_reason_and_count_as_failed() {
         let mut b = board(&[(1, 1, None)]);
-        let err = b.admit("nope", None, far(), &mut Fx::default()).err().unwrap();
+        let err = b.admit("nope", None, far(), Route::Any, &mut Fx::default()).err().unwrap();
         assert!(matches!(&err, Error::UnknownCommand { known, .. } if known == &["echo"]), "{err}");
         b.gate = Gate::Degraded("boom".into());
         assert!(matches!(admit(&mut b, &mut Fx::default()), Err(Error::Degraded { .. })));
@@ -684,7 +994,7 @@ mod tests {
         b.give_back(a, Return::Died, Some((&died, Q, Q)), &mut Fx::default());
         assert_eq!(b.seat(1).unwrap().lost, 1);
         assert!(matches!(admit(&mut b, &mut Fx::default()), Ok(Admit::Wait(..))));
-        let seat = b.remove(1).unwrap();
+        let seat = b.remove(1, Loss::Unknown).unwrap();
         assert_eq!((seat.served, seat.errors, seat.busy), (1, 1, 0));
     }
 

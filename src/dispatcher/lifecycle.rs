@@ -188,7 +188,7 @@ impl Dispatcher {
 
     pub(super) fn on_exit(&mut self, id: WorkerId, exit: ExitKind, now: Instant) {
         let Some(mut s) = self.slots.remove(&id) else { return };
-        let seat = self.shared.board.lock().remove(id);
+        let seat = self.shared.board.lock().remove(id, crate::session::Loss::Died { exit });
         // Calls it took down: those whose callers already saw it die, and those still running.
         let running = seat.as_ref().map_or(0, |x| x.busy - x.abandoned + x.lost);
         let in_call = running > 0;

@@ -37,7 +37,7 @@ use crate::policy::{Backoff, Limits, RecycleReason, WorkerFacts};
 use crate::stats::{PoolStats, Recycles, WorkerState, WorkerStats};
 use crate::worker::{Conn, KillReason, SpawnSpec, Worker, WorkerEvent, WorkerId};
 
-pub(crate) use board::{Admit, Board, Effects, Gate, Lease, Notice, Return};
+pub(crate) use board::{Admit, Board, Effects, Gate, Lease, Notice, Return, Route};
 pub(crate) use shutdown::ShutdownReport;
 
 /// What callers, the pool and the housekeeper send the dispatcher.
@@ -55,6 +55,8 @@ pub(crate) enum Request {
         worker: WorkerId,
         reply: Sender<Result<()>>,
     },
+    /// A session with an idle time-out exists: end the idle ones on a timer.
+    WatchSessions,
 }
 
 /// What the housekeeper orders.
@@ -74,6 +76,13 @@ pub(crate) struct Shared {
     pub(crate) board: Mutex<Board<Arc<Conn>>>,
     pub(crate) requests: Sender<Request>,
     pub(crate) emitter: Emitter,
+    pub(crate) sessions: crate::session::Sessions,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -165,6 +174,10 @@ enum Timer {
     /// Something to re-check then (a restart after backoff, a recycle retry, the end of the
     /// shutdown grace).
     Wake,
+    /// End the sessions idle past their time-out.
+    Sessions,
+    /// A retired worker's strict sessions had `session_drain` to end: close it now.
+    SessionDrain(WorkerId),
 }
 
 /// Why a worker was started.
@@ -423,6 +436,11 @@ impl Dispatcher {
                     let _ = reply.send(Err(crate::Error::UnknownWorker { worker }));
                 }
             },
+            Request::WatchSessions => {
+                if let Some(at) = crate::session::expire(&self.shared, now) {
+                    self.schedule(at, Timer::Sessions);
+                }
+            }
         }
     }
 
@@ -468,6 +486,12 @@ impl Dispatcher {
                     }
                 }
                 Timer::Wake => self.grace_timer(now),
+                Timer::Sessions => {
+                    if let Some(at) = crate::session::expire(&self.shared, now) {
+                        self.schedule(at, Timer::Sessions);
+                    }
+                }
+                Timer::SessionDrain(id) => self.session_drain_over(id, now),
             }
         }
     }
@@ -475,9 +499,11 @@ impl Dispatcher {
     fn snapshot(&self, now: Instant) -> PoolStats {
         // `/proc` is read before the board is locked: callers never wait on it.
         let rss: Vec<Option<u64>> = self.slots.values().map(|s| crate::proc::rss_bytes(s.pid())).collect();
+        let sessions = self.shared.sessions.counts();
         let board = self.shared.board.lock();
         let c = &board.counters;
         PoolStats {
+            sessions,
             name: self.cfg.name.clone(),
             size: self.cfg.size,
             ready_workers: self.slots.values().filter(|s| s.life == Life::Ready).count(),
@@ -521,6 +547,7 @@ impl Dispatcher {
                             .ttl
                             .map(|ttl| (s.spawned + ttl).saturating_duration_since(now).as_millis() as u64),
                         recycling: s.recycle.as_ref().map(|r| r.reason),
+                        sessions: seat.map_or(0, |x| x.sessions),
                     }
                 })
                 .collect(),

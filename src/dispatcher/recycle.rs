@@ -5,11 +5,12 @@ use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
-use super::board::Notice;
+use super::board::{Effects, Notice};
 use super::{Dispatcher, Life, Origin, Phase, Recycle, RecycleOrder, Timer};
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::policy::RecycleReason;
+use crate::session::Loss;
 use crate::worker::{KillReason, WorkerId};
 
 impl Dispatcher {
@@ -143,12 +144,33 @@ impl Dispatcher {
         let s = self.slots.get_mut(&old).expect("checked");
         let r = s.recycle.take().expect("checked");
         s.life = Life::Draining;
+        self.retired(old, r.reason, r.rss, now);
+        let mut fx = Effects::default();
+        let pinned = self.shared.board.lock().retire(old, Loss::Recycled(r.reason), &mut fx);
+        self.shared.apply(fx);
+        // Answered once it takes no new call (`recycle_worker` promises that).
         for w in r.waiters {
             let _ = w.send(Ok(()));
         }
-        self.retired(old, r.reason, r.rss, now);
-        self.shared.board.lock().close(old);
-        self.stop_if_drained(old, now);
+        if pinned {
+            // Its strict sessions keep it until they end, or for `session_drain` at most.
+            log::info!(
+                "[{}] worker {old} keeps serving its strict sessions for up to {:?}",
+                self.cfg.name,
+                self.cfg.session_drain
+            );
+            self.schedule(now + self.cfg.session_drain, Timer::SessionDrain(old));
+        } else {
+            self.stop_if_drained(old, now);
+        }
+    }
+
+    /// A retired worker's strict sessions had their time: it takes no more of their calls
+    /// (they fail with `SessionLost`), and stops once its calls are done.
+    pub(super) fn session_drain_over(&mut self, id: WorkerId, now: Instant) {
+        if self.slots.get(&id).is_some_and(|s| s.life == Life::Draining) {
+            self.stop_if_drained(id, now);
+        }
     }
 
     /// Stops a closed worker once nobody waits for its calls any more: when it has none, or

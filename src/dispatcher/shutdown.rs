@@ -64,6 +64,7 @@ impl Dispatcher {
         }
         s.life = Life::Stopping(Stop::Killed);
         s.worker.conn.mark_killed(reason);
+        self.shared.board.lock().mark_lost(id, crate::session::Loss::Killed(reason));
         s.worker.conn.signal(sys::SIGKILL);
         let (origin, keeper) = (s.origin, s.worker.conn.has_keeper());
         if keeper {

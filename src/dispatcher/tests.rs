@@ -58,6 +58,7 @@ fn harness(builder: PoolBuilder) -> Harness {
         board: Mutex::new(Board::new(cfg.max_queue)),
         requests: requests.clone(),
         emitter: Emitter::default(),
+        sessions: Default::default(),
     });
     let launch = FakeLaunch { threaded: cfg.capacity() > 1, ..FakeLaunch::default() };
     let (started_tx, started) = bounded(1);
@@ -110,7 +111,7 @@ impl Harness {
     fn lease(&mut self) -> Lease<Arc<Conn>> {
         let mut fx = Effects::default();
         let far = self.t0 + Duration::from_secs(3600);
-        let admitted = self.d.shared.board.lock().admit("echo", None, far, &mut fx);
+        let admitted = self.d.shared.board.lock().admit("echo", None, far, super::Route::Any, &mut fx);
         let now = self.t0;
         for n in fx.notices {
             self.d.on_notice(n, now);
@@ -216,7 +217,8 @@ fn a_queued_call_gets_the_replacement_when_the_old_worker_is_spent() {
     let only = h.lease();
     let far = h.at(3_600_000);
     let mut fx = Effects::default();
-    let Ok(Admit::Wait(rx, _)) = h.d.shared.board.lock().admit("echo", None, far, &mut fx) else {
+    let Ok(Admit::Wait(rx, _)) = h.d.shared.board.lock().admit("echo", None, far, super::Route::Any, &mut fx)
+    else {
         panic!("the spent worker takes no second call")
     };
     for n in fx.notices {
