@@ -12,20 +12,25 @@
 //! starting it exits 130 without waiting for them. A second signal quits at once (the workers
 //! then die with the process). Set `RUST_LOG=info` to watch the pools.
 
+use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender, TryRecvError};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use snakepit::{Config, Error, PoolBuilder, PoolConfig, PoolSet, PoolSetBuilder, DEFAULT_POOL};
+use snakepit::{
+    Config, Error, Pool, PoolBuilder, PoolConfig, PoolSet, PoolSetBuilder, Session, SessionOptions,
+    DEFAULT_POOL,
+};
 
 const USAGE: &str = "usage: snakepit --config FILE \
-    (call POOL COMMAND [JSON-ARGS] | serve | batch FILE.jsonl [--concurrency N] | stats \
+    (call POOL COMMAND [JSON-ARGS] [--session NAME] | serve | batch FILE.jsonl [--concurrency N] | stats \
     | check [--import] | doctor)";
 
 const HELP: &str = r#"Runs the Python worker pools that a JSON configuration file describes.
@@ -33,6 +38,7 @@ const HELP: &str = r#"Runs the Python worker pools that a JSON configuration fil
   call POOL COMMAND [JSON-ARGS]   run one command; prints its result as JSON.
                                  A Python exception prints its type, message and traceback
                                  on stderr and exits 1.
+        [--session NAME]         run it in a session (which lives for this one call).
   serve                          read one JSON request per line on stdin, write one JSON
                                  reply per line on stdout as each call completes.
   batch FILE.jsonl               run a file of requests, at most N at a time
@@ -54,7 +60,9 @@ Options: --config FILE (required, before or after the subcommand's own arguments
 A request:  {"pool": "embed", "command": "embed", "args": {"text": "hi"}, "id": 7}
   `pool` defaults to the pool named "default" (or the only pool); `args` is a JSON object,
   array or null (the default); `id` is any JSON value, echoed in the reply (in `batch`, a
-  request without one gets its line number).
+  request without one gets its line number). `"session": "NAME"` runs the call in that
+  session of its pool (strict: on the session's worker, with its Python state), opened by the
+  first line that names it and closed when the pools stop.
 A reply:    {"id": 7, "ok": true, "value": ...}
         or  {"id": 7, "ok": false, "error": {"kind": "python", "message": "...",
                                              "type": "ValueError", "traceback": "..."}}
@@ -125,7 +133,7 @@ struct Cli {
 #[derive(Debug)]
 enum Command {
     Help,
-    Call { pool: String, command: String, args: Value },
+    Call { pool: String, command: String, args: Value, session: Option<String> },
     Serve,
     Batch { file: PathBuf, concurrency: usize },
     Stats,
@@ -139,6 +147,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
     let mut config = None;
     let mut concurrency = None;
     let mut import = false;
+    let mut session = None;
     let mut words = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -158,18 +167,22 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
                 }
             }
             "--import" if inline.is_none() => import = true,
+            "--session" => session = Some(value()?),
             "--import" => return Err("--import takes no value".into()),
             _ if arg.starts_with('-') && arg.len() > 1 => return Err(format!("unknown option {arg}")),
             _ => words.push(arg),
         }
     }
     let command = match words.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["call", pool, command] => {
-            Command::Call { pool: String::from(*pool), command: String::from(*command), args: Value::Null }
-        }
+        ["call", pool, command] => Command::Call {
+            pool: String::from(*pool),
+            command: String::from(*command),
+            args: Value::Null,
+            session: None,
+        },
         ["call", pool, command, args] => {
             let args = serde_json::from_str(args).map_err(|e| format!("JSON-ARGS is not valid JSON: {e}"))?;
-            Command::Call { pool: String::from(*pool), command: String::from(*command), args }
+            Command::Call { pool: String::from(*pool), command: String::from(*command), args, session: None }
         }
         ["serve"] => Command::Serve,
         ["batch", file] => Command::Batch { file: PathBuf::from(file), concurrency: BATCH_CONCURRENCY },
@@ -185,6 +198,15 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
     let command = match (command, concurrency) {
         (Command::Batch { file, .. }, Some(concurrency)) => Command::Batch { file, concurrency },
         (_, Some(_)) => return Err("--concurrency applies to batch only".into()),
+        (command, None) => command,
+    };
+    let command = match (command, session) {
+        (Command::Call { pool, command, args, .. }, Some(name)) => {
+            Command::Call { pool, command, args, session: Some(name) }
+        }
+        (_, Some(_)) => {
+            return Err("--session applies to call only (serve and batch lines name theirs)".into())
+        }
         (command, None) => command,
     };
     let command = match (command, import) {
@@ -206,7 +228,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
 /// The subcommands that start pools.
 fn with_pools(config: &Path, interrupt: &Interrupt, command: Command) -> Result<u8, Error> {
     match command {
-        Command::Call { pool, command, args } => call(config, interrupt, &pool, &command, args),
+        Command::Call { pool, command, args, session } => {
+            call(config, interrupt, &pool, &command, args, session)
+        }
         Command::Serve => serve(config, interrupt),
         Command::Batch { file, concurrency } => batch(config, interrupt, &file, concurrency),
         Command::Stats => stats(config, interrupt),
@@ -375,7 +399,14 @@ fn profile_name(profile: snakepit::Profile) -> &'static str {
 }
 
 /// `call`: starts only the pool named, runs one command, prints the result.
-fn call(path: &Path, interrupt: &Interrupt, pool: &str, command: &str, args: Value) -> Result<u8, Error> {
+fn call(
+    path: &Path,
+    interrupt: &Interrupt,
+    pool: &str,
+    command: &str,
+    args: Value,
+    session: Option<String>,
+) -> Result<u8, Error> {
     let config = Config::from_path(path)?;
     let known = config.pool_names();
     if !known.iter().any(|name| name == pool) {
@@ -383,7 +414,13 @@ fn call(path: &Path, interrupt: &Interrupt, pool: &str, command: &str, args: Val
     }
     let only = config.builders().into_iter().filter(|b| b.config().name() == pool);
     let set = start(only, interrupt)?;
-    let (result, interrupted) = watching_interrupt(&set, interrupt, || set.call(pool, command, args))?;
+    // A session here lives for this one call: its command gets a session store (and the
+    // session's id in events and logs); `serve` and `batch` keep theirs across lines.
+    let run = || match &session {
+        Some(_) => set.session(pool, SessionOptions::new())?.call(command, args),
+        None => set.call(pool, command, args),
+    };
+    let (result, interrupted) = watching_interrupt(&set, interrupt, run)?;
     match result {
         Ok(value) => println!("{}", serde_json::to_string(&value)?),
         Err(e) if interrupted => report(&e),
@@ -609,6 +646,25 @@ struct Request {
     pool: Option<String>,
     command: String,
     args: Value,
+    session: Option<String>,
+}
+
+/// The sessions the request lines named, by pool and name: opened (strict) by the first line
+/// that names one, closed when the pools shut down.
+#[derive(Default)]
+struct Sessions(Mutex<HashMap<(String, String), Arc<Session>>>);
+
+impl Sessions {
+    fn get(&self, pool: &Pool, name: &str) -> Result<Arc<Session>, Error> {
+        let mut open = self.0.lock();
+        let key = (pool.name().to_string(), name.to_string());
+        if let Some(session) = open.get(&key) {
+            return Ok(session.clone());
+        }
+        let session = Arc::new(pool.session()?);
+        open.insert(key, session.clone());
+        Ok(session)
+    }
 }
 
 /// A request that cannot be run: its id if one could be read, and why.
@@ -695,15 +751,16 @@ fn run_requests(
     missing_id: MissingId,
 ) -> io::Result<bool> {
     let write_error = Mutex::new(None);
+    let sessions = Sessions::default();
     // A rendezvous channel: a line is either being run by a thread or not taken yet.
     let (jobs, taken) = bounded::<Line>(0);
     let interrupted = std::thread::scope(|s| -> io::Result<bool> {
         let jobs = jobs; // moved in, so that an early return here still ends the threads
         for i in 0..concurrency {
-            let (taken, write_error) = (taken.clone(), &write_error);
+            let (taken, write_error, sessions) = (taken.clone(), &write_error, &sessions);
             std::thread::Builder::new().name(format!("cli-call-{i}")).spawn_scoped(s, move || {
                 for line in taken {
-                    let reply = answer(set, &line, missing_id);
+                    let reply = answer(set, sessions, &line, missing_id);
                     tally.record(reply.ok);
                     if let Err(e) = write_reply(&reply) {
                         write_error.lock().get_or_insert(e);
@@ -796,7 +853,7 @@ impl From<Error> for ErrorReply {
 }
 
 /// Runs one line's request and replies.
-fn answer(set: &PoolSet, line: &Line, missing_id: MissingId) -> Reply {
+fn answer(set: &PoolSet, sessions: &Sessions, line: &Line, missing_id: MissingId) -> Reply {
     let default_id = || match missing_id {
         MissingId::Null => Value::Null,
         MissingId::LineNumber => line.number.into(),
@@ -819,7 +876,13 @@ fn answer(set: &PoolSet, line: &Line, missing_id: MissingId) -> Reply {
             ErrorReply::new("unknown_pool", message)
         }),
     };
-    let result = pool.and_then(|pool| pool.call(&request.command, request.args).map_err(ErrorReply::from));
+    let result = pool.and_then(|pool| {
+        match &request.session {
+            Some(name) => sessions.get(pool, name).and_then(|s| s.call(&request.command, request.args)),
+            None => pool.call(&request.command, request.args),
+        }
+        .map_err(ErrorReply::from)
+    });
     Reply::new(id, result)
 }
 
@@ -832,8 +895,12 @@ fn parse_request(bytes: &[u8]) -> Result<Request, BadRequest> {
         return Err(bad(&None, format!("expected a JSON object, found {value}")));
     };
     let id = request.remove("id");
-    if let Some(key) = request.keys().find(|k| !["pool", "command", "args"].contains(&k.as_str())) {
-        return Err(bad(&id, format!("{key}: unknown key; a request has id, pool, command and args")));
+    if let Some(key) = request.keys().find(|k| !["pool", "command", "args", "session"].contains(&k.as_str()))
+    {
+        return Err(bad(
+            &id,
+            format!("{key}: unknown key; a request has id, pool, command, args and session"),
+        ));
     }
     let command = match request.remove("command") {
         Some(Value::String(command)) => command,
@@ -845,8 +912,13 @@ fn parse_request(bytes: &[u8]) -> Result<Request, BadRequest> {
         Some(Value::String(pool)) => Some(pool),
         Some(other) => return Err(bad(&id, format!("pool: expected a string, found {other}"))),
     };
+    let session = match request.remove("session") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) if !name.is_empty() => Some(name),
+        Some(other) => return Err(bad(&id, format!("session: expected a non-empty string, found {other}"))),
+    };
     let args = request.remove("args").unwrap_or(Value::Null);
-    Ok(Request { id, pool, command, args })
+    Ok(Request { id, pool, command, args, session })
 }
 
 fn error_kind(e: &Error) -> &'static str {
@@ -864,6 +936,10 @@ fn error_kind(e: &Error) -> &'static str {
         Error::Protocol(_) => "protocol",
         Error::Json(_) => "json",
         Error::Io(_) => "io",
+        Error::SessionLost { .. } => "session_lost",
+        Error::SessionBusy { .. } => "session_busy",
+        Error::SessionClosed { .. } => "session_closed",
+        Error::TooManySessions { .. } => "too_many_sessions",
         _ => "other",
     }
 }

@@ -242,6 +242,35 @@ fn stats_prints_every_pool() {
 // serve
 
 #[test]
+fn serve_lines_that_name_a_session_share_its_worker_and_state() {
+    let dir = TempDir::new("serve-session");
+    let config = json!({
+        "pools": [{"name": "default", "size": 2, "python_path": [fixtures()], "adapter": "session_adapter",
+                   "startup_timeout": "20s", "env": {"CLI_RUN": dir.tag()}}]
+    });
+    let config = dir.write("pools.json", &config.to_string());
+    let mut cli = Running::spawn(&[arg("--config"), config.into(), arg("serve")]);
+    let points: Vec<[i64; 2]> = (0..5).map(|x| [x, 2 * x + 1]).collect();
+    cli.send(&json!({"id": "fit", "command": "fit", "args": {"points": points}, "session": "a"}).to_string());
+    let fitted = cli.reply();
+    assert_eq!(fitted["ok"], json!(true), "{fitted}");
+    for x in 0..4 {
+        cli.send(&json!({"id": x, "command": "predict", "args": {"x": x}, "session": "a"}).to_string());
+        let reply = cli.reply();
+        assert_eq!(reply["value"], json!(2.0 * x as f64 + 1.0), "{reply}");
+    }
+    // Another session has no model; a bad session name is a bad request.
+    cli.send(r#"{"id": "b", "command": "predict", "args": {"x": 1}, "session": "b"}"#);
+    let other = cli.reply();
+    assert_eq!((&other["ok"], &other["error"]["type"]), (&json!(false), &json!("KeyError")), "{other}");
+    cli.send(r#"{"id": "bad", "command": "state", "session": 7}"#);
+    assert_eq!(cli.reply()["error"]["kind"], json!("bad_request"));
+    let finished = cli.close_stdin_and_wait();
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    assert_no_worker_left(&dir);
+}
+
+#[test]
 fn serve_answers_json_lines_by_id_in_completion_order() {
     let dir = TempDir::new("serve");
     let config = dir.write("pools.json", &two_pools(&dir).to_string());
