@@ -35,7 +35,14 @@ fn every_documented_key_is_accepted_by_the_parser() {
             "allow_unsafe_threads" | "kill_on_timeout" => "true",
             "max_frame_size" => "\"1MB\"",
             "max_memory" | "max_memory_hard" => "\"2GB\"",
-            k if k.ends_with("timeout") || k.ends_with("interval") || k == "ttl" => "\"1s\"",
+            k if k.ends_with("timeout")
+                || k.ends_with("interval")
+                || k.ends_with("ttl")
+                || k == "session_drain" =>
+            {
+                "\"1s\""
+            }
+            "init" => r#"{"command": "load", "args": {"path": "m.bin"}}"#,
             _ => "3",
         };
         let json = format!(r#"{{"pools": [{{"name": "p", "{key}": {value}}}]}}"#);
