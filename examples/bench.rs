@@ -213,6 +213,7 @@ fn main() -> BoxResult<()> {
     let py = host.python.as_path();
     let mut bench = Bench::default();
     bench.both("a1/b1 sequential latency, CPU per call, the 1 MB echo", |f| sequential(py, f))?;
+    bench.both("s1/s2 sessions", sessions)?;
     bench.both("a2/b2 throughput", |f| throughput(py, f))?;
     bench.both("e1 thread profile, 32 in flight", |f| pipelined(py, f))?;
     bench.idle_only("e2", "e2 thread profile, I/O-bound", io_bound)?;
@@ -455,6 +456,12 @@ fn rows(f: &Figures, cond: Condition) -> Vec<Row> {
         ("b1 p50 vs ProcessPoolExecutor one at a time", "b1.p50", "c1.p50", None),
         ("b1 p50 vs multiprocessing.Pool.apply", "b1.p50", "c2.p50", None),
         ("b1 mean vs a fresh interpreter per call", "b1.mean", "c3.mean", None),
+        (
+            "s1 a call through a session vs a plain call, p50",
+            "s1.session",
+            "s1.plain",
+            Some(Target::AtMost(1.1)),
+        ),
         ("b2 8 callers → pool(2), tiny echo", "b2.tput", "c2.tput", Some(Target::AtLeast(2.0))),
         ("b2 8 callers → pool(2), tiny echo", "b2.tput", "a2.tput", Some(Target::AtLeast(0.7))),
         ("b2 vs ProcessPoolExecutor(2)", "b2.tput", "c1.tput", None),
@@ -742,6 +749,63 @@ fn sequential(py: &Path, figs: &mut Figures) -> BoxResult<()> {
 }
 
 // ---- a2/b2: throughput with 2 workers -----------------------------------------------------------
+
+/// s1: the same tiny echo as b1, plain and through a strict session, interleaved on one
+/// pool(1); s2: what 10 000 live sessions cost this process.
+fn sessions(figs: &mut Figures) -> BoxResult<()> {
+    let pool = Pool::builder().name("bench-s1").size(1).build()?;
+    let session = pool.session()?;
+    for _ in 0..LATENCY_WARMUP {
+        pool.call("echo", json!({"x": 1}))?;
+        session.call("echo", json!({"x": 1}))?;
+    }
+    let (mut plain, mut through) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        plain.push(percentiles(time_calls(LATENCY_CALLS, || {
+            pool.call("echo", json!({"x": 1})).map(drop).map_err(Into::into)
+        })?));
+        through.push(percentiles(time_calls(LATENCY_CALLS, || {
+            session.call("echo", json!({"x": 1})).map(drop).map_err(Into::into)
+        })?));
+    }
+    let p50 = |v: &[(f64, f64, f64)]| -> Vec<f64> { v.iter().map(|t| t.0).collect() };
+    figs.add(
+        "s1.plain",
+        "pool(1), plain call, p50",
+        &p50(&plain),
+        Unit::Time,
+        format!("`pool.call(\"echo\", json!({{\"x\": 1}}))`; {RUNS} runs of {LATENCY_CALLS} calls, interleaved with s1 session"),
+    );
+    figs.add(
+        "s1.session",
+        "pool(1), call through a session, p50",
+        &p50(&through),
+        Unit::Time,
+        "The same echo through `pool.session()?.call(..)` (strict: routed to the session's worker, its id in the frame)",
+    );
+    drop(session);
+    // s2: the host's resident memory before and after opening 10 000 sessions (each bound to
+    // the worker, none called), then after closing them.
+    let before = self_rss()?;
+    let many: Vec<_> = (0..10_000).map(|_| pool.session()).collect::<Result<_, _>>()?;
+    let open = self_rss()?;
+    drop(many);
+    figs.notes.push(format!(
+        "s2: 10 000 live sessions cost this process {:.1} MB of RSS ({} → {} kB; target < 10 MB)",
+        (open.saturating_sub(before)) as f64 / 1024.0,
+        before,
+        open
+    ));
+    pool.shutdown()?;
+    Ok(())
+}
+
+/// This process's resident set size, in kB.
+fn self_rss() -> BoxResult<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).ok_or("no VmRSS value")?.parse()?)
+}
 
 fn throughput(py: &Path, figs: &mut Figures) -> BoxResult<()> {
     let mut raws = [RawEcho::spawn(py)?, RawEcho::spawn(py)?];
