@@ -19,7 +19,7 @@ use crate::mailbox::Missed;
 use crate::pool::CallOptions;
 use crate::protocol;
 use crate::session::{self, CallSession, Loss};
-use crate::worker::{Conn, Exchange, KillReason, Sending, WorkerId};
+use crate::worker::{Conn, Exchange, KillReason, Looks, Sending, WorkerId};
 
 /// The largest frame a freeing caller writes for the next waiting call: one atomic pipe write
 /// (`PIPE_BUF`), which a non-blocking pipe takes whole or not at all.
@@ -27,6 +27,13 @@ const PREWRITE_MAX: usize = 4096;
 /// How long a caller whose queue deadline passed just as a lease was handed to it waits for
 /// that lease to arrive (the handing thread is between two lines of code).
 const HANDOFF_WAIT: Duration = Duration::from_secs(1);
+
+/// How long before a running call's deadline its worker's Python stacks are taken (a tenth of
+/// its timeout if that is shorter).
+const STACK_LEAD: Duration = Duration::from_millis(100);
+/// Calls with shorter timeouts get no stacks: a deadline of a few milliseconds is a deadline
+/// race, not a hang, and taking stacks at that rate would cost the worker more than its calls.
+const STACK_MIN_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// How deep a call's arguments may nest: well within what both sides' JSON decoders take.
 const MAX_ARGS_DEPTH: usize = 100;
@@ -200,7 +207,24 @@ impl Calls {
             }
             let what = Sending::Call { sent: lease.sent };
             let worker = lease.worker;
-            let exchange = lease.conn.exchange(&p.frame, p.id, p.deadline, what);
+            // Shortly before the deadline, a call still running has its worker's stacks taken,
+            // so that its time-out can say where Python was.
+            let lead = (p.timeout / 10).min(STACK_LEAD);
+            let slow_log = |stack: &str| {
+                log::warn!(
+                    "[{}] call {} `{command}` on worker {worker} still running after slow_call_log ({:?}):\n{stack}",
+                    self.config.name,
+                    p.id,
+                    self.config.slow_call_log.unwrap_or_default(),
+                );
+            };
+            let looks = Looks {
+                slow: self.config.slow_call_log.and_then(|t| started.checked_add(t)),
+                last: (p.timeout >= STACK_MIN_TIMEOUT).then(|| p.deadline.checked_sub(lead)).flatten(),
+                on_slow: Some(&slow_log),
+                ..Looks::default()
+            };
+            let exchange = lease.conn.exchange(&p.frame, p.id, p.deadline, what, looks);
             if let Some(result) = self.finish(lease, exchange, p, command, started) {
                 *ran_on = Some(worker);
                 return result.map_err(Refused::Other);
@@ -287,7 +311,7 @@ impl Calls {
                 self.shared.apply(fx);
                 return None;
             }
-            Exchange::TimedOut { running, corrupt } => {
+            Exchange::TimedOut { running, corrupt, stack } => {
                 let how = if corrupt || (running && self.config.kills_on_timeout()) {
                     // Thread profile: its other calls die with it (collateral).
                     conn.mark_killed(KillReason::CallTimeout);
@@ -309,7 +333,10 @@ impl Calls {
                         lease.worker
                     ),
                 }
-                (how, Err(Error::timeout(TimeoutKind::Call)))
+                if let Some(stack) = &stack {
+                    log::warn!("[{}] call {id} `{command}`: where Python was:\n{stack}", self.config.name);
+                }
+                (how, Err(Error::call_timeout(stack)))
             }
             Exchange::Died => {
                 let err = conn.death_error(deadline);

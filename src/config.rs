@@ -62,6 +62,7 @@ pub struct PoolConfig {
     pub(crate) session_drain: Duration,
     /// A command each worker runs before it counts as ready, with its arguments.
     pub(crate) init: Option<(String, serde_json::Value)>,
+    pub(crate) slow_call_log: Option<Duration>,
 }
 
 impl Default for PoolConfig {
@@ -98,6 +99,7 @@ impl Default for PoolConfig {
             max_sessions: 100_000,
             session_drain: Duration::from_secs(30),
             init: None,
+            slow_call_log: None,
         }
     }
 }
@@ -280,6 +282,9 @@ impl PoolConfig {
         }
         if self.queue_timeout.is_some_and(|d| d.is_zero()) {
             problems.push(Error::config("queue_timeout", "must be greater than zero"));
+        }
+        if self.slow_call_log.is_some_and(|d| d.is_zero()) {
+            problems.push(Error::config("slow_call_log", "must be greater than zero"));
         }
         if self.session_ttl.is_some_and(|d| d.is_zero()) {
             problems.push(Error::config("session_ttl", "must be greater than zero"));
@@ -603,6 +608,12 @@ impl PoolBuilder {
     /// `args` as for a call. Its failure is a start-up failure, with the Python traceback.
     pub fn init(mut self, command: &str, args: serde_json::Value) -> Self {
         self.config.init = Some((command.to_string(), args));
+        self
+    }
+    /// Logs (`warn`) the Python stacks of the worker of any call still running after this
+    /// long, without stopping it (like PHP-FPM's slowlog). Defaults to off.
+    pub fn slow_call_log(mut self, threshold: Duration) -> Self {
+        self.config.slow_call_log = Some(threshold);
         self
     }
     /// The settings as they stand.

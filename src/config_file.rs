@@ -55,6 +55,7 @@ pub const POOL_KEYS: &[(&str, &str, &str)] = &[
     ("health_timeout", "\"5s\"", "how long a pinged worker has to answer"),
     ("reaper_interval", "\"1s\"", "how often memory is read (when a memory limit is set)"),
     ("degraded_after", "3", "start-up failures in a row before a pool with no ready worker fails calls fast"),
+    ("slow_call_log", "off", "log the Python stacks of a call still running after this long"),
     ("session_ttl", "off", "end a session after this long without a call"),
     ("max_sessions", "100000", "sessions open at once; more get `TooManySessions`"),
     ("session_drain", "\"30s\"", "how long a worker being recycled keeps serving its strict sessions"),
@@ -244,6 +245,7 @@ fn parse_pool<'a>(
                 "max_memory_hard" => c.policy.max_memory_hard = None,
                 "health_interval" => c.health_interval = None,
                 "session_ttl" => c.session_ttl = None,
+                "slow_call_log" => c.slow_call_log = None,
                 "init" => c.init = None,
                 _ => c.queue_timeout = None,
             }
@@ -342,8 +344,9 @@ fn parse_pool<'a>(
             },
             "startup_timeout" | "request_timeout" | "queue_timeout" | "shutdown_timeout" | "stop_timeout"
             | "ttl" | "health_interval" | "health_timeout" | "reaper_interval" | "session_ttl"
-            | "session_drain" => match dur(value) {
+            | "session_drain" | "slow_call_log" => match dur(value) {
                 Some(d) if !d.is_zero() => match key.as_str() {
+                    "slow_call_log" => b.slow_call_log(d),
                     "session_ttl" => b.session_ttl(d),
                     "session_drain" => b.session_drain(d),
                     "startup_timeout" => b.startup_timeout(d),

@@ -58,6 +58,9 @@ pub enum Error {
         command: Option<String>,
         /// The deadline that passed (the call's timeout, or its queue timeout), for a call.
         after: Option<Duration>,
+        /// For a call that was running: the Python stack of every thread of its worker, taken
+        /// shortly before the deadline (`faulthandler`'s text; local workers only).
+        stack: Option<String>,
     },
     /// The Python command raised an exception.
     Python(RemoteError),
@@ -280,12 +283,16 @@ impl fmt::Display for Error {
             Error::FrameTooLarge { size, max } => {
                 write!(f, "frame too large: {size} bytes exceeds max_frame_size {max}")
             }
-            Error::Timeout { kind, command, after } => {
+            Error::Timeout { kind, command, after, stack } => {
                 write!(f, "timed out: {kind}")?;
                 match (command, after) {
-                    (Some(c), Some(a)) => write!(f, " (`{c}`, deadline {a:?})"),
-                    (Some(c), None) => write!(f, " (`{c}`)"),
-                    _ => Ok(()),
+                    (Some(c), Some(a)) => write!(f, " (`{c}`, deadline {a:?})")?,
+                    (Some(c), None) => write!(f, " (`{c}`)")?,
+                    _ => {}
+                }
+                match stack {
+                    Some(stack) => write!(f, "; where Python was:\n{stack}"),
+                    None => Ok(()),
                 }
             }
             Error::Python(e) => match &e.command {
@@ -363,7 +370,12 @@ impl From<serde_json::Error> for Error {
 impl Error {
     /// A time-out of `kind`, before the call it belongs to is known.
     pub(crate) fn timeout(kind: TimeoutKind) -> Self {
-        Error::Timeout { kind, command: None, after: None }
+        Error::Timeout { kind, command: None, after: None, stack: None }
+    }
+
+    /// A running call's time-out, with its worker's stacks if they were taken.
+    pub(crate) fn call_timeout(stack: Option<String>) -> Self {
+        Error::Timeout { kind: TimeoutKind::Call, command: None, after: None, stack }
     }
 
     /// Which deadline passed, if this is a time-out.
@@ -378,9 +390,9 @@ impl Error {
     /// the deadline that passed (`timeout`, or `queue_timeout` for a time-out in the queue).
     pub(crate) fn in_call(self, name: &str, timeout: Duration, queue_timeout: Duration) -> Self {
         match self {
-            Error::Timeout { kind, command: None, .. } if kind != TimeoutKind::Startup => {
+            Error::Timeout { kind, command: None, stack, .. } if kind != TimeoutKind::Startup => {
                 let after = if kind == TimeoutKind::Queue { queue_timeout } else { timeout };
-                Error::Timeout { kind, command: Some(name.to_string()), after: Some(after) }
+                Error::Timeout { kind, command: Some(name.to_string()), after: Some(after), stack }
             }
             Error::Python(mut e) => {
                 e.command.get_or_insert_with(|| name.to_string());
@@ -412,8 +424,8 @@ impl Error {
             }
             Error::Protocol(m) => Error::Protocol(m.clone()),
             Error::FrameTooLarge { size, max } => Error::FrameTooLarge { size: *size, max: *max },
-            Error::Timeout { kind, command, after } => {
-                Error::Timeout { kind: *kind, command: command.clone(), after: *after }
+            Error::Timeout { kind, command, after, stack } => {
+                Error::Timeout { kind: *kind, command: command.clone(), after: *after, stack: stack.clone() }
             }
             Error::Python(e) => Error::Python(e.clone()),
             Error::WorkerDied { pid, exit, stderr, collateral, killed_by } => Error::WorkerDied {

@@ -14,7 +14,7 @@ use crate::dispatcher::{Effects, Lease, RecycleOrder, Request, Return, Shared};
 use crate::policy::{over_hard_memory, should_recycle, Policy, RecycleReason};
 use crate::proc::ProcessTree;
 use crate::protocol::{self, Msg};
-use crate::worker::{Exchange, KillReason, Sending, WorkerId};
+use crate::worker::{Exchange, KillReason, Looks, Sending, WorkerId};
 
 /// Ping ids start here, far from call ids.
 const FIRST_PING: u64 = 1 << 62;
@@ -111,7 +111,13 @@ fn check_health(
         *next_ping += 1;
         let frame =
             protocol::encode_frame(&Msg::Ping { id: *next_ping }, cfg.max_frame_size).unwrap_or_default();
-        let how = match conn.exchange(&frame, *next_ping, now + cfg.health_timeout, Sending::Ping) {
+        let how = match conn.exchange(
+            &frame,
+            *next_ping,
+            now + cfg.health_timeout,
+            Sending::Ping,
+            Looks::default(),
+        ) {
             Exchange::Reply(Ok(_)) => Return::Done,
             // Found dead: a crash, which its monitor reports; not a failed health check.
             Exchange::NotSent { dead: true } => Return::Dead,

@@ -28,6 +28,18 @@ pub(crate) fn kill(pid: u32, signal: i32) -> io::Result<()> {
     signalled(unsafe { libc::kill(pid, signal) })
 }
 
+/// Sends `signal` to the main thread of process `pid` (`tgkill(pid, pid, signal)`), not to
+/// whichever thread the kernel would pick. A process that no longer exists is not an error.
+pub(crate) fn kill_main_thread(pid: u32, signal: i32) -> io::Result<()> {
+    let pid = pid as libc::pid_t;
+    if pid <= 1 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "refusing to signal pid <= 1"));
+    }
+    // SAFETY: the tgkill system call takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, signal) };
+    signalled(rc as libc::c_int)
+}
+
 /// The result of `kill`/`killpg`: no such process is not an error.
 fn signalled(rc: libc::c_int) -> io::Result<()> {
     match io::Error::last_os_error() {
@@ -37,7 +49,7 @@ fn signalled(rc: libc::c_int) -> io::Result<()> {
     }
 }
 
-pub(crate) use libc::{SIGKILL, SIGTERM, SIGUSR1};
+pub(crate) use libc::{SIGKILL, SIGTERM, SIGUSR1, SIGUSR2};
 
 /// Puts a file descriptor (our end of a worker's stdin pipe) in non-blocking mode, so a write
 /// never waits on a worker that is not reading.

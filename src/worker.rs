@@ -48,6 +48,45 @@ const BOOTSTRAP: &str =
 /// `python/snakepit/_keeper.py`, `KILL_SIGNAL`).
 const KEEPER_KILL: i32 = sys::SIGUSR1;
 
+/// The signal on which a worker writes its Python stacks (`faulthandler.register`).
+const STACK_SIGNAL: i32 = sys::SIGUSR2;
+/// The longest a caller waits for a worker's stacks.
+const STACK_WAIT: Duration = Duration::from_millis(200);
+
+/// The file a worker writes its stacks to: created by the pool, opened by the worker by name,
+/// then unlinked (at `ready`, or at exit) so that only the two open descriptors remain.
+struct StackFile {
+    file: Mutex<File>,
+    path: Mutex<Option<PathBuf>>,
+}
+
+impl StackFile {
+    /// A new, empty file under the temporary folder, unique to this process.
+    fn create() -> io::Result<StackFile> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("snakepit-{}-{n}.stack", std::process::id()));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        Ok(StackFile { file: Mutex::new(file), path: Mutex::new(Some(path)) })
+    }
+
+    fn path(&self) -> Option<PathBuf> {
+        self.path.lock().clone()
+    }
+
+    fn unlink(&self) {
+        if let Some(path) = self.path.lock().take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Drop for StackFile {
+    fn drop(&mut self) {
+        self.unlink();
+    }
+}
+
 /// How many lines of a worker's stderr are kept for error reports.
 const STDERR_LINES: usize = 20;
 /// The longest stderr line kept; the rest of a longer line is dropped as it arrives, so a
@@ -76,6 +115,41 @@ pub(crate) enum WorkerEvent {
 /// are answered with the right error.
 pub(crate) use crate::error::KilledBy as KillReason;
 
+/// When, during a call, to take its worker's Python stacks (each at most once, and only while
+/// the call still runs): `slow` for the slow-call log (logged, the call goes on), `last`
+/// shortly before the deadline (for the time-out's error).
+#[derive(Default)]
+pub(crate) struct Looks<'a> {
+    pub(crate) slow: Option<Instant>,
+    pub(crate) last: Option<Instant>,
+    /// What to do with the stacks taken at `slow`.
+    pub(crate) on_slow: Option<&'a dyn Fn(&str)>,
+    /// The stacks taken at `last`.
+    pub(crate) stack: Option<String>,
+}
+
+impl Looks<'_> {
+    /// When to wake next: the earliest look still to come before `deadline`, else `deadline`.
+    fn wake(&self, deadline: Instant) -> Instant {
+        [self.slow, self.last].into_iter().flatten().filter(|&at| at < deadline).min().unwrap_or(deadline)
+    }
+
+    /// Takes the looks that are due.
+    fn take_due(&mut self, conn: &Conn, deadline: Instant) {
+        let now = Instant::now();
+        if self.slow.is_some_and(|at| at <= now) {
+            self.slow = None;
+            if let (Some(stack), Some(log)) = (conn.capture_stack(deadline), self.on_slow) {
+                log(&stack);
+            }
+        }
+        if self.last.is_some_and(|at| at <= now) {
+            self.last = None;
+            self.stack = conn.capture_stack(deadline);
+        }
+    }
+}
+
 /// How a call's exchange of frames with a worker ended.
 #[derive(Debug)]
 pub(crate) enum Exchange {
@@ -87,8 +161,9 @@ pub(crate) enum Exchange {
     /// idle.
     NotSent { dead: bool },
     /// The deadline passed. `running`: the frame reached the worker, which is still busy with
-    /// it. `corrupt`: the deadline passed part-way through writing the frame.
-    TimedOut { running: bool, corrupt: bool },
+    /// it. `corrupt`: the deadline passed part-way through writing the frame. `stack`: the
+    /// Python stacks of the worker's threads shortly before the deadline, if they were taken.
+    TimedOut { running: bool, corrupt: bool, stack: Option<String> },
     /// The worker died (or was killed) before answering.
     Died,
     /// The worker broke the protocol while answering.
@@ -190,6 +265,9 @@ pub(crate) struct Conn {
     /// The Python worker's own pid, from its `ready` frame; 0 until then, and under a launcher
     /// (where it may be a pid on another machine).
     worker_pid: AtomicU32,
+    /// Where the worker writes its Python stacks when sent [`STACK_SIGNAL`] (Python's
+    /// `faulthandler`); none under a launcher.
+    stacks: Option<StackFile>,
     max_frame: usize,
     /// Our end of its stdin, non-blocking; `None` once closed.
     stdin: Mutex<Option<File>>,
@@ -234,6 +312,7 @@ impl Conn {
             pid,
             keeper: false,
             worker_pid: AtomicU32::new(0),
+            stacks: None,
             max_frame,
             stdin: Mutex::new(Some(stdin)),
             outbox: Mutex::new(Vec::new()),
@@ -254,13 +333,22 @@ impl Conn {
 
     /// Runs one exchange: writes `frame` (a call or a ping) and waits for the reply to `id`,
     /// never past `deadline`.
-    pub(crate) fn exchange(&self, frame: &[u8], id: u64, deadline: Instant, what: Sending) -> Exchange {
+    /// `look`: when to take the worker's Python stacks if the call still runs (see [`Looks`],
+    /// [`Conn::capture_stack`]).
+    pub(crate) fn exchange(
+        &self,
+        frame: &[u8],
+        id: u64,
+        deadline: Instant,
+        what: Sending,
+        look: Looks<'_>,
+    ) -> Exchange {
         if self.threaded {
-            self.exchange_threaded(frame, id, deadline, what == Sending::Ping)
+            self.exchange_threaded(frame, id, deadline, what == Sending::Ping, look)
         } else if what == (Sending::Call { sent: true }) {
-            self.read_reply(&mut self.stdout.lock(), id, deadline)
+            self.read_reply(&mut self.stdout.lock(), id, deadline, look)
         } else {
-            self.exchange_alone(frame, id, deadline)
+            self.exchange_alone(frame, id, deadline, look)
         }
     }
 
@@ -308,7 +396,7 @@ impl Conn {
     }
 
     /// Process profile: the caller holds the only lease, and reads the reply itself.
-    fn exchange_alone(&self, frame: &[u8], id: u64, deadline: Instant) -> Exchange {
+    fn exchange_alone(&self, frame: &[u8], id: u64, deadline: Instant, look: Looks<'_>) -> Exchange {
         let mut out = self.stdout.lock();
         // A worker that died, or wrote something unasked, while idle is noticed here, before
         // the call is written, so it costs the call nothing.
@@ -318,9 +406,11 @@ impl Conn {
         match self.write(frame, deadline) {
             Written::All => {}
             Written::Nothing => return Exchange::NotSent { dead: true },
-            Written::Late { partial } => return Exchange::TimedOut { running: true, corrupt: partial },
+            Written::Late { partial } => {
+                return Exchange::TimedOut { running: true, corrupt: partial, stack: None }
+            }
         }
-        self.read_reply(&mut out, id, deadline)
+        self.read_reply(&mut out, id, deadline, look)
     }
 
     /// Writes a whole frame (after any posted ones), waiting for room in the pipe until
@@ -399,7 +489,7 @@ impl Conn {
     }
 
     /// Reads until the reply to `id`, the process's exit, or the deadline.
-    fn read_reply(&self, out: &mut Reader, id: u64, deadline: Instant) -> Exchange {
+    fn read_reply(&self, out: &mut Reader, id: u64, deadline: Instant, mut look: Looks<'_>) -> Exchange {
         let mut dead = false;
         loop {
             match out.buf.next_frame(self.max_frame) {
@@ -412,8 +502,13 @@ impl Conn {
                     sys::poll_entry(out.file.as_raw_fd(), sys::POLLIN),
                     sys::poll_entry(self.exit_fd.as_raw_fd(), sys::POLLIN),
                 ];
-                match sys::poll(&mut fds, Some(deadline)) {
-                    Ok(0) => return Exchange::TimedOut { running: true, corrupt: false },
+                let wake = look.wake(deadline);
+                match sys::poll(&mut fds, Some(wake)) {
+                    Ok(0) if wake < deadline => {
+                        look.take_due(self, deadline);
+                        continue;
+                    }
+                    Ok(0) => return Exchange::TimedOut { running: true, corrupt: false, stack: look.stack },
                     Ok(_) => dead = fds[0].revents == 0 && fds[1].revents != 0,
                     Err(e) => return Exchange::Broken(Error::Protocol(format!("polling worker: {e}"))),
                 }
@@ -443,7 +538,14 @@ impl Conn {
     }
 
     /// Thread profile: many calls at once; the monitor thread reads the replies.
-    fn exchange_threaded(&self, frame: &[u8], id: u64, deadline: Instant, ping: bool) -> Exchange {
+    fn exchange_threaded(
+        &self,
+        frame: &[u8],
+        id: u64,
+        deadline: Instant,
+        ping: bool,
+        mut look: Looks<'_>,
+    ) -> Exchange {
         let (tx, rx) = mailbox();
         {
             let mut w = self.waiting.lock();
@@ -455,12 +557,26 @@ impl Conn {
         let unsent = match self.write(frame, deadline) {
             Written::All => None,
             Written::Nothing => Some(Exchange::NotSent { dead: true }),
-            Written::Late { partial } => Some(Exchange::TimedOut { running: false, corrupt: partial }),
+            Written::Late { partial } => {
+                Some(Exchange::TimedOut { running: false, corrupt: partial, stack: None })
+            }
         };
         if let Some(unsent) = unsent {
             self.waiting.lock().replies.remove(&id);
             return unsent;
         }
+        loop {
+            let wake = look.wake(deadline);
+            if wake >= deadline {
+                break;
+            }
+            match rx.recv_deadline(wake) {
+                Ok(reply) => return Exchange::Reply(reply),
+                Err(Missed::Timeout) => look.take_due(self, deadline),
+                Err(Missed::Closed) => return self.ended(),
+            }
+        }
+        let stack = look.stack;
         match rx.recv_deadline(deadline) {
             Ok(reply) => Exchange::Reply(reply),
             Err(Missed::Timeout) => {
@@ -469,7 +585,7 @@ impl Conn {
                 if w.replies.remove(&id).is_some() {
                     // Its late reply frees its slot; a ping holds none.
                     w.abandoned.insert(id, !ping);
-                    return Exchange::TimedOut { running: true, corrupt: false };
+                    return Exchange::TimedOut { running: true, corrupt: false, stack };
                 }
                 drop(w);
                 match rx.try_recv() {
@@ -569,11 +685,54 @@ impl Conn {
     }
 
     /// Records the Python worker's pid from its `ready` frame, if it is the keeper's child
-    /// (checked in `/proc`, so a wrong pid is never signalled or measured).
+    /// (checked in `/proc`, so a wrong pid is never signalled or measured). The stack file's
+    /// name is removed now: both sides have it open.
     pub(crate) fn set_worker_pid(&self, pid: u32) {
         if self.keeper && crate::proc::parent_of(pid) == Some(self.pid) {
             self.worker_pid.store(pid, Ordering::Release);
         }
+        if let Some(s) = &self.stacks {
+            s.unlink();
+        }
+    }
+
+    /// Where the worker's Python code is now: its main thread is sent [`STACK_SIGNAL`]. A
+    /// process worker runs its call there, and Python's `faulthandler` writes that thread's
+    /// stack from its C signal handler (so even while the command holds the GIL in a long C
+    /// call); a thread worker's handler writes the stack of every call thread. Waits a moment
+    /// for the text, never past `deadline`. `None` without a stack file, or if nothing came.
+    pub(crate) fn capture_stack(&self, deadline: Instant) -> Option<String> {
+        let stacks = self.stacks.as_ref()?;
+        let pid = self.worker_pid.load(Ordering::Acquire);
+        if pid == 0 || self.has_exited() {
+            return None;
+        }
+        // Another call of the worker may be taking them (thread profile): not past `deadline`.
+        let mut file = stacks.file.try_lock_until(deadline)?;
+        let mut text = Vec::new();
+        let _ = file.read_to_end(&mut text); // an earlier dump nobody waited for
+        text.clear();
+        {
+            let reaped = self.reaped.lock();
+            // The main thread: it runs the command in the process profile, and the thread
+            // profile's handler runs there.
+            if *reaped || sys::kill_main_thread(pid, STACK_SIGNAL).is_err() {
+                return None;
+            }
+        }
+        // The dump is written at once, in a few writes: read until it stops growing.
+        let end = deadline.min(Instant::now() + STACK_WAIT);
+        let mut quiet = 0;
+        while Instant::now() < end && quiet < 3 {
+            std::thread::sleep(Duration::from_millis(5));
+            match file.read_to_end(&mut text) {
+                Ok(0) if !text.is_empty() => quiet += 1,
+                Ok(_) => quiet = 0,
+                Err(_) => break,
+            }
+        }
+        let text = String::from_utf8_lossy(&text).trim_end().to_string();
+        (!text.is_empty()).then_some(text)
     }
 
     /// The Python worker's pid: the one its commands see as `os.getpid()`, whose memory is
@@ -721,6 +880,11 @@ impl Worker {
             line.extend(["--parent-pid".to_string(), std::process::id().to_string()].map(OsString::from));
         }
         line.push("--keeper".into());
+        // Local workers only: under a launcher the file would be on the other side.
+        let stacks = if spec.launcher.is_empty() { StackFile::create().ok() } else { None };
+        if let Some(path) = stacks.as_ref().and_then(StackFile::path) {
+            line.extend([OsString::from("--stack-file"), path.into_os_string()]);
+        }
         for (flag, value) in [
             ("--max-frame-size", spec.max_frame.to_string()),
             ("--worker-id", id.to_string()),
@@ -781,6 +945,7 @@ impl Worker {
         let (report, reported) = bounded::<()>(0);
         let mut conn = Conn::new(id, pid, spec.max_frame, stdin, stdout, exit_fd, spec.threads > 0, reported);
         conn.keeper = spec.launcher.is_empty();
+        conn.stacks = stacks;
         let conn = Arc::new(conn);
         let monitor = Monitor {
             conn: conn.clone(),
@@ -1078,6 +1243,9 @@ impl Monitor {
     fn exited(mut self) {
         let conn = self.conn.clone();
         conn.exited.store(true, Ordering::Release);
+        if let Some(s) = &conn.stacks {
+            s.unlink(); // a worker that never got ready
+        }
         let status = {
             let mut reaped = conn.reaped.lock();
             // The leader is a zombie, so its group id cannot have been reused: safe to signal.

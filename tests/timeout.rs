@@ -121,7 +121,12 @@ fn time_outs_and_python_errors_name_the_command_and_the_deadline() {
         }
         other => panic!("expected a call time-out naming its command, got {other:?}"),
     }
-    assert_eq!(late.to_string(), "timed out: running the call (`sleep`, deadline 200ms)");
+    let text = late.to_string();
+    assert!(
+        text.starts_with("timed out: running the call (`sleep`, deadline 200ms); where Python was:\n"),
+        "{text}"
+    );
+    assert!(text.contains("in sleep"), "the stack names the command's function: {text}");
     let raised = pool.call("boom", json!({"message": "kaput"})).unwrap_err();
     match &raised {
         Error::Python(e) => assert_eq!(e.command.as_deref(), Some("boom")),

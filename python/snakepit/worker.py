@@ -481,6 +481,8 @@ def main(argv=None, *, exit_fast=True):
     if args.keeper and _keeper.split(parent_pid):
         parent_pid = os.getppid()  # the keeper's; from here on this process is the worker
     _setup_logging(args.pool, args.worker_id)
+    if args.stack_file:
+        _dump_stacks_on_signal(args.stack_file, threaded=bool(args.threads))
     if not _watch_parent(parent_pid):
         log.warning("parent process %s is already gone; exiting", parent_pid)
         return EXIT_ORPHANED
@@ -745,7 +747,7 @@ def _rss_bytes():
 # --- process plumbing ------------------------------------------------------
 
 
-_USAGE = "usage: python -m snakepit [--adapter MODULE] [--init COMMAND [--init-args JSON]] [--max-frame-size BYTES] [--parent-pid PID] [--worker-id ID] [--pool NAME] [--threads N [--allow-unsafe-threads]] [--keeper] [-- ADAPTER_ARGS...]"
+_USAGE = "usage: python -m snakepit [--adapter MODULE] [--init COMMAND [--init-args JSON]] [--max-frame-size BYTES] [--parent-pid PID] [--worker-id ID] [--pool NAME] [--threads N [--allow-unsafe-threads]] [--keeper] [--stack-file PATH] [-- ADAPTER_ARGS...]"
 
 _OPTIONS = {
     "--adapter": ("adapter", str),
@@ -754,6 +756,7 @@ _OPTIONS = {
     "--worker-id": ("worker_id", str),
     "--pool": ("pool", str),
     "--threads": ("threads", int),
+    "--stack-file": ("stack_file", str),
     "--init": ("init", str),
     "--init-args": ("init_args", str),
 }
@@ -772,6 +775,7 @@ def _parse_args(argv):
         "pool": None,
         "adapter_args": [],
         "threads": 0,
+        "stack_file": None,
         "allow_unsafe_threads": False,
         "keeper": False,
         "init": None,
@@ -828,6 +832,55 @@ def _setup_logging(pool, worker_id):
         parts.append(f"worker={worker_id}")
     parts.append(f"pid={os.getpid()}")
     log.prefix = "[" + " ".join(parts) + "]"
+
+
+_STACK_SIGNAL = 12  # SIGUSR2 on Linux
+_stack_files = []  # kept open for the worker's whole life
+
+
+def _dump_stacks_on_signal(path, threaded):
+    """On SIGUSR2 (sent by the host to the main thread shortly before a call's deadline), write
+    where Python is to ``path``.
+
+    Process profile: the call runs in the main thread, and faulthandler writes its stack from
+    the C signal handler, so even while the command holds the GIL in one long C call. Only that
+    thread's: walking the frames of threads that keep running is not safe from a signal
+    handler. Thread profile: the main thread only reads frames; a Python handler (run there
+    with the GIL, between two reads) writes the stack of every call thread.
+    """
+    try:
+        import signal
+
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # open for the process's life
+        _stack_files.append(fd)
+        if not threaded:
+            import faulthandler
+
+            faulthandler.register(_STACK_SIGNAL, file=fd, all_threads=False, chain=False)
+            return
+        busy = []  # a signal during a dump is dropped, not nested
+
+        def dump(_signum, _frame):
+            if busy:
+                return
+            busy.append(True)
+            try:
+                main = threading.main_thread().ident
+                names = {t.ident: t.name for t in threading.enumerate()}
+                parts = []
+                for ident, frame in sys._current_frames().items():
+                    if ident != main:
+                        stack = "".join(traceback.format_stack(frame))
+                        parts.append(f"Thread {ident:#x} ({names.get(ident, '?')}), most recent call last:\n{stack}")
+                write_all(fd, memoryview(("\n".join(parts) or "no call thread\n").encode("utf-8", "replace")))
+            except Exception:  # never let a dump break the worker's reading loop
+                pass
+            finally:
+                busy.clear()
+
+        signal.signal(_STACK_SIGNAL, dump)
+    except (OSError, ValueError, RuntimeError, AttributeError) as exc:
+        log.warning("no stack dumps on time-outs: %s", exc)
 
 
 def _watch_parent(parent_pid):
