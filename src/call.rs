@@ -112,7 +112,15 @@ impl Calls {
         s: &CallSession<'_>,
     ) -> Result<Value> {
         let p = self.prepare(command, &args, &options, Some(s))?;
-        let route = session::begin_call(&self.shared, s)?;
+        let route = match session::begin_call(&self.shared, s) {
+            Ok(route) => route,
+            Err(e) => {
+                // Refused before the board saw it (the session ended, or lost its worker):
+                // counted like the board's own refusals.
+                self.shared.board.lock().record(&Err(e.duplicate()));
+                return Err(e);
+            }
+        };
         let mut ran_on = None;
         let result = self.run_tracked(command, &p, route, &mut ran_on);
         session::end_call(&self.shared, s, ran_on);
@@ -357,6 +365,7 @@ impl Calls {
         let mut fx = Effects::default();
         self.shared.board.lock().give_back(lease, how, Some((&result, queue_wait, execution)), &mut fx);
         self.shared.apply(fx);
+        conn.flush_posted(); // what was posted while the call ran (sessions' ends)
         if self.shared.emitter.enabled() {
             self.shared.emitter.emit(Event::CallCompleted {
                 pool: self.config.name.clone(),

@@ -59,7 +59,7 @@ fn check_memory(policy: &Policy, shared: &Shared) -> bool {
     let tree = ProcessTree::scan();
     let now = Instant::now();
     for mut w in workers {
-        w.rss = tree.rss(w.pid);
+        w.rss = if w.root == w.pid { tree.rss(w.pid) } else { tree.rss_below(w.root) };
         let kill = over_hard_memory(&w, policy);
         let reason = if kill { Some(RecycleReason::Memory) } else { should_recycle(&w, now) };
         // Only memory is decided here; the call side and the dispatcher's timers do the rest.

@@ -84,6 +84,9 @@ impl Policy {
 pub(crate) struct WorkerFacts {
     pub(crate) id: u64,
     pub(crate) pid: u32,
+    /// Where its process tree is measured from: its keeper, whose adopted orphans belong to
+    /// the worker too (the worker itself without a keeper).
+    pub(crate) root: u32,
     pub(crate) spawned: Instant,
     /// Calls given to it so far (finished plus in flight).
     pub(crate) assigned: u64,
@@ -189,7 +192,7 @@ mod tests {
     use std::collections::HashSet;
 
     fn facts(limits: Limits) -> WorkerFacts {
-        WorkerFacts { id: 1, pid: 1, spawned: Instant::now(), assigned: 0, limits, rss: None }
+        WorkerFacts { id: 1, pid: 1, root: 1, spawned: Instant::now(), assigned: 0, limits, rss: None }
     }
 
     const NO_LIMITS: Limits = Limits { ttl: None, max_requests: None, max_memory: None };

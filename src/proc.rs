@@ -43,6 +43,13 @@ impl ProcessTree {
         ProcessTree { children }
     }
 
+    /// The memory of a worker's tree, measured from `root`, its keeper (the process the pool
+    /// started), without the keeper's own: the worker, its descendants, and the orphans of its
+    /// tree that the keeper adopted. `None` if the keeper is gone.
+    pub(crate) fn rss_below(&self, root: u32) -> Option<u64> {
+        Some(self.rss(root)?.saturating_sub(rss_bytes(root).unwrap_or(0)))
+    }
+
     /// Resident memory of `pid` and all its descendants. `None` if the process is gone.
     pub(crate) fn rss(&self, pid: u32) -> Option<u64> {
         let mut total = rss_bytes(pid)?;

@@ -398,11 +398,11 @@ pub(crate) fn begin_call(shared: &Shared, s: &CallSession<'_>) -> Result<crate::
         return Err(crate::Error::SessionLost { session: core.id, worker, reason });
     }
     if st.touched.is_empty() {
-        // No call has run yet, so no state can be lost: a session whose worker went before its
-        // first call is bound again, quietly.
+        // No call has run yet, so no state can be lost: a session whose worker went (or is
+        // about to be replaced) before its first call is bound again, quietly.
         if let Some(w) = st.worker {
             let mut board = shared.board.lock();
-            if !board.takes_routed(w) {
+            if !board.suits_new_session(w) {
                 let mut fx = Effects::default();
                 if st.bound {
                     board.unbind(w, &mut fx);
@@ -429,35 +429,45 @@ pub(crate) fn begin_call(shared: &Shared, s: &CallSession<'_>) -> Result<crate::
 pub(crate) fn end_call(shared: &Shared, s: &CallSession<'_>, ran_on: Option<WorkerId>) {
     let core = s.core;
     let mut moved = None;
+    // A worker whose state for the session must go at once: one a prefer session visited while
+    // its own worker was busy (so that a later visit finds it fresh, not stale), or one that
+    // ran a call of a session that ended meanwhile.
+    let mut forget = None;
     {
         let mut st = core.state.lock();
         st.in_flight -= 1;
         st.last_active = Instant::now();
-        if let Some(w) = ran_on {
-            if !st.touched.contains(&w) {
-                st.touched.push(w);
+        let Some(w) = ran_on else { return };
+        match st.worker {
+            None => {
+                // Bound now: no worker was open when it was created.
+                st.worker = Some(w);
+                if core.affinity.strict() {
+                    st.bound = true;
+                    shared.board.lock().bind_to(w);
+                }
             }
-            match st.worker {
-                None => {
-                    // Bound now: no worker was open when it was created.
+            Some(home) if home != w && core.affinity == Affinity::Prefer => {
+                // Ran elsewhere: it moves only if its worker is lost (or retired: a prefer
+                // session's calls can never run there again).
+                let board = shared.board.lock();
+                if board.takes_any(home) {
+                    forget = Some(w);
+                } else {
+                    moved = Some((home, board.loss_of(home)));
                     st.worker = Some(w);
-                    if core.affinity.strict() {
-                        st.bound = true;
-                        shared.board.lock().bind_to(w);
-                    }
                 }
-                Some(old) if old != w && core.affinity == Affinity::Prefer => {
-                    // Ran elsewhere: it moves only if its worker is lost (or retired: a prefer
-                    // session's calls can never run there again).
-                    let board = shared.board.lock();
-                    if !board.takes_any(old) {
-                        moved = Some((old, board.loss_of(old)));
-                        st.worker = Some(w);
-                    }
-                }
-                _ => {}
             }
+            _ => {}
         }
+        if st.ended.is_some() {
+            forget = Some(w);
+        } else if forget.is_none() && !st.touched.contains(&w) {
+            st.touched.push(w);
+        }
+    }
+    if let Some(w) = forget {
+        post_end(shared, core, &[w]);
     }
     if let Some((old, reason)) = moved {
         let reason = reason.unwrap_or_else(|| lost_worker_reason(shared, old));
@@ -518,9 +528,15 @@ fn announce_loss(shared: &Shared, core: &SessionCore, worker: WorkerId, reason: 
 /// Ends a session (once): out of the table, off its worker's count, and every worker that ran
 /// its calls told to free its state.
 pub(crate) fn end(shared: &Shared, core: &SessionCore, reason: SessionEnd) {
+    end_if(shared, core, reason, |_| true);
+}
+
+/// [`end`], if `still` holds under the same lock that marks it ended (a call may have begun
+/// since the caller looked).
+fn end_if(shared: &Shared, core: &SessionCore, reason: SessionEnd, still: impl Fn(&State) -> bool) {
     let (bound_to, touched, calls) = {
         let mut st = core.state.lock();
-        if st.ended.is_some() {
+        if st.ended.is_some() || !still(&st) {
             return;
         }
         st.ended = Some(reason);
@@ -533,24 +549,14 @@ pub(crate) fn end(shared: &Shared, core: &SessionCore, reason: SessionEnd) {
         SessionEnd::Expired => shared.sessions.expired.fetch_add(1, Ordering::Relaxed),
     };
     let mut fx = Effects::default();
-    let conns: Vec<_> = {
+    {
         let mut board = shared.board.lock();
         if let Some(w) = bound_to {
             board.unbind(w, &mut fx);
         }
-        touched.iter().filter_map(|&w| board.conn_of(w)).collect()
-    };
-    shared.apply(fx);
-    if !conns.is_empty() {
-        match protocol::encode_end_session(&core.tag) {
-            Ok(frame) => {
-                for conn in conns {
-                    conn.post(&frame);
-                }
-            }
-            Err(e) => log::warn!("[{}] session {}: cannot encode its end: {e}", shared.name, core.id),
-        }
     }
+    shared.apply(fx);
+    post_end(shared, core, &touched);
     log::debug!("[{}] session {} ended: {reason} ({calls} calls)", shared.name, core.id);
     if shared.emitter.enabled() {
         shared.emitter.emit(Event::SessionEnded {
@@ -559,6 +565,26 @@ pub(crate) fn end(shared: &Shared, core: &SessionCore, reason: SessionEnd) {
             reason,
             calls,
         });
+    }
+}
+
+/// Tells `workers` that the session ended, so they free its state. A worker whose pipe is
+/// full (it is busy) gets it with its next frame, or when the dispatcher retries.
+fn post_end(shared: &Shared, core: &SessionCore, workers: &[WorkerId]) {
+    let conns: Vec<_> = {
+        let board = shared.board.lock();
+        workers.iter().filter_map(|&w| Some((w, board.conn_of(w)?))).collect()
+    };
+    if conns.is_empty() {
+        return;
+    }
+    let frame = match protocol::encode_end_session(&core.tag) {
+        Ok(frame) => frame,
+        Err(e) => return log::warn!("[{}] session {}: cannot encode its end: {e}", shared.name, core.id),
+    };
+    let waiting: Vec<WorkerId> = conns.into_iter().filter(|(_, c)| !c.post(&frame)).map(|(w, _)| w).collect();
+    if !waiting.is_empty() {
+        let _ = shared.requests.send(Request::FlushPosted(waiting));
     }
 }
 
@@ -582,7 +608,9 @@ pub(crate) fn expire(shared: &Shared, now: Instant) -> Option<Instant> {
         match due {
             // Not sooner than TICK: a scan costs every session a lock.
             Some(at) => next = Some(next.map_or(at, |n| n.min(at)).max(now + TICK)),
-            None => end(shared, &core, SessionEnd::Expired),
+            None => end_if(shared, &core, SessionEnd::Expired, |st| {
+                st.in_flight == 0 && st.last_active + ttl <= now
+            }),
         }
     }
     if next.is_none() {

@@ -22,7 +22,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -47,6 +47,9 @@ const BOOTSTRAP: &str =
 /// What the keeper takes as "kill the worker and everything below it now" (see
 /// `python/snakepit/_keeper.py`, `KILL_SIGNAL`).
 const KEEPER_KILL: i32 = sys::SIGUSR1;
+
+/// The most a write to a pipe takes all or nothing.
+const PIPE_BUF: usize = 4096;
 
 /// The signal on which a worker writes its Python stacks (`faulthandler.register`).
 const STACK_SIGNAL: i32 = sys::SIGUSR2;
@@ -273,7 +276,9 @@ pub(crate) struct Conn {
     stdin: Mutex<Option<File>>,
     /// Frames posted to go ahead of the next one written (see [`Conn::post`]); written only
     /// under `stdin`'s lock.
-    outbox: Mutex<Vec<u8>>,
+    outbox: Mutex<VecDeque<Vec<u8>>>,
+    /// Frames in `outbox`, read without its lock.
+    posted: AtomicUsize,
     /// Our end of its stdout, non-blocking.
     stdout: Mutex<Reader>,
     stdout_fd: RawFd,
@@ -315,7 +320,8 @@ impl Conn {
             stacks: None,
             max_frame,
             stdin: Mutex::new(Some(stdin)),
-            outbox: Mutex::new(Vec::new()),
+            outbox: Mutex::new(VecDeque::new()),
+            posted: AtomicUsize::new(0),
             stdout_fd: stdout.as_raw_fd(),
             stdout: Mutex::new(Reader { file: stdout, buf: FrameBuf::default() }),
             exit_fd,
@@ -420,40 +426,62 @@ impl Conn {
             return Written::Late { partial: false };
         };
         let Some(file) = stdin.as_ref() else { return Written::Nothing };
-        let posted = std::mem::take(&mut *self.outbox.lock());
-        if !posted.is_empty() {
-            // They go first: a frame is never cut by another. Not written in time, they leave
-            // a part-written frame in the pipe, like a call's own.
+        // Posted frames go first, whole: a frame is never cut by another.
+        while !self.flush_outbox(file) {
+            let Some(posted) = self.outbox.lock().pop_front() else { break };
+            self.posted.fetch_sub(1, Ordering::AcqRel);
             match self.write_until(file, &posted, deadline) {
                 Written::All => {}
-                Written::Late { .. } => return Written::Late { partial: true },
+                // Not written in time, it leaves a part-written frame, like a call's own.
+                Written::Late { partial } => return Written::Late { partial },
                 Written::Nothing => return Written::Nothing,
             }
         }
-        self.write_until(file, frame, deadline)
+        let written = self.write_until(file, frame, deadline);
+        if written == Written::All {
+            self.flush_outbox(file); // posted while this frame was written
+        }
+        written
     }
 
-    /// Posts a frame that needs no reply (a session's end): written now if the pipe is free and
-    /// takes it, else ahead of the next frame written to this worker.
-    pub(crate) fn post(&self, frame: &[u8]) {
-        self.outbox.lock().extend_from_slice(frame);
-        if let Some(stdin) = self.stdin.try_lock() {
-            if let Some(file) = stdin.as_ref() {
-                self.flush_outbox(file);
-            }
+    /// Posts a frame that needs no reply and fits one atomic pipe write (a session's end):
+    /// written now if the pipe is free and takes it, else ahead of (or just after) the next
+    /// frame written to this worker, or by [`Conn::flush_posted`]. False if it is still
+    /// waiting.
+    pub(crate) fn post(&self, frame: &[u8]) -> bool {
+        debug_assert!(frame.len() <= PIPE_BUF);
+        self.outbox.lock().push_back(frame.to_vec());
+        self.posted.fetch_add(1, Ordering::AcqRel);
+        self.flush_posted()
+    }
+
+    /// Writes what the pipe takes now of the posted frames, unless another thread is writing
+    /// to the worker (it writes them); true if none is left.
+    pub(crate) fn flush_posted(&self) -> bool {
+        if self.posted.load(Ordering::Acquire) == 0 {
+            return true;
+        }
+        match self.stdin.try_lock() {
+            Some(stdin) => match stdin.as_ref() {
+                Some(file) => self.flush_outbox(file),
+                None => true, // closed: nothing will ever read them
+            },
+            None => false,
         }
     }
 
-    /// Writes what the pipe takes now of the posted frames; true if none is left.
+    /// Writes the posted frames the pipe takes now, each whole (at most `PIPE_BUF` bytes, so
+    /// a non-blocking write takes it all or nothing); true if none is left. Under stdin's lock.
     fn flush_outbox(&self, file: &File) -> bool {
         let mut outbox = self.outbox.lock();
-        while !outbox.is_empty() {
-            match (&*file).write(&outbox) {
-                Ok(n) => {
-                    outbox.drain(..n);
+        while let Some(frame) = outbox.front() {
+            match (&*file).write(frame) {
+                Ok(n) if n == frame.len() => {
+                    outbox.pop_front();
+                    self.posted.fetch_sub(1, Ordering::AcqRel);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
+                _ => return false,
             }
         }
         true
@@ -747,11 +775,29 @@ impl Conn {
     /// Asks the worker to exit: a `shutdown` frame if the pipe takes it at once, then EOF. Gives
     /// up (false) if a caller holds the pipe for longer than `wait`.
     pub(crate) fn ask_to_stop(&self, frame: &[u8], wait: Duration) -> bool {
-        let Some(mut stdin) = self.stdin.try_lock_for(wait) else { return false };
+        let end = Instant::now() + wait;
+        let Some(mut stdin) = self.stdin.try_lock_until(end) else { return false };
         if let Some(file) = stdin.as_ref() {
+            // The posted frames first (sessions' ends, whose hooks should run), within `wait`.
+            let mut flushed = self.flush_outbox(file);
+            while !flushed && Instant::now() < end {
+                let mut fds = [sys::poll_entry(file.as_raw_fd(), sys::POLLOUT)];
+                if sys::poll(&mut fds, Some(end)).is_ok_and(|n| n > 0) {
+                    flushed = self.flush_outbox(file);
+                } else {
+                    break;
+                }
+            }
+            if !flushed {
+                log::debug!(
+                    "worker {}: {} session ends not delivered before it stops",
+                    self.id,
+                    self.posted.load(Ordering::Acquire)
+                );
+            }
             // A frame the pipe cannot take whole is not sent; EOF alone stops the worker too.
             let mut fds = [sys::poll_entry(file.as_raw_fd(), sys::POLLOUT)];
-            if sys::poll(&mut fds, Some(Instant::now())).is_ok_and(|n| n > 0) && frame.len() <= 4096 {
+            if sys::poll(&mut fds, Some(Instant::now())).is_ok_and(|n| n > 0) && frame.len() <= PIPE_BUF {
                 let _ = (&*file).write(frame);
             }
         }
@@ -796,6 +842,7 @@ impl Conn {
     }
 }
 
+#[derive(PartialEq, Eq)]
 enum Written {
     All,
     /// Nothing the worker could act on was written (it is dead, or its stdin is closed).
@@ -975,7 +1022,7 @@ impl Worker {
     /// A worker with no process behind it, for the dispatcher's unit tests: `exit` closing (the
     /// returned write end dropped) stands for the process exiting.
     #[cfg(test)]
-    pub(crate) fn fake(id: WorkerId, threaded: bool) -> (Worker, OwnedFd) {
+    pub(crate) fn fake(id: WorkerId, threaded: bool, keeper: bool) -> (Worker, OwnedFd) {
         let (stdin_r, stdin_w) = sys::pipe().unwrap();
         let (stdout_r, _stdout_w) = sys::pipe().unwrap();
         let (exit_r, exit_w) = sys::pipe().unwrap();
@@ -994,6 +1041,8 @@ impl Worker {
             reported,
         );
         *conn.reaped.lock() = true; // never signal a real process
+        let mut conn = conn;
+        conn.keeper = keeper;
         (Worker { conn: Arc::new(conn), monitor: None }, exit_w)
     }
 

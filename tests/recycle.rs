@@ -304,3 +304,25 @@ fn replacements_killed_for_time_outs_never_shrink_or_grow_the_pool() {
     }
     pool.shutdown().unwrap();
 }
+
+#[test]
+fn an_orphan_of_the_workers_tree_counts_toward_its_memory() {
+    // A helper whose parent exited is adopted by the worker's keeper, not by the worker: it is
+    // still the worker's, and the hard ceiling must see it (and kill it with the worker).
+    let pool = common::builder(1)
+        .max_memory_hard(80 << 20)
+        .reaper_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let old = common::worker_pids(&pool)[0];
+    let hog = pool.call("orphan_hog", json!({"mb": 150})).unwrap().as_u64().unwrap() as u32;
+    assert_ne!(common::parent_of(hog), Some(old), "an orphan, not the worker's child");
+    let gone = common::wait_until(Duration::from_secs(10), || !common::alive(hog));
+    if !gone {
+        let _ = std::process::Command::new("kill").args(["-9", &hog.to_string()]).status();
+    }
+    assert!(gone, "a 150 MiB orphan escaped max_memory_hard (80 MiB)");
+    assert!(common::wait_until(Duration::from_secs(10), || pool.stats().unwrap().recycles.memory == 1));
+    common::assert_gone(&[old], Duration::from_secs(5));
+    pool.shutdown().unwrap();
+}

@@ -180,6 +180,9 @@ fn ending_a_session_frees_its_state_and_runs_the_end_hook() {
     let a_id = a.id();
     a.close();
     assert!(common::wait_until(Duration::from_secs(5), || live_states(&pool)[0].1 == 1));
+    // The hooks run on a thread of their own in the worker.
+    assert!(common::wait_until(Duration::from_secs(5), || std::fs::read_to_string(&log)
+        .is_ok_and(|t| !t.is_empty())));
     let ended = std::fs::read_to_string(&log).unwrap();
     assert!(ended.starts_with(&format!("{a_id} ")) && ended.trim_end().ends_with(" True"), "{ended}");
     // The other session's state is untouched.

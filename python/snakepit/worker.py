@@ -132,6 +132,8 @@ class Worker:
             self.sessions = Registry()
             self._throwaway = Session  # the Session of a call without one
         self._on_session_end = None if on_session_end is None else list(on_session_end)
+        self._hook_queue = None  # see run_hooks_in_thread
+        self._hook_thread = None
 
     def serve(self, reader, write):
         """Answer frames from the binary stream ``reader`` until EOF or a shutdown.
@@ -366,6 +368,38 @@ class Worker:
         if session is None:
             return
         hooks = snakepit.session_end_hooks() if self._on_session_end is None else self._on_session_end
+        if hooks and self._hook_queue is not None:
+            self._hook_queue.put((session_id, session, hooks))
+        elif hooks:
+            self._run_hooks(session_id, session, hooks)
+
+    def run_hooks_in_thread(self):
+        """From now on, run the on_session_end hooks on a thread of their own, in order, so
+        that a slow hook never holds up the frames after it (pings, calls). The worker process
+        does this; ``stop_hook_thread`` lets the hooks queued so far finish."""
+        if self.sessions is None:
+            return  # no session commands: no sessions, no hooks to run
+        import queue
+
+        self._hook_queue = queue.SimpleQueue()
+
+        def run():
+            while True:
+                item = self._hook_queue.get()
+                if item is None:
+                    return
+                self._run_hooks(*item)
+
+        self._hook_thread = threading.Thread(target=run, name="snakepit-session-end", daemon=True)
+        self._hook_thread.start()
+
+    def stop_hook_thread(self):
+        """Wait for the hooks queued so far (the host's stop_timeout bounds a hook that hangs)."""
+        if self._hook_thread is not None:
+            self._hook_queue.put(None)
+            self._hook_thread.join()
+
+    def _run_hooks(self, session_id, session, hooks):
         for hook in hooks:
             try:
                 hook(session)
@@ -500,6 +534,7 @@ def main(argv=None, *, exit_fast=True):
     write(encode_frame({"type": "ready", "info": worker.ready_info()}, args.max_frame_size))
     log.info("ready, serving %d commands", len(worker.names))
 
+    worker.run_hooks_in_thread()
     code = EXIT_OK
     try:
         if args.threads:
@@ -511,6 +546,7 @@ def main(argv=None, *, exit_fast=True):
         code = EXIT_PROTOCOL
     except BrokenPipeError:
         log.info("the host closed the pipe; exiting")
+    worker.stop_hook_thread()
     if exit_fast:
         _exit_fast(code)
     return code

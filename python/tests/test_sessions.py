@@ -235,6 +235,23 @@ class SessionStateTests(unittest.TestCase):
 
 
 class EndSessionTests(unittest.TestCase):
+    def test_in_the_worker_process_a_slow_hook_holds_up_nothing(self):
+        # A hook that takes its time must not delay the frames after the end (a ping the host
+        # times, the next call): the worker process runs hooks on a thread of their own.
+        ran = threading.Event()
+
+        def slow_hook(session):
+            time.sleep(0.5)
+            ran.set()
+
+        worker = make_worker([slow_hook])
+        worker.run_hooks_in_thread()
+        got = exchange(worker, call("count", id=1, session="s"), end("s"), {"type": "ping", "id": 2})
+        self.assertEqual([r["type"] for r in got], ["result", "pong"])
+        self.assertFalse(ran.is_set(), "the ping was answered while the hook still ran")
+        worker.stop_hook_thread()  # waits for the hooks queued so far
+        self.assertTrue(ran.is_set())
+
     def test_end_session_frees_the_state_and_a_later_call_starts_fresh(self):
         worker = make_worker()
         got = values(

@@ -170,6 +170,9 @@ pub(crate) struct Seat<T> {
     session_only: bool,
     /// Why it stopped taking calls, once it has; what its sessions are told.
     loss: Option<Loss>,
+    /// Its replacement is starting (or its `max_requests` budget is nearly spent): new
+    /// sessions go elsewhere if they can.
+    retiring: bool,
 }
 
 impl<T> Seat<T> {
@@ -483,10 +486,14 @@ impl<T: Clone> Board<T> {
 
     // ---- sessions -----------------------------------------------------------------------------
 
-    /// The worker a new session goes to: the open one with the fewest strict sessions, then
-    /// the least loaded. `strict`: it counts the session until [`Board::unbind`].
+    /// The worker a new session goes to: an open one that is not about to be replaced if there
+    /// is one, with the fewest strict sessions, then the least loaded. `strict`: it counts the session until [`Board::unbind`].
     pub(crate) fn bind(&mut self, strict: bool) -> Option<WorkerId> {
-        let seat = self.seats.iter_mut().filter(|s| s.open).min_by_key(|s| (s.sessions, s.busy, s.served))?;
+        let seat = self
+            .seats
+            .iter_mut()
+            .filter(|s| s.open)
+            .min_by_key(|s| (s.retiring || s.told_due, s.sessions, s.busy, s.served))?;
         if strict {
             seat.sessions += 1;
         }
@@ -510,6 +517,18 @@ impl<T: Clone> Board<T> {
             self.drop_waiters_for(id);
             self.after_release(id, fx);
         }
+    }
+
+    /// Worker `id` is about to be replaced: new sessions go elsewhere if they can.
+    pub(crate) fn mark_retiring(&mut self, id: WorkerId) {
+        if let Some(seat) = self.seat_mut(id) {
+            seat.retiring = true;
+        }
+    }
+
+    /// Whether worker `id` still suits a session that has not run a call yet.
+    pub(crate) fn suits_new_session(&self, id: WorkerId) -> bool {
+        self.seat(id).is_some_and(|s| s.open && !s.retiring && !s.told_due)
     }
 
     /// Whether worker `id` takes calls routed to it.
@@ -576,6 +595,7 @@ impl<T: Clone> Board<T> {
             sessions: 0,
             session_only: false,
             loss: None,
+            retiring: false,
         });
         self.serve_waiters(fx);
     }

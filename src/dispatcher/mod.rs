@@ -40,6 +40,9 @@ use crate::worker::{Conn, KillReason, SpawnSpec, Worker, WorkerEvent, WorkerId};
 pub(crate) use board::{Admit, Board, Effects, Gate, Lease, Notice, Return, Route};
 pub(crate) use shutdown::ShutdownReport;
 
+/// How often frames posted to a busy worker are retried.
+const FLUSH_RETRY: Duration = Duration::from_millis(10);
+
 /// What callers, the pool and the housekeeper send the dispatcher.
 pub(crate) enum Request {
     /// Something the call side saw that the dispatcher must act on.
@@ -57,6 +60,8 @@ pub(crate) enum Request {
     },
     /// A session with an idle time-out exists: end the idle ones on a timer.
     WatchSessions,
+    /// Frames posted to these workers (sessions' ends) wait for room in their pipes: retry.
+    FlushPosted(Vec<WorkerId>),
 }
 
 /// What the housekeeper orders.
@@ -178,6 +183,8 @@ enum Timer {
     Sessions,
     /// A retired worker's strict sessions had `session_drain` to end: close it now.
     SessionDrain(WorkerId),
+    /// Retry writing the frames posted to a worker.
+    FlushPosted(WorkerId),
 }
 
 /// Why a worker was started.
@@ -418,6 +425,7 @@ impl Dispatcher {
                     .map(|(&id, s)| WorkerFacts {
                         id,
                         pid: s.pid(),
+                        root: if s.worker.conn.has_keeper() { s.worker.conn.pid } else { s.pid() },
                         spawned: s.spawned,
                         assigned: board.seat(id).map_or(0, board::Seat::assigned),
                         limits: s.limits,
@@ -436,6 +444,11 @@ impl Dispatcher {
                     let _ = reply.send(Err(crate::Error::UnknownWorker { worker }));
                 }
             },
+            Request::FlushPosted(workers) => {
+                for id in workers {
+                    self.schedule(now + FLUSH_RETRY, Timer::FlushPosted(id));
+                }
+            }
             Request::WatchSessions => {
                 if let Some(at) = crate::session::expire(&self.shared, now) {
                     self.schedule(at, Timer::Sessions);
@@ -492,6 +505,12 @@ impl Dispatcher {
                     }
                 }
                 Timer::SessionDrain(id) => self.session_drain_over(id, now),
+                Timer::FlushPosted(id) => {
+                    let done = self.slots.get(&id).map_or(true, |s| s.worker.conn.flush_posted());
+                    if !done {
+                        self.schedule(now + FLUSH_RETRY, Timer::FlushPosted(id));
+                    }
+                }
             }
         }
     }

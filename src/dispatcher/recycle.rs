@@ -116,6 +116,7 @@ impl Dispatcher {
                     "[{}] recycling worker {id} ({reason}): replacement {replacement} starting",
                     self.cfg.name
                 );
+                self.shared.board.lock().mark_retiring(id);
                 let s = self.slots.get_mut(&id).expect("checked");
                 s.pending = None;
                 s.recycle = Some(Recycle { reason, replacement, rss, waiters: waiter.into_iter().collect() });

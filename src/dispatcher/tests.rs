@@ -20,6 +20,8 @@ use crate::worker::KillReason;
 #[derive(Clone, Default)]
 struct FakeLaunch {
     threaded: bool,
+    /// The fake workers stand for ones run under a keeper (kills go through it).
+    keeper: bool,
     exits: Arc<Mutex<HashMap<WorkerId, OwnedFd>>>,
     launched: Arc<Mutex<Vec<WorkerId>>>,
 }
@@ -31,7 +33,7 @@ impl Launch for FakeLaunch {
         _events: Sender<WorkerEvent>,
         _shared: &Arc<Shared>,
     ) -> Result<Worker> {
-        let (worker, exit) = Worker::fake(id, self.threaded);
+        let (worker, exit) = Worker::fake(id, self.threaded, self.keeper);
         self.exits.lock().insert(id, exit);
         self.launched.lock().push(id);
         Ok(worker)
@@ -51,6 +53,10 @@ struct Harness {
 }
 
 fn harness(builder: PoolBuilder) -> Harness {
+    harness_with(builder, false)
+}
+
+fn harness_with(builder: PoolBuilder, keeper: bool) -> Harness {
     let cfg = Arc::new(builder.config);
     let (requests, requests_rx) = unbounded();
     let shared = Arc::new(Shared {
@@ -60,7 +66,7 @@ fn harness(builder: PoolBuilder) -> Harness {
         emitter: Emitter::default(),
         sessions: Default::default(),
     });
-    let launch = FakeLaunch { threaded: cfg.capacity() > 1, ..FakeLaunch::default() };
+    let launch = FakeLaunch { threaded: cfg.capacity() > 1, keeper, ..FakeLaunch::default() };
     let (started_tx, started) = bounded(1);
     let t0 = Instant::now();
     let mut d = Dispatcher::new(cfg, shared, Box::new(launch.clone()), requests_rx, started_tx, t0);
@@ -331,4 +337,74 @@ fn a_worker_killed_for_a_time_out_is_not_a_crash_and_is_replaced_at_once() {
     assert_eq!(h.launched(), [0, 1], "its replacement starts with no backoff");
     h.exit(0, 30);
     assert_eq!(h.d.counts.crashes, 0);
+}
+
+#[test]
+fn a_kill_through_the_keeper_is_forced_on_the_group_if_the_keeper_does_not_end() {
+    let mut h = harness_with(pool(1).stop_timeout(Duration::from_millis(500)), true);
+    h.ready(0, 10);
+    h.d.kill(0, KillReason::MemoryLimit, h.at(20));
+    assert_eq!(h.life(0), Some(Life::Stopping(Stop::Killed)));
+    h.d.fire_timers(h.at(519));
+    assert_eq!(h.life(0), Some(Life::Stopping(Stop::Killed)), "the keeper has stop_timeout");
+    h.d.fire_timers(h.at(520));
+    assert_eq!(h.life(0), Some(Life::Stopping(Stop::Forced)), "then the whole group gets SIGKILL");
+    // Without a keeper, SIGKILL went to the group at once: nothing to escalate.
+    let mut h = harness(pool(1).stop_timeout(Duration::from_millis(500)));
+    h.ready(0, 10);
+    h.d.kill(0, KillReason::MemoryLimit, h.at(20));
+    h.d.fire_timers(h.at(600));
+    assert_eq!(h.life(0), Some(Life::Stopping(Stop::Killed)));
+}
+
+#[test]
+fn a_recycled_worker_serves_its_strict_sessions_until_the_drain_time_then_stops() {
+    let mut h = harness(pool(2).max_requests(4).jitter(0.0).session_drain(Duration::from_millis(300)));
+    h.ready(0, 10);
+    h.ready(1, 10);
+    // A strict session bound to worker 0, which then spends its budget.
+    assert_eq!(h.d.shared.board.lock().bind(true), Some(0));
+    for i in 0..4 {
+        let mut fx = Effects::default();
+        let far = h.at(3_600_000);
+        let admitted = h.d.shared.board.lock().admit("echo", None, far, Route::Only(0), &mut fx);
+        for n in fx.notices {
+            h.d.on_notice(n, h.at(20 + i));
+        }
+        let Ok(Admit::Run(lease)) = admitted else { panic!("within the budget") };
+        h.give_back(lease, Return::Done, 20 + i);
+    }
+    assert_eq!(h.launched(), [0, 1, 2], "its replacement started");
+    h.ready(2, 40);
+    assert_eq!(h.life(0), Some(Life::Draining));
+    {
+        let board = h.d.shared.board.lock();
+        assert!(board.takes_routed(0) && !board.takes_any(0), "its session's calls only");
+    }
+    h.d.fire_timers(h.at(339));
+    assert!(h.d.shared.board.lock().takes_routed(0), "for session_drain");
+    h.d.fire_timers(h.at(340));
+    assert!(!h.d.shared.board.lock().takes_routed(0), "then no more");
+    assert_eq!(
+        h.d.shared.board.lock().loss_of(0),
+        Some(crate::session::Loss::Recycled(RecycleReason::MaxRequests))
+    );
+    assert_eq!(h.life(0), Some(Life::Stopping(Stop::Asked)), "and it stops");
+}
+
+#[test]
+fn a_recycled_worker_whose_last_strict_session_ends_stops_before_the_drain_time() {
+    let mut h = harness(pool(1).session_drain(Duration::from_secs(30)));
+    h.ready(0, 10);
+    assert_eq!(h.d.shared.board.lock().bind(true), Some(0));
+    let (tx, _rx) = bounded(1);
+    h.d.recycle(0, RecycleReason::Manual, None, Some(tx), h.at(20));
+    h.ready(1, 30);
+    assert_eq!(h.life(0), Some(Life::Draining));
+    let mut fx = Effects::default();
+    h.d.shared.board.lock().unbind(0, &mut fx);
+    for n in fx.notices {
+        h.d.on_notice(n, h.at(40));
+    }
+    assert_eq!(h.life(0), Some(Life::Stopping(Stop::Asked)), "stopped at once, not after 30 s");
 }
