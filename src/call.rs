@@ -16,6 +16,7 @@ use crate::dispatcher::{Admit, Effects, Lease, Return, Route, Shared};
 use crate::error::{Error, Result, TimeoutKind};
 use crate::events::Event;
 use crate::mailbox::Missed;
+use crate::pending::Ticket;
 use crate::pool::CallOptions;
 use crate::protocol;
 use crate::session::{self, CallSession, Loss};
@@ -97,7 +98,23 @@ impl Calls {
     ) -> Result<Value> {
         let p = self.prepare(command, &args, &options, None)?;
         let route = worker.map_or(Route::Any, Route::Only);
-        self.run(command, &p, route).map_err(|refused| match refused {
+        self.run_tracked(command, &p, route, &mut None, None).map_err(|refused| match refused {
+            Refused::Gone(worker, _) | Refused::Busy(worker) => Error::UnknownWorker { worker },
+            Refused::Other(e) => e.in_call(command, p.timeout, p.queue_timeout),
+        })
+    }
+
+    /// A submitted call, run by a runner thread: `ticket` lets its handle cancel it while it
+    /// waits in the queue.
+    pub(crate) fn call_pending(
+        &self,
+        command: &str,
+        args: Value,
+        options: CallOptions,
+        ticket: &Ticket,
+    ) -> Result<Value> {
+        let p = self.prepare(command, &args, &options, None)?;
+        self.run_tracked(command, &p, Route::Any, &mut None, Some(ticket)).map_err(|refused| match refused {
             Refused::Gone(worker, _) | Refused::Busy(worker) => Error::UnknownWorker { worker },
             Refused::Other(e) => e.in_call(command, p.timeout, p.queue_timeout),
         })
@@ -122,7 +139,7 @@ impl Calls {
             }
         };
         let mut ran_on = None;
-        let result = self.run_tracked(command, &p, route, &mut ran_on);
+        let result = self.run_tracked(command, &p, route, &mut ran_on, None);
         session::end_call(&self.shared, s, ran_on);
         result.map_err(|refused| match refused {
             Refused::Gone(worker, reason) => {
@@ -185,10 +202,6 @@ impl Calls {
         })
     }
 
-    fn run(&self, command: &str, p: &Prepared, route: Route) -> Result<Value, Refused> {
-        self.run_tracked(command, p, route, &mut None)
-    }
-
     /// Runs an admitted call to its one outcome; `ran_on`: the worker that ran it.
     fn run_tracked(
         &self,
@@ -196,11 +209,12 @@ impl Calls {
         p: &Prepared,
         route: Route,
         ran_on: &mut Option<WorkerId>,
+        ticket: Option<&Ticket>,
     ) -> Result<Value, Refused> {
         // A worker found dead (or untrustworthy) at checkout never saw the call: try another,
         // until the call's queue deadline (each such worker is closed, so none is tried twice).
         loop {
-            let lease = self.lease(command, p, route)?;
+            let lease = self.lease(command, p, route, ticket)?;
             let started = Instant::now();
             if !lease.sent && started >= p.queue_deadline {
                 // Its time ran out before a worker took it: a queue time-out, which costs no
@@ -244,7 +258,13 @@ impl Calls {
     /// it, else in order, until the call's queue deadline. Refusals and queue time-outs are
     /// counted here. A waiting call leaves its frame, so that the caller who frees a process
     /// worker can write it on its behalf (the lease then comes `sent`).
-    fn lease(&self, command: &str, p: &Prepared, route: Route) -> Result<Lease<Arc<Conn>>, Refused> {
+    fn lease(
+        &self,
+        command: &str,
+        p: &Prepared,
+        route: Route,
+        ticket: Option<&Ticket>,
+    ) -> Result<Lease<Arc<Conn>>, Refused> {
         let prewrite = (self.config.profile == Profile::Process && p.frame.len() <= PREWRITE_MAX)
             .then(|| p.frame.clone());
         let mut fx = Effects::default();
@@ -262,8 +282,20 @@ impl Calls {
             }
             Admit::Busy => return Err(Refused::Busy(routed_to(route))),
         };
+        if let Some(t) = ticket {
+            if !t.queued(place) {
+                // Cancelled as it was queued.
+                self.shared.board.lock().withdraw_cancelled(place);
+                return Err(Error::Cancelled.into());
+            }
+        }
         let handed = match rx.recv_deadline(p.queue_deadline) {
-            Ok(lease) => return Ok(lease),
+            Ok(lease) => {
+                if let Some(t) = ticket {
+                    t.leased();
+                }
+                return Ok(lease);
+            }
             Err(Missed::Timeout) => {
                 if self.shared.board.lock().withdraw(place) {
                     return Err(Error::timeout(TimeoutKind::Queue).into());
@@ -274,7 +306,13 @@ impl Calls {
             Err(Missed::Closed) => None,
         };
         match handed {
-            Some(lease) => Ok(lease),
+            Some(lease) => {
+                if let Some(t) = ticket {
+                    t.leased();
+                }
+                Ok(lease)
+            }
+            None if ticket.is_some_and(Ticket::cancelled) => Err(Error::Cancelled.into()),
             None => {
                 let mut board = self.shared.board.lock();
                 if let Route::Only(w) = route {

@@ -144,6 +144,9 @@ pub enum Error {
         /// Why it ended.
         reason: crate::session::SessionEnd,
     },
+    /// The call was cancelled ([`PendingCall::cancel`](crate::PendingCall::cancel)) before it
+    /// reached a worker; it never ran.
+    Cancelled,
     /// The pool already has `max_sessions` sessions open.
     TooManySessions {
         /// The pool's `max_sessions`.
@@ -344,6 +347,7 @@ impl fmt::Display for Error {
             Error::TooManySessions { max_sessions } => {
                 write!(f, "too many sessions: the pool's max_sessions ({max_sessions}) are open")
             }
+            Error::Cancelled => f.write_str("cancelled before it reached a worker"),
             Error::Io(e) => write!(f, "i/o: {e}"),
             Error::Json(e) => write!(f, "json: {e}"),
         }
@@ -453,6 +457,7 @@ impl Error {
                 Error::SessionClosed { session: *session, reason: *reason }
             }
             Error::TooManySessions { max_sessions } => Error::TooManySessions { max_sessions: *max_sessions },
+            Error::Cancelled => Error::Cancelled,
             Error::ConfigFile { problems } => Error::ConfigFile { problems: problems.clone() },
             Error::UnknownPool { name, known } => {
                 Error::UnknownPool { name: name.clone(), known: known.clone() }

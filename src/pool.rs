@@ -17,6 +17,7 @@ use crate::config::{PoolBuilder, PoolConfig, Profile};
 use crate::dispatcher::{Board, Dispatcher, Request, Shared, Spawner};
 use crate::error::{Error, Result, TimeoutKind};
 use crate::events::Emitter;
+use crate::pending::{MapResults, PendingCall, Runners};
 use crate::session::{Session, SessionInfo, SessionOptions, Sessions};
 use crate::stats::PoolStats;
 use crate::worker::{thread_name, SpawnSpec};
@@ -55,6 +56,8 @@ pub struct Pool {
     config: Arc<PoolConfig>,
     shared: Arc<Shared>,
     calls: Arc<Calls>,
+    /// The threads that run submitted calls.
+    runners: Runners,
     /// Held for the whole of a shutdown, so a second `shutdown()` returns only when the pool is
     /// down.
     threads: Mutex<Threads>,
@@ -105,7 +108,9 @@ impl PoolBuilder {
                 .map_err(spawn_err("dispatcher thread"))?,
         );
         let calls = Arc::new(Calls::new(config.clone(), shared.clone()));
-        let pool = Pool { config, shared, calls, threads: Mutex::new(threads) };
+        // Enough runners for every worker slot and a full queue behind them, within reason.
+        let runners = Runners::new((config.size * config.capacity() * 4).clamp(64, 1024));
+        let pool = Pool { config, shared, calls, runners, threads: Mutex::new(threads) };
         match started_rx.recv_timeout(pool.config.startup_timeout + DISPATCHER_SLACK) {
             Ok(Ok(())) => {}
             // The dispatcher has killed the workers; dropping the pool joins its threads.
@@ -276,6 +281,29 @@ impl Pool {
         Ok(results)
     }
 
+    /// Starts `command` in the background and returns a handle on it at once (see
+    /// [`PendingCall`]): wait on it, poll it, select over many, or cancel it while it is queued.
+    pub fn submit(&self, command: &str, args: Value) -> Result<PendingCall> {
+        self.submit_with(command, args, CallOptions::default())
+    }
+
+    /// [`submit`](Pool::submit) with per-call options (its deadline runs from now).
+    pub fn submit_with(&self, command: &str, args: Value, options: CallOptions) -> Result<PendingCall> {
+        self.runners.submit(&self.calls, command, args, options)
+    }
+
+    /// Runs `command` once per item of `args`, keeping up to `in_flight` calls running at
+    /// once, and yields the outcomes in the order of `args`. Dropping the iterator cancels the
+    /// calls not started yet.
+    pub fn map<I: IntoIterator<Item = Value>>(
+        &self,
+        command: &str,
+        args: I,
+        in_flight: usize,
+    ) -> MapResults<'_, I::IntoIter> {
+        MapResults::new(self, command, args.into_iter(), in_flight)
+    }
+
     /// Opens a strict session: its calls all run on one worker, where a command declared
     /// `@snakepit.command(session=True)` finds the session's state. See [`Session`].
     pub fn session(&self) -> Result<Session> {
@@ -393,6 +421,8 @@ impl Pool {
             }
         }
         let _ = dispatcher.join();
+        // Submitted calls still running have their answers by now (ShuttingDown at worst).
+        self.runners.stop();
         if let Some(events) = threads.events.take() {
             // The event thread delivers what is queued, then ends; a callback stuck for good
             // is left behind rather than hanging the shutdown.

@@ -1,0 +1,107 @@
+//! Calls in the background: handles, waiting on many at once across pools, cancelling a
+//! queued call, detaching, and `map`.
+
+mod common;
+
+use std::time::Duration;
+
+use crossbeam_channel::select;
+use serde_json::{json, Value};
+use snakepit::{CallOptions, Error};
+
+/// The runner threads of the pool named `pool` in this process (named `sp-run-<pool>`).
+fn runner_threads(pool: &str) -> usize {
+    let name = format!("sp-run-{pool}\n");
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c == name))
+        .count()
+}
+
+#[test]
+fn submitted_calls_all_come_back_with_their_own_results_and_the_runners_are_joined() {
+    let pool = common::builder(2).name("joined").build().unwrap();
+    let pids = common::worker_pids(&pool);
+    let pending: Vec<_> = (0..50).map(|i| pool.submit("add", json!([i, 1])).unwrap()).collect();
+    for (i, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.wait().unwrap(), json!(i + 1));
+    }
+    assert!(runner_threads("joined") > 0);
+    pool.shutdown().unwrap();
+    assert_eq!(runner_threads("joined"), 0, "shutdown joined the runner threads");
+    common::assert_gone(&pids, Duration::from_secs(5));
+}
+
+#[test]
+fn one_thread_waits_on_calls_of_two_pools_at_once() {
+    let a = common::builder(1).name("a").build().unwrap();
+    let b = common::builder(1).name("b").build().unwrap();
+    let slow = a.submit("sleep", json!({"seconds": 1.0})).unwrap();
+    let fast = b.submit("sleep", json!({"seconds": 0.05})).unwrap();
+    let first = select! {
+        recv(slow.receiver()) -> r => ("a", r.unwrap()),
+        recv(fast.receiver()) -> r => ("b", r.unwrap()),
+    };
+    assert_eq!((first.0, first.1.unwrap()), ("b", json!(0.05)));
+    assert!(slow.try_result().is_none(), "still running");
+    assert_eq!(slow.wait_timeout(Duration::from_secs(10)).unwrap().unwrap(), json!(1.0));
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
+
+#[test]
+fn a_queued_call_is_cancelled_at_once_and_never_runs() {
+    let pool = common::builder(1).build().unwrap();
+    let running = pool.submit("sleep", json!({"seconds": 1.0})).unwrap();
+    assert!(common::wait_until(Duration::from_secs(5), || pool.stats().unwrap().workers[0].in_flight == 1));
+    let queued = pool.submit("record", json!({"value": "never"})).unwrap();
+    assert!(common::wait_until(Duration::from_secs(5), || pool.stats().unwrap().queued == 1));
+    let failed = pool.stats().unwrap().calls_failed;
+    assert!(queued.cancel(), "it was still queued");
+    assert!(matches!(queued.wait_timeout(Duration::from_secs(5)), Some(Err(Error::Cancelled))));
+    assert!(running.try_result().is_none(), "answered at once, before the running call ended");
+    assert_eq!(pool.stats().unwrap().queued, 0);
+    assert!(!running.cancel(), "a running call is not cancelled");
+    assert_eq!(running.wait().unwrap(), json!(1.0));
+    assert_eq!(pool.call("recorded", json!({})).unwrap(), json!([]), "the cancelled call never ran");
+    assert_eq!(pool.stats().unwrap().calls_failed, failed + 1, "counted once, as failed");
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn a_dropped_handle_detaches_its_call_which_still_runs() {
+    let pool = common::builder(1).build().unwrap();
+    drop(pool.submit("record", json!({"value": "detached"})).unwrap());
+    assert!(common::wait_until(Duration::from_secs(5), || {
+        pool.call("recorded", json!({})).unwrap() == json!(["detached"])
+    }));
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn map_keeps_calls_in_flight_and_yields_in_order() {
+    let pool = common::builder(2).build().unwrap();
+    let args = (0..40).map(|i| json!({"value": i, "delay": if i % 3 == 0 { 0.02 } else { 0.0 }}));
+    let results: Vec<Value> = pool.map("tag", args, 4).map(Result::unwrap).collect();
+    assert_eq!(results.len(), 40);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["value"], json!(i), "in the order of the arguments: {r}");
+    }
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn dropping_a_map_early_cancels_the_calls_not_started() {
+    let pool = common::builder(1).build().unwrap();
+    {
+        let mut results = pool.map("record", (0..20).map(|i| json!({"value": i})), 8);
+        assert_eq!(results.next().unwrap().unwrap(), json!(1));
+    }
+    // The one worker took a few more in order; the rest never ran.
+    let ran = pool.call("recorded", json!({})).unwrap();
+    assert!(ran.as_array().unwrap().len() < 20, "{ran}");
+    let again = pool.call_with("recorded", json!({}), CallOptions::new()).unwrap();
+    assert_eq!(again, ran, "nothing else ran after the drop");
+    pool.shutdown().unwrap();
+}
