@@ -111,9 +111,15 @@ impl Calls {
         command: &str,
         args: Value,
         options: CallOptions,
+        since: Instant,
         ticket: &Ticket,
     ) -> Result<Value> {
-        let p = self.prepare(command, &args, &options, None)?;
+        let mut p = self.prepare(command, &args, &options, None)?;
+        // Its deadline runs from its submission, not from when a runner took it.
+        let waited = p.enqueued.saturating_duration_since(since);
+        p.enqueued = since;
+        p.deadline = p.deadline.checked_sub(waited).unwrap_or(since);
+        p.queue_deadline = p.queue_deadline.checked_sub(waited).unwrap_or(since);
         self.run_tracked(command, &p, Route::Any, &mut None, Some(ticket)).map_err(|refused| match refused {
             Refused::Gone(worker, _) | Refused::Busy(worker) => Error::UnknownWorker { worker },
             Refused::Other(e) => e.in_call(command, p.timeout, p.queue_timeout),
@@ -271,7 +277,16 @@ impl Calls {
         let admitted = self.shared.board.lock().admit(command, prewrite, p.queue_deadline, route, &mut fx);
         self.shared.apply(fx);
         let (rx, place) = match admitted? {
-            Admit::Run(lease) => return Ok(lease),
+            Admit::Run(lease) => {
+                if ticket.is_some_and(|t| !t.leased()) {
+                    // Cancelled just before: the lease goes back unused (the cancel counted it).
+                    let mut fx = Effects::default();
+                    self.shared.board.lock().give_back(lease, Return::Done, None, &mut fx);
+                    self.shared.apply(fx);
+                    return Err(Error::Cancelled.into());
+                }
+                return Ok(lease);
+            }
             Admit::Wait(rx, place) => (rx, place),
             Admit::Gone(loss) => {
                 let w = routed_to(route);
@@ -284,8 +299,8 @@ impl Calls {
         };
         if let Some(t) = ticket {
             if !t.queued(place) {
-                // Cancelled as it was queued.
-                self.shared.board.lock().withdraw_cancelled(place);
+                // Cancelled as it was queued (the cancel counted it).
+                self.shared.board.lock().withdraw_cancelled(place, false);
                 return Err(Error::Cancelled.into());
             }
         }

@@ -8,10 +8,9 @@
 //! once and answered `Cancelled`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use parking_lot::Mutex;
@@ -27,6 +26,8 @@ use crate::worker::thread_name;
 enum Stage {
     /// Not taken by a runner yet.
     Submitted,
+    /// Taken by a runner, not yet in the queue or on a worker.
+    Taken,
     /// Waiting in the pool's queue, at this place.
     Queued(u64),
     /// On a worker (or on its way to one): it runs to its outcome.
@@ -48,7 +49,7 @@ impl Ticket {
         if st.0 != Stage::Submitted {
             return false;
         }
-        st.0 = Stage::Running;
+        st.0 = Stage::Taken;
         true
     }
 
@@ -63,12 +64,15 @@ impl Ticket {
         true
     }
 
-    /// The call left the queue with a lease: it runs to its outcome from here.
-    pub(crate) fn leased(&self) {
+    /// The call has a lease: it runs to its outcome from here. False if it was cancelled just
+    /// before (the lease then goes back unused).
+    pub(crate) fn leased(&self) -> bool {
         let mut st = self.state.lock();
-        if matches!(st.0, Stage::Queued(_)) {
-            st.0 = Stage::Running;
+        if st.0 == Stage::Done {
+            return false;
         }
+        st.0 = Stage::Running;
+        true
     }
 
     /// Whether the call was cancelled (what a runner that found its queue place gone asks).
@@ -90,7 +94,16 @@ impl Ticket {
     }
 }
 
-type Job = (String, Value, CallOptions, Arc<Ticket>);
+/// A submitted call: its command, arguments, options, when it was submitted, and its ticket.
+type Job = (String, Value, CallOptions, Instant, Arc<Ticket>);
+
+/// Submitted calls not taken by a runner yet, and runners waiting for one: a runner is started
+/// whenever the first outnumber the second, so that submitted calls run at once, side by side.
+#[derive(Default)]
+struct Load {
+    waiting_jobs: usize,
+    idle_runners: usize,
+}
 
 /// The runner threads of a pool, started as submitted calls need them, up to a limit; calls
 /// beyond it wait for a free runner. Joined at shutdown.
@@ -98,7 +111,7 @@ pub(crate) struct Runners {
     jobs: Mutex<Option<Sender<Job>>>,
     queue: Receiver<Job>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    idle: Arc<AtomicUsize>,
+    load: Arc<Mutex<Load>>,
     max: usize,
 }
 
@@ -109,12 +122,13 @@ impl Runners {
             jobs: Mutex::new(Some(jobs)),
             queue,
             threads: Mutex::new(Vec::new()),
-            idle: Arc::new(AtomicUsize::new(0)),
+            load: Arc::default(),
             max: max.max(1),
         }
     }
 
-    /// Submits a call; its outcome comes through the returned handle.
+    /// Submits a call; its outcome comes through the returned handle. Its deadline runs from
+    /// now.
     pub(crate) fn submit(
         &self,
         calls: &Arc<Calls>,
@@ -124,31 +138,36 @@ impl Runners {
     ) -> Result<PendingCall> {
         let (tx, rx) = bounded(1);
         let ticket = Arc::new(Ticket { state: Mutex::new((Stage::Submitted, Some(tx))) });
+        let job = (command.to_string(), args, options, Instant::now(), ticket.clone());
+        let mut threads = self.threads.lock();
         {
             let jobs = self.jobs.lock();
             let Some(jobs) = jobs.as_ref() else { return Err(Error::ShuttingDown) };
-            if jobs.send((command.to_string(), args, options, ticket.clone())).is_err() {
+            let mut load = self.load.lock();
+            if jobs.send(job).is_err() {
                 return Err(Error::ShuttingDown);
             }
+            load.waiting_jobs += 1;
+            if load.waiting_jobs <= load.idle_runners || threads.len() >= self.max {
+                return Ok(PendingCall { rx, ticket, calls: calls.clone() });
+            }
+            load.idle_runners += 1; // the runner about to start
         }
-        self.grow(calls)?;
-        Ok(PendingCall { rx, ticket, calls: calls.clone() })
-    }
-
-    /// Starts a runner if none is idle and the limit allows.
-    fn grow(&self, calls: &Arc<Calls>) -> Result<()> {
-        let mut threads = self.threads.lock();
-        if self.idle.load(Ordering::Acquire) > 0 || threads.len() >= self.max {
-            return Ok(());
-        }
-        let (queue, idle, calls) = (self.queue.clone(), self.idle.clone(), calls.clone());
-        self.idle.fetch_add(1, Ordering::AcqRel);
-        let handle = std::thread::Builder::new()
+        let (queue, load, runner_calls) = (self.queue.clone(), self.load.clone(), calls.clone());
+        let spawned = std::thread::Builder::new()
             .name(thread_name("run", &calls.config().name))
-            .spawn(move || run(&calls, &queue, &idle))
-            .map_err(|source| Error::Spawn { program: "runner thread".into(), source })?;
-        threads.push(handle);
-        Ok(())
+            .spawn(move || run(&runner_calls, &queue, &load));
+        match spawned {
+            Ok(handle) => threads.push(handle),
+            Err(e) => {
+                // The call waits for a runner that is free; with none at all, it has no one.
+                self.load.lock().idle_runners -= 1;
+                if threads.is_empty() {
+                    ticket.finish(Err(Error::Spawn { program: "runner thread".into(), source: e }));
+                }
+            }
+        }
+        Ok(PendingCall { rx, ticket, calls: calls.clone() })
     }
 
     /// No more calls are taken; the runners finish the ones they have (which end fast once the
@@ -161,14 +180,24 @@ impl Runners {
     }
 }
 
-fn run(calls: &Calls, queue: &Receiver<Job>, idle: &AtomicUsize) {
-    for (command, args, options, ticket) in queue.iter() {
-        idle.fetch_sub(1, Ordering::AcqRel);
+fn run(calls: &Calls, queue: &Receiver<Job>, load: &Mutex<Load>) {
+    for (command, args, options, since, ticket) in queue.iter() {
+        {
+            let mut load = load.lock();
+            load.waiting_jobs -= 1;
+            load.idle_runners -= 1;
+        }
         if ticket.start() {
-            let result = calls.call_pending(&command, args, options, &ticket);
+            // Whatever happens (a panicking logger, say), the call gets its one outcome.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                calls.call_pending(&command, args, options, since, &ticket)
+            }));
+            let result = result.unwrap_or_else(|_| {
+                Err(Error::Io(std::io::Error::new(std::io::ErrorKind::Other, "the runner thread panicked")))
+            });
             ticket.finish(result);
         }
-        idle.fetch_add(1, Ordering::AcqRel);
+        load.lock().idle_runners += 1;
     }
 }
 
@@ -217,10 +246,12 @@ impl PendingCall {
     pub fn cancel(&self) -> bool {
         let mut st = self.ticket.state.lock();
         match st.0 {
-            // Not on the board yet: counted as failed here, as a queued call is by the board.
-            Stage::Submitted => self.calls.shared().board.lock().record(&Err(Error::Cancelled)),
+            // Not on the board (yet): counted as failed here, as a queued call is by the board.
+            Stage::Submitted | Stage::Taken => {
+                self.calls.shared().board.lock().record(&Err(Error::Cancelled))
+            }
             Stage::Queued(place) => {
-                if !self.calls.shared().board.lock().withdraw_cancelled(place) {
+                if !self.calls.shared().board.lock().withdraw_cancelled(place, true) {
                     return false; // a worker was handed to it just now
                 }
             }
@@ -234,13 +265,15 @@ impl PendingCall {
     }
 }
 
-/// The outcomes of a `map`, in the order of its arguments ([`Pool::map`](crate::Pool::map)).
+/// The outcomes of a `map`, one per argument, in the order of the arguments
+/// ([`Pool::map`](crate::Pool::map)).
 pub struct MapResults<'p, I: Iterator<Item = Value>> {
     pool: &'p crate::Pool,
     command: String,
     args: I,
     in_flight: usize,
-    pending: VecDeque<PendingCall>,
+    /// Submitted calls, or the error of a submit that failed, in argument order.
+    pending: VecDeque<Result<PendingCall>>,
 }
 
 impl<'p, I: Iterator<Item = Value>> MapResults<'p, I> {
@@ -254,15 +287,11 @@ impl<'p, I: Iterator<Item = Value>> MapResults<'p, I> {
         }
     }
 
-    fn fill(&mut self) -> Option<Error> {
+    fn fill(&mut self) {
         while self.pending.len() < self.in_flight {
             let Some(args) = self.args.next() else { break };
-            match self.pool.submit_with(&self.command, args, CallOptions::default()) {
-                Ok(p) => self.pending.push_back(p),
-                Err(e) => return Some(e),
-            }
+            self.pending.push_back(self.pool.submit_with(&self.command, args, CallOptions::default()));
         }
-        None
     }
 }
 
@@ -270,20 +299,17 @@ impl<I: Iterator<Item = Value>> Iterator for MapResults<'_, I> {
     type Item = Result<Value>;
 
     fn next(&mut self) -> Option<Result<Value>> {
-        if let Some(e) = self.fill() {
-            return Some(Err(e));
-        }
-        let first = self.pending.pop_front()?;
-        let result = first.wait();
         self.fill();
-        Some(result)
+        let first = self.pending.pop_front()?;
+        self.fill(); // keep `in_flight` running while this one is waited for
+        Some(first.and_then(PendingCall::wait))
     }
 }
 
 impl<I: Iterator<Item = Value>> Drop for MapResults<'_, I> {
     fn drop(&mut self) {
         // Calls not run yet are cancelled; the running ones are detached.
-        for p in &self.pending {
+        for p in self.pending.iter().flatten() {
             p.cancel();
         }
     }

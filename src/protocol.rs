@@ -40,6 +40,10 @@ pub struct WorkerInfo {
     /// The commands declared `cpu_bound=True`.
     #[serde(default)]
     pub cpu_bound: Vec<String>,
+    /// Whether it writes its Python stacks when the pool asks (for time-outs and the
+    /// slow-call log).
+    #[serde(default)]
+    pub stack_dumps: bool,
 }
 
 /// One message, either way. Later message types (stream chunks, cancel) are added as variants.
@@ -389,6 +393,7 @@ mod tests {
                     protocol_version: PROTOCOL_VERSION,
                     commands: vec!["echo".into(), "ping".into()],
                     cpu_bound: vec![],
+                    stack_dumps: false,
                 },
             },
         ]
@@ -438,6 +443,7 @@ mod tests {
                 protocol_version: PROTOCOL_VERSION,
                 commands: vec![],
                 cpu_bound: vec![],
+                stack_dumps: false,
             },
         };
         let mut wire = b"hello from sitecustomize\n".to_vec();

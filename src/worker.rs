@@ -61,6 +61,11 @@ const STACK_WAIT: Duration = Duration::from_millis(200);
 struct StackFile {
     file: Mutex<File>,
     path: Mutex<Option<PathBuf>>,
+    /// The worker said it handles [`STACK_SIGNAL`] (whose default action ends a process).
+    ready: AtomicBool,
+    /// The last stacks taken, and when they were complete: calls that time out together share
+    /// one dump.
+    last: Mutex<Option<(Instant, String)>>,
 }
 
 impl StackFile {
@@ -70,7 +75,12 @@ impl StackFile {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("snakepit-{}-{n}.stack", std::process::id()));
         let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
-        Ok(StackFile { file: Mutex::new(file), path: Mutex::new(Some(path)) })
+        Ok(StackFile {
+            file: Mutex::new(file),
+            path: Mutex::new(Some(path)),
+            ready: AtomicBool::new(false),
+            last: Mutex::new(None),
+        })
     }
 
     fn path(&self) -> Option<PathBuf> {
@@ -713,14 +723,16 @@ impl Conn {
     }
 
     /// Records the Python worker's pid from its `ready` frame, if it is the keeper's child
-    /// (checked in `/proc`, so a wrong pid is never signalled or measured). The stack file's
+    /// (checked in `/proc`, so a wrong pid is never signalled or measured), and whether it
+    /// writes its stacks on [`STACK_SIGNAL`] (only then is it ever sent one). The stack file's
     /// name is removed now: both sides have it open.
-    pub(crate) fn set_worker_pid(&self, pid: u32) {
+    pub(crate) fn set_worker_pid(&self, pid: u32, stack_dumps: bool) {
         if self.keeper && crate::proc::parent_of(pid) == Some(self.pid) {
             self.worker_pid.store(pid, Ordering::Release);
         }
         if let Some(s) = &self.stacks {
             s.unlink();
+            s.ready.store(stack_dumps, Ordering::Release);
         }
     }
 
@@ -730,13 +742,20 @@ impl Conn {
     /// call); a thread worker's handler writes the stack of every call thread. Waits a moment
     /// for the text, never past `deadline`. `None` without a stack file, or if nothing came.
     pub(crate) fn capture_stack(&self, deadline: Instant) -> Option<String> {
+        let asked = Instant::now();
         let stacks = self.stacks.as_ref()?;
         let pid = self.worker_pid.load(Ordering::Acquire);
-        if pid == 0 || self.has_exited() {
+        if pid == 0 || !stacks.ready.load(Ordering::Acquire) || self.has_exited() {
             return None;
         }
-        // Another call of the worker may be taking them (thread profile): not past `deadline`.
+        // Another call of the worker may be taking them (thread profile): not past `deadline`,
+        // and a dump that it finished after this call asked serves this call too.
         let mut file = stacks.file.try_lock_until(deadline)?;
+        if let Some((at, text)) = &*stacks.last.lock() {
+            if *at >= asked {
+                return Some(text.clone());
+            }
+        }
         let mut text = Vec::new();
         let _ = file.read_to_end(&mut text); // an earlier dump nobody waited for
         text.clear();
@@ -760,7 +779,11 @@ impl Conn {
             }
         }
         let text = String::from_utf8_lossy(&text).trim_end().to_string();
-        (!text.is_empty()).then_some(text)
+        if text.is_empty() {
+            return None;
+        }
+        *stacks.last.lock() = Some((Instant::now(), text.clone()));
+        Some(text)
     }
 
     /// The Python worker's pid: the one its commands see as `os.getpid()`, whose memory is

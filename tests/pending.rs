@@ -105,3 +105,42 @@ fn dropping_a_map_early_cancels_the_calls_not_started() {
     assert_eq!(again, ran, "nothing else ran after the drop");
     pool.shutdown().unwrap();
 }
+
+#[test]
+fn submitted_calls_run_side_by_side() {
+    let pool = common::builder(2).build().unwrap();
+    let a = pool.submit("sleep", json!({"seconds": 1.0})).unwrap();
+    let b = pool.submit("sleep", json!({"seconds": 1.0})).unwrap();
+    // Both workers busy at once: the two calls overlap.
+    let both = common::wait_until(Duration::from_secs(5), || {
+        pool.stats().unwrap().workers.iter().all(|w| w.in_flight == 1)
+    });
+    assert!(both, "the second call waited for the first");
+    a.wait().unwrap();
+    b.wait().unwrap();
+    // And a map keeps its calls in flight on both.
+    std::thread::scope(|s| {
+        let mapped = s.spawn(|| pool.map("sleep", (0..4).map(|_| json!({"seconds": 0.5})), 2).count());
+        let both = common::wait_until(Duration::from_secs(5), || {
+            pool.stats().unwrap().workers.iter().all(|w| w.in_flight == 1)
+        });
+        assert!(both, "map ran one call at a time");
+        assert_eq!(mapped.join().unwrap(), 4);
+    });
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn a_map_gives_one_outcome_per_argument_in_order_even_when_the_pool_stops() {
+    let pool = common::builder(1).build().unwrap();
+    let mut results = pool.map("sleep", (0..4).map(|_| json!({"seconds": 0.3})), 2);
+    let mut outcomes = vec![results.next().unwrap()];
+    pool.shutdown().unwrap();
+    outcomes.extend(results);
+    assert_eq!(outcomes.len(), 4, "{outcomes:?}");
+    assert_eq!(outcomes[0].as_ref().unwrap(), &json!(0.3));
+    // The call running at the shutdown may finish in its grace period; the rest are refused.
+    assert!(matches!(outcomes[3], Err(Error::ShuttingDown)), "{outcomes:?}");
+    let first_err = outcomes.iter().position(Result::is_err).unwrap();
+    assert!(outcomes[first_err..].iter().all(Result::is_err), "in order: {outcomes:?}");
+}

@@ -120,3 +120,39 @@ fn a_thread_worker_asked_for_its_stacks_many_times_at_once_keeps_serving() {
     pool.shutdown().unwrap();
     common::assert_gone(&[pid], Duration::from_secs(5));
 }
+
+#[test]
+fn an_adapter_that_resets_the_stack_signal_at_import_still_gives_stacks_and_lives() {
+    let pool = common::builder(1)
+        .adapter("sigusr2_adapter")
+        .slow_call_log(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let pid = common::worker_pids(&pool)[0];
+    // The slow-call log signals this call's worker; it must live and answer.
+    assert_eq!(pool.call("ponder", json!({"seconds": 0.3})).unwrap(), json!(0.3));
+    assert_eq!(common::worker_pids(&pool), vec![pid]);
+    let stack = timed_out_stack(&pool, "ponder", json!({"seconds": 30}), Duration::from_secs(1));
+    assert!(stack.contains("deep_in_thought"), "{stack}");
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn calls_of_a_thread_worker_that_time_out_together_share_one_dump() {
+    let pool = common::builder(1)
+        .profile(Profile::Thread)
+        .threads_per_worker(16)
+        .allow_unsafe_threads(true)
+        .build()
+        .unwrap();
+    let stacks: Vec<String> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..16)
+            .map(|_| {
+                s.spawn(|| timed_out_stack(&pool, "ponder", json!({"seconds": 3}), Duration::from_secs(1)))
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    assert!(stacks.iter().all(|s| s.contains("deep_in_thought")), "every time-out carries a stack");
+    pool.shutdown().unwrap();
+}

@@ -445,6 +445,7 @@ class Worker:
         info["protocol_version"] = PROTOCOL_VERSION
         info["commands"] = self.names
         info["cpu_bound"] = sorted(c for c in self.names if snakepit.is_cpu_bound(c))
+        info["stack_dumps"] = bool(_stack_files)  # the host asks for stacks only then
         return info
 
     def info(self):
@@ -515,8 +516,6 @@ def main(argv=None, *, exit_fast=True):
     if args.keeper and _keeper.split(parent_pid):
         parent_pid = os.getppid()  # the keeper's; from here on this process is the worker
     _setup_logging(args.pool, args.worker_id)
-    if args.stack_file:
-        _dump_stacks_on_signal(args.stack_file, threaded=bool(args.threads))
     if not _watch_parent(parent_pid):
         log.warning("parent process %s is already gone; exiting", parent_pid)
         return EXIT_ORPHANED
@@ -531,10 +530,17 @@ def main(argv=None, *, exit_fast=True):
         write(_startup_error_frame(failure, args.max_frame_size))
         return EXIT_STARTUP
     _logbridge.install()  # after the adapter's import: it may have configured logging
+    if args.stack_file:
+        # Last before ready: after the adapter's import, whose own use of the signal it replaces.
+        _dump_stacks_on_signal(args.stack_file, threaded=bool(args.threads))
     write(encode_frame({"type": "ready", "info": worker.ready_info()}, args.max_frame_size))
     log.info("ready, serving %d commands", len(worker.names))
 
-    worker.run_hooks_in_thread()
+    if args.threads:
+        # A slow hook must not hold up the reading loop (which answers pings). In the process
+        # profile hooks run between calls on the main thread, like a command: an adapter that
+        # is not thread-safe stays on one thread.
+        worker.run_hooks_in_thread()
     code = EXIT_OK
     try:
         if args.threads:

@@ -84,6 +84,7 @@ fn info() -> WorkerInfo {
         protocol_version: PROTOCOL_VERSION,
         commands: vec!["echo".into()],
         cpu_bound: vec![],
+        stack_dumps: false,
     }
 }
 
