@@ -397,9 +397,9 @@ pub(crate) fn begin_call(shared: &Shared, s: &CallSession<'_>) -> Result<crate::
     if let (Some(reason), Some(worker)) = (st.lost, st.worker) {
         return Err(crate::Error::SessionLost { session: core.id, worker, reason });
     }
-    if st.touched.is_empty() {
-        // No call has run yet, so no state can be lost: a session whose worker went (or is
-        // about to be replaced) before its first call is bound again, quietly.
+    if st.touched.is_empty() && st.in_flight == 0 {
+        // No call has run (or runs) yet, so no state can be lost: a session whose worker went
+        // (or is about to be replaced) before its first call is bound again, quietly.
         if let Some(w) = st.worker {
             let mut board = shared.board.lock();
             if !board.suits_new_session(w) {
