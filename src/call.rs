@@ -274,19 +274,14 @@ impl Calls {
         let prewrite = (self.config.profile == Profile::Process && p.frame.len() <= PREWRITE_MAX)
             .then(|| p.frame.clone());
         let mut fx = Effects::default();
-        let admitted = self.shared.board.lock().admit(command, prewrite, p.queue_deadline, route, &mut fx);
+        let admit = || self.shared.board.lock().admit(command, prewrite, p.queue_deadline, route, &mut fx);
+        let admitted = match ticket {
+            Some(t) => t.admit(admit),
+            None => admit(),
+        };
         self.shared.apply(fx);
         let (rx, place) = match admitted? {
-            Admit::Run(lease) => {
-                if ticket.is_some_and(|t| !t.leased()) {
-                    // Cancelled just before: the lease goes back unused (the cancel counted it).
-                    let mut fx = Effects::default();
-                    self.shared.board.lock().give_back(lease, Return::Done, None, &mut fx);
-                    self.shared.apply(fx);
-                    return Err(Error::Cancelled.into());
-                }
-                return Ok(lease);
-            }
+            Admit::Run(lease) => return Ok(lease),
             Admit::Wait(rx, place) => (rx, place),
             Admit::Gone(loss) => {
                 let w = routed_to(route);
@@ -297,13 +292,6 @@ impl Calls {
             }
             Admit::Busy => return Err(Refused::Busy(routed_to(route))),
         };
-        if let Some(t) = ticket {
-            if !t.queued(place) {
-                // Cancelled as it was queued (the cancel counted it).
-                self.shared.board.lock().withdraw_cancelled(place, false);
-                return Err(Error::Cancelled.into());
-            }
-        }
         let handed = match rx.recv_deadline(p.queue_deadline) {
             Ok(lease) => {
                 if let Some(t) = ticket {

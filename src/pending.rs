@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use crate::call::Calls;
+use crate::dispatcher::Admit;
 use crate::error::{Error, Result};
 use crate::pool::CallOptions;
 use crate::worker::thread_name;
@@ -53,26 +54,28 @@ impl Ticket {
         true
     }
 
-    /// The call waits in the queue at `place`; false if it was cancelled meanwhile (the
-    /// caller then withdraws it).
-    pub(crate) fn queued(&self, place: u64) -> bool {
+    /// Lets the call in with `admit` (the board's), unless it was cancelled first; records
+    /// where it went under the same lock that `cancel()` takes, so that a cancel sees either a
+    /// call not yet admitted or its place in the queue, never a call in between.
+    pub(crate) fn admit<T>(&self, admit: impl FnOnce() -> Result<Admit<T>>) -> Result<Admit<T>> {
         let mut st = self.state.lock();
         if st.0 == Stage::Done {
-            return false;
+            return Err(Error::Cancelled); // counted by the cancel
         }
-        st.0 = Stage::Queued(place);
-        true
+        let admitted = admit()?;
+        st.0 = match &admitted {
+            Admit::Wait(_, place) => Stage::Queued(*place),
+            _ => Stage::Running,
+        };
+        Ok(admitted)
     }
 
-    /// The call has a lease: it runs to its outcome from here. False if it was cancelled just
-    /// before (the lease then goes back unused).
-    pub(crate) fn leased(&self) -> bool {
+    /// The call left the queue with a lease: it runs to its outcome from here.
+    pub(crate) fn leased(&self) {
         let mut st = self.state.lock();
-        if st.0 == Stage::Done {
-            return false;
+        if matches!(st.0, Stage::Queued(_)) {
+            st.0 = Stage::Running;
         }
-        st.0 = Stage::Running;
-        true
     }
 
     /// Whether the call was cancelled (what a runner that found its queue place gone asks).
@@ -139,8 +142,7 @@ impl Runners {
         let (tx, rx) = bounded(1);
         let ticket = Arc::new(Ticket { state: Mutex::new((Stage::Submitted, Some(tx))) });
         let job = (command.to_string(), args, options, Instant::now(), ticket.clone());
-        let mut threads = self.threads.lock();
-        {
+        let start_one = {
             let jobs = self.jobs.lock();
             let Some(jobs) = jobs.as_ref() else { return Err(Error::ShuttingDown) };
             let mut load = self.load.lock();
@@ -148,17 +150,27 @@ impl Runners {
                 return Err(Error::ShuttingDown);
             }
             load.waiting_jobs += 1;
-            if load.waiting_jobs <= load.idle_runners || threads.len() >= self.max {
-                return Ok(PendingCall { rx, ticket, calls: calls.clone() });
+            let short = load.waiting_jobs > load.idle_runners;
+            if short {
+                load.idle_runners += 1; // the runner about to start
             }
-            load.idle_runners += 1; // the runner about to start
+            short
+        };
+        let handle = PendingCall { rx, ticket: ticket.clone(), calls: calls.clone() };
+        if !start_one {
+            return Ok(handle);
+        }
+        let mut threads = self.threads.lock();
+        if threads.len() >= self.max {
+            self.load.lock().idle_runners -= 1; // it waits for a runner to be free
+            return Ok(handle);
         }
         let (queue, load, runner_calls) = (self.queue.clone(), self.load.clone(), calls.clone());
         let spawned = std::thread::Builder::new()
             .name(thread_name("run", &calls.config().name))
             .spawn(move || run(&runner_calls, &queue, &load));
         match spawned {
-            Ok(handle) => threads.push(handle),
+            Ok(h) => threads.push(h),
             Err(e) => {
                 // The call waits for a runner that is free; with none at all, it has no one.
                 self.load.lock().idle_runners -= 1;
@@ -167,7 +179,7 @@ impl Runners {
                 }
             }
         }
-        Ok(PendingCall { rx, ticket, calls: calls.clone() })
+        Ok(handle)
     }
 
     /// No more calls are taken; the runners finish the ones they have (which end fast once the
@@ -251,7 +263,7 @@ impl PendingCall {
                 self.calls.shared().board.lock().record(&Err(Error::Cancelled))
             }
             Stage::Queued(place) => {
-                if !self.calls.shared().board.lock().withdraw_cancelled(place, true) {
+                if !self.calls.shared().board.lock().withdraw_cancelled(place) {
                     return false; // a worker was handed to it just now
                 }
             }
@@ -299,9 +311,9 @@ impl<I: Iterator<Item = Value>> Iterator for MapResults<'_, I> {
     type Item = Result<Value>;
 
     fn next(&mut self) -> Option<Result<Value>> {
+        // `in_flight` submitted, the first of them waited for.
         self.fill();
         let first = self.pending.pop_front()?;
-        self.fill(); // keep `in_flight` running while this one is waited for
         Some(first.and_then(PendingCall::wait))
     }
 }

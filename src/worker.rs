@@ -63,7 +63,7 @@ struct StackFile {
     path: Mutex<Option<PathBuf>>,
     /// The worker said it handles [`STACK_SIGNAL`] (whose default action ends a process).
     ready: AtomicBool,
-    /// The last stacks taken, and when they were complete: calls that time out together share
+    /// The last stacks taken, and when they were asked for: calls that time out together share
     /// one dump.
     last: Mutex<Option<(Instant, String)>>,
 }
@@ -749,7 +749,7 @@ impl Conn {
             return None;
         }
         // Another call of the worker may be taking them (thread profile): not past `deadline`,
-        // and a dump that it finished after this call asked serves this call too.
+        // and a dump it asked for after this call asked serves this call too.
         let mut file = stacks.file.try_lock_until(deadline)?;
         if let Some((at, text)) = &*stacks.last.lock() {
             if *at >= asked {
@@ -759,6 +759,7 @@ impl Conn {
         let mut text = Vec::new();
         let _ = file.read_to_end(&mut text); // an earlier dump nobody waited for
         text.clear();
+        let signalled = Instant::now();
         {
             let reaped = self.reaped.lock();
             // The main thread: it runs the command in the process profile, and the thread
@@ -782,7 +783,7 @@ impl Conn {
         if text.is_empty() {
             return None;
         }
-        *stacks.last.lock() = Some((Instant::now(), text.clone()));
+        *stacks.last.lock() = Some((signalled, text.clone()));
         Some(text)
     }
 

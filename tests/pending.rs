@@ -144,3 +144,54 @@ fn a_map_gives_one_outcome_per_argument_in_order_even_when_the_pool_stops() {
     let first_err = outcomes.iter().position(Result::is_err).unwrap();
     assert!(outcomes[first_err..].iter().all(Result::is_err), "in order: {outcomes:?}");
 }
+
+#[test]
+fn map_never_runs_more_than_in_flight_calls_at_once() {
+    let pool = common::builder(2).build().unwrap();
+    let most = std::thread::scope(|s| {
+        let mapped = s.spawn(|| pool.map("sleep", (0..4).map(|_| json!({"seconds": 0.2})), 1).count());
+        let mut most = 0;
+        while !mapped.is_finished() {
+            let running: usize = pool.stats().unwrap().workers.iter().map(|w| w.in_flight).sum();
+            most = most.max(running);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(mapped.join().unwrap(), 4);
+        most
+    });
+    assert_eq!(most, 1, "in_flight 1 means one call at a time");
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn cancels_racing_the_queue_never_lose_a_worker() {
+    // Calls are submitted and cancelled at every moment of their way to a worker while
+    // another thread keeps the worker busy: afterwards every slot is free and calls flow.
+    let pool = common::builder(1).queue_timeout(Duration::from_secs(2)).build().unwrap();
+    let pad = "x".repeat(1500);
+    let end = std::time::Instant::now() + Duration::from_secs(3);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while std::time::Instant::now() < end {
+                pool.call("add", json!([1, 2])).unwrap();
+            }
+        });
+        let mut spin = 0u64;
+        while std::time::Instant::now() < end {
+            let p = pool.submit("length", json!({"data": pad})).unwrap();
+            spin = (spin * 31 + 7) % 200;
+            let until = std::time::Instant::now() + Duration::from_micros(spin);
+            while std::time::Instant::now() < until {}
+            if !p.cancel() {
+                assert_eq!(p.wait().unwrap(), json!(1500));
+            } else {
+                assert!(matches!(p.wait(), Err(Error::Cancelled)));
+            }
+        }
+    });
+    assert!(common::wait_until(Duration::from_secs(5), || pool.stats().unwrap().workers[0].in_flight == 0));
+    assert_eq!(pool.call("add", json!([2, 2])).unwrap(), json!(4));
+    let stats = pool.stats().unwrap();
+    assert_eq!((stats.crashes, stats.queued), (0, 0));
+    pool.shutdown().unwrap();
+}

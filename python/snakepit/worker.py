@@ -894,11 +894,11 @@ def _dump_stacks_on_signal(path, threaded):
         import signal
 
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # open for the process's life
-        _stack_files.append(fd)
         if not threaded:
             import faulthandler
 
             faulthandler.register(_STACK_SIGNAL, file=fd, all_threads=False, chain=False)
+            _stack_files.append(fd)  # only now does ready say the host may send the signal
             return
         busy = []  # a signal during a dump is dropped, not nested
 
@@ -921,6 +921,7 @@ def _dump_stacks_on_signal(path, threaded):
                 busy.clear()
 
         signal.signal(_STACK_SIGNAL, dump)
+        _stack_files.append(fd)
     except (OSError, ValueError, RuntimeError, AttributeError) as exc:
         log.warning("no stack dumps on time-outs: %s", exc)
 

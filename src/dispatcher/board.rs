@@ -384,15 +384,13 @@ impl<T: Clone> Board<T> {
     }
 
     /// A waiting caller's call was cancelled: true if it was still waiting (it is removed, and
-    /// counted as failed if `count`); false if a lease reached it first.
-    pub(crate) fn withdraw_cancelled(&mut self, place: u64, count: bool) -> bool {
+    /// counted as failed); false if a lease reached it first.
+    pub(crate) fn withdraw_cancelled(&mut self, place: u64) -> bool {
         let Some(i) = self.waiters.iter().position(|w| w.place == place) else { return false };
         if self.waiters.remove(i).is_some_and(|w| w.only.is_none()) {
             self.waiting_for_any -= 1;
         }
-        if count {
-            self.counters.failed += 1;
-        }
+        self.counters.failed += 1;
         true
     }
 
