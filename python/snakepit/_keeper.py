@@ -160,4 +160,4 @@ def _exit_like(status):
         except (OSError, ValueError):
             pass
         os._exit(128 + sig)  # a signal whose default is not to end the process
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else EXIT_ORPHANED)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else EXIT_ORPHANED)
