@@ -39,6 +39,11 @@
 //!   with backoff, [`Pool::stats`], and recycling by age, calls served and memory
 //!   ([`PoolBuilder::ttl`], [`PoolBuilder::max_requests`], [`PoolBuilder::max_memory`]), make
 //!   before break, with typed [`Event`]s for a callback ([`PoolBuilder::on_event`]).
+//! - [`Session`]: calls with affinity to one worker, whose Python state lives there
+//!   ([`Pool::session`]); [`PoolBuilder::init`], [`Pool::broadcast`], [`Pool::call_on`].
+//! - [`PendingCall`]: calls in the background ([`Pool::submit`], [`Pool::map`]), waited on
+//!   together with `crossbeam_channel::select!`, cancelled while queued.
+//! - A call that times out says where Python was ([`Error::Timeout`]'s `stack`).
 //! - [`Profile`]: one call at a time per process, or many per process on threads.
 //! - [`PoolSet`] and [`Config`]: several named pools, from code or a JSON file.
 //! - [`python::inspect`]: which interpreter, free-threaded or not, and which profile fits.
@@ -47,9 +52,10 @@
 //!
 //! [`Pool::shutdown`] (and `Drop`) refuses new calls, fails queued ones with
 //! [`Error::ShuttingDown`], gives in-flight calls `shutdown_timeout` to finish, then stops the
-//! workers (a `shutdown` frame and EOF, then SIGTERM and SIGKILL to each worker's process
-//! group) and joins every thread. No process or thread outlives a pool. Workers also exit on
-//! their own if the Rust process dies.
+//! workers (a `shutdown` frame and EOF, then SIGTERM and SIGKILL) and joins every thread. No
+//! process or thread outlives a pool: each worker runs under a keeper process that kills
+//! whatever the worker started, daemons included, however the worker ends. Workers also exit
+//! on their own if the Rust process dies.
 //!
 //! ## Logging
 //!
