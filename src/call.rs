@@ -287,7 +287,7 @@ impl Calls {
                 let w = routed_to(route);
                 return Err(Refused::Gone(
                     w,
-                    loss.unwrap_or_else(|| session::lost_worker_reason(&self.shared, w)),
+                    loss.unwrap_or_else(|| session::lost_worker_reason(&self.shared, w, p.deadline)),
                 ));
             }
             Admit::Busy => return Err(Refused::Busy(routed_to(route))),
@@ -324,7 +324,8 @@ impl Calls {
                         let loss = board.loss_of(w);
                         board.record(&Err(Error::UnknownWorker { worker: w }));
                         drop(board);
-                        let loss = loss.unwrap_or_else(|| session::lost_worker_reason(&self.shared, w));
+                        let loss =
+                            loss.unwrap_or_else(|| session::lost_worker_reason(&self.shared, w, p.deadline));
                         return Err(Refused::Gone(w, loss));
                     }
                 }

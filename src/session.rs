@@ -28,6 +28,9 @@ use crate::pool::CallOptions;
 use crate::protocol;
 use crate::worker::WorkerId;
 
+/// How long a prefer session that moved waits to learn why its worker was lost.
+const MOVE_LOOK: Duration = Duration::from_millis(50);
+
 /// The shortest time between two scans for idle sessions.
 const TICK: Duration = Duration::from_millis(20);
 
@@ -470,7 +473,8 @@ pub(crate) fn end_call(shared: &Shared, s: &CallSession<'_>, ran_on: Option<Work
         post_end(shared, core, &[w]);
     }
     if let Some((old, reason)) = moved {
-        let reason = reason.unwrap_or_else(|| lost_worker_reason(shared, old));
+        // The call that found the move has its result: a short look only.
+        let reason = reason.unwrap_or_else(|| lost_worker_reason(shared, old, Instant::now() + MOVE_LOOK));
         announce_loss(shared, core, old, reason, true);
     }
 }
@@ -495,10 +499,11 @@ pub(crate) fn lost(shared: &Shared, s: &CallSession<'_>, worker: WorkerId, reaso
 }
 
 /// Why worker `id` was lost, when the board does not know yet (the dispatcher has not heard of
-/// its exit): from its connection, which records how it ended (waiting a moment for that).
-pub(crate) fn lost_worker_reason(shared: &Shared, id: WorkerId) -> Loss {
+/// its exit): from its connection, which records how it ended (waiting for that until `by` at
+/// most, so never past the deadline of the call that asks).
+pub(crate) fn lost_worker_reason(shared: &Shared, id: WorkerId, by: Instant) -> Loss {
     let conn = shared.board.lock().conn_of(id);
-    match conn.map(|c| c.death_error(Instant::now() + Duration::from_secs(1))) {
+    match conn.map(|c| c.death_error(by)) {
         Some(crate::Error::WorkerDied { killed_by: Some(why), .. }) => Loss::Killed(why),
         Some(crate::Error::WorkerDied { exit, .. }) => Loss::Died { exit },
         _ => Loss::Unknown,
