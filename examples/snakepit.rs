@@ -30,7 +30,7 @@ use snakepit::{
 };
 
 const USAGE: &str = "usage: snakepit --config FILE \
-    (call POOL COMMAND [JSON-ARGS] [--session NAME] | serve | batch FILE.jsonl [--concurrency N] | stats \
+    (call POOL COMMAND [JSON-ARGS] [--session NAME | --stream] | serve | batch FILE.jsonl [--concurrency N] | stats \
     | check [--import] | doctor)";
 
 const HELP: &str = r#"Runs the Python worker pools that a JSON configuration file describes.
@@ -39,6 +39,8 @@ const HELP: &str = r#"Runs the Python worker pools that a JSON configuration fil
                                  A Python exception prints its type, message and traceback
                                  on stderr and exits 1.
         [--session NAME]         run it in a session (which lives for this one call).
+        [--stream]               run it as a stream: one JSON line per chunk the
+                                 generator yields, as it comes.
   serve                          read one JSON request per line on stdin, write one JSON
                                  reply per line on stdout as each call completes.
   batch FILE.jsonl               run a file of requests, at most N at a time
@@ -62,7 +64,9 @@ A request:  {"pool": "embed", "command": "embed", "args": {"text": "hi"}, "id": 
   array or null (the default); `id` is any JSON value, echoed in the reply (in `batch`, a
   request without one gets its line number). `"session": "NAME"` runs the call in that
   session of its pool (strict: on the session's worker, with its Python state), opened by the
-  first line that names it and closed when the pools stop.
+  first line that names it and closed when the pools stop. `"stream": true` runs it as a
+  stream (not in a session): a line {"id": 7, "chunk": ...} per chunk as it comes, then the
+  reply, whose value is what the generator returned (usually null).
 A reply:    {"id": 7, "ok": true, "value": ...}
         or  {"id": 7, "ok": false, "error": {"kind": "python", "message": "...",
                                              "type": "ValueError", "traceback": "..."}}
@@ -133,7 +137,7 @@ struct Cli {
 #[derive(Debug)]
 enum Command {
     Help,
-    Call { pool: String, command: String, args: Value, session: Option<String> },
+    Call { pool: String, command: String, args: Value, session: Option<String>, stream: bool },
     Serve,
     Batch { file: PathBuf, concurrency: usize },
     Stats,
@@ -148,6 +152,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
     let mut concurrency = None;
     let mut import = false;
     let mut session = None;
+    let mut stream = false;
     let mut words = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -168,6 +173,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
             }
             "--import" if inline.is_none() => import = true,
             "--session" => session = Some(value()?),
+            "--stream" if inline.is_none() => stream = true,
+            "--stream" => return Err("--stream takes no value".into()),
             "--import" => return Err("--import takes no value".into()),
             _ if arg.starts_with('-') && arg.len() > 1 => return Err(format!("unknown option {arg}")),
             _ => words.push(arg),
@@ -179,10 +186,12 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
             command: String::from(*command),
             args: Value::Null,
             session: None,
+            stream: false,
         },
         ["call", pool, command, args] => {
             let args = serde_json::from_str(args).map_err(|e| format!("JSON-ARGS is not valid JSON: {e}"))?;
-            Command::Call { pool: String::from(*pool), command: String::from(*command), args, session: None }
+            let (pool, command) = (String::from(*pool), String::from(*command));
+            Command::Call { pool, command, args, session: None, stream: false }
         }
         ["serve"] => Command::Serve,
         ["batch", file] => Command::Batch { file: PathBuf::from(file), concurrency: BATCH_CONCURRENCY },
@@ -200,9 +209,21 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
         (_, Some(_)) => return Err("--concurrency applies to batch only".into()),
         (command, None) => command,
     };
+    let command = match (command, stream) {
+        (Command::Call { pool, command, args, session, .. }, true) => {
+            Command::Call { pool, command, args, session, stream: true }
+        }
+        (_, true) => {
+            return Err("--stream applies to call only (serve and batch lines say \"stream\")".into())
+        }
+        (command, false) => command,
+    };
     let command = match (command, session) {
+        (Command::Call { stream: true, .. }, Some(_)) => {
+            return Err("--stream and --session do not go together (streams run outside sessions)".into())
+        }
         (Command::Call { pool, command, args, .. }, Some(name)) => {
-            Command::Call { pool, command, args, session: Some(name) }
+            Command::Call { pool, command, args, session: Some(name), stream: false }
         }
         (_, Some(_)) => {
             return Err("--session applies to call only (serve and batch lines name theirs)".into())
@@ -228,8 +249,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
 /// The subcommands that start pools.
 fn with_pools(config: &Path, interrupt: &Interrupt, command: Command) -> Result<u8, Error> {
     match command {
-        Command::Call { pool, command, args, session } => {
-            call(config, interrupt, &pool, &command, args, session)
+        Command::Call { pool, command, args, session, stream } => {
+            call(config, interrupt, &pool, &command, args, session, stream)
         }
         Command::Serve => serve(config, interrupt),
         Command::Batch { file, concurrency } => batch(config, interrupt, &file, concurrency),
@@ -406,6 +427,7 @@ fn call(
     command: &str,
     args: Value,
     session: Option<String>,
+    stream: bool,
 ) -> Result<u8, Error> {
     let config = Config::from_path(path)?;
     let known = config.pool_names();
@@ -418,10 +440,20 @@ fn call(
     // session's id in events and logs); `serve` and `batch` keep theirs across lines.
     let run = || match &session {
         Some(_) => set.session(pool, SessionOptions::new())?.call(command, args),
+        // A stream's chunks are printed as they come; its end is what the generator returned.
+        None if stream => {
+            for chunk in set.pool(pool)?.stream(command, args)? {
+                let line = serde_json::to_string(&chunk?)?;
+                let mut out = io::stdout().lock();
+                writeln!(out, "{line}").and_then(|_| out.flush())?;
+            }
+            Ok(Value::Null)
+        }
         None => set.call(pool, command, args),
     };
     let (result, interrupted) = watching_interrupt(&set, interrupt, run)?;
     match result {
+        Ok(_) if stream => {}
         Ok(value) => println!("{}", serde_json::to_string(&value)?),
         Err(e) if interrupted => report(&e),
         Err(e) => return Err(e),
@@ -647,6 +679,7 @@ struct Request {
     command: String,
     args: Value,
     session: Option<String>,
+    stream: bool,
 }
 
 /// The sessions the request lines named, by pool and name: opened (strict) by the first line
@@ -760,7 +793,9 @@ fn run_requests(
             let (taken, write_error, sessions) = (taken.clone(), &write_error, &sessions);
             std::thread::Builder::new().name(format!("cli-call-{i}")).spawn_scoped(s, move || {
                 for line in taken {
-                    let reply = answer(set, sessions, &line, missing_id);
+                    let reply = answer(set, sessions, &line, missing_id, &mut |id, chunk| {
+                        write_line(&serde_json::json!({"id": id, "chunk": chunk}))
+                    });
                     tally.record(reply.ok);
                     if let Err(e) = write_reply(&reply) {
                         write_error.lock().get_or_insert(e);
@@ -852,8 +887,14 @@ impl From<Error> for ErrorReply {
     }
 }
 
-/// Runs one line's request and replies.
-fn answer(set: &PoolSet, sessions: &Sessions, line: &Line, missing_id: MissingId) -> Reply {
+/// Runs one line's request and replies; a stream's chunks go to `on_chunk` as they come.
+fn answer(
+    set: &PoolSet,
+    sessions: &Sessions,
+    line: &Line,
+    missing_id: MissingId,
+    on_chunk: &mut dyn FnMut(&Value, Value) -> io::Result<()>,
+) -> Reply {
     let default_id = || match missing_id {
         MissingId::Null => Value::Null,
         MissingId::LineNumber => line.number.into(),
@@ -879,6 +920,16 @@ fn answer(set: &PoolSet, sessions: &Sessions, line: &Line, missing_id: MissingId
     let result = pool.and_then(|pool| {
         match &request.session {
             Some(name) => sessions.get(pool, name).and_then(|s| s.call(&request.command, request.args)),
+            None if request.stream => {
+                return (|| {
+                    let mut stream = pool.stream(&request.command, request.args)?;
+                    for chunk in &mut stream {
+                        on_chunk(&id, chunk?)?;
+                    }
+                    Ok::<Value, Error>(stream.returned().cloned().unwrap_or(Value::Null))
+                })()
+                .map_err(ErrorReply::from)
+            }
             None => pool.call(&request.command, request.args),
         }
         .map_err(ErrorReply::from)
@@ -895,11 +946,11 @@ fn parse_request(bytes: &[u8]) -> Result<Request, BadRequest> {
         return Err(bad(&None, format!("expected a JSON object, found {value}")));
     };
     let id = request.remove("id");
-    if let Some(key) = request.keys().find(|k| !["pool", "command", "args", "session"].contains(&k.as_str()))
-    {
+    let keys = ["pool", "command", "args", "session", "stream"];
+    if let Some(key) = request.keys().find(|k| !keys.contains(&k.as_str())) {
         return Err(bad(
             &id,
-            format!("{key}: unknown key; a request has id, pool, command, args and session"),
+            format!("{key}: unknown key; a request has id, pool, command, args, session and stream"),
         ));
     }
     let command = match request.remove("command") {
@@ -917,8 +968,16 @@ fn parse_request(bytes: &[u8]) -> Result<Request, BadRequest> {
         Some(Value::String(name)) if !name.is_empty() => Some(name),
         Some(other) => return Err(bad(&id, format!("session: expected a non-empty string, found {other}"))),
     };
+    let stream = match request.remove("stream") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) if session.is_some() => {
+            return Err(bad(&id, "stream: streams run outside sessions; drop one of the two".into()))
+        }
+        Some(Value::Bool(true)) => true,
+        Some(other) => return Err(bad(&id, format!("stream: expected true or false, found {other}"))),
+    };
     let args = request.remove("args").unwrap_or(Value::Null);
-    Ok(Request { id, pool, command, args, session })
+    Ok(Request { id, pool, command, args, session, stream })
 }
 
 fn error_kind(e: &Error) -> &'static str {
@@ -940,13 +999,19 @@ fn error_kind(e: &Error) -> &'static str {
         Error::SessionBusy { .. } => "session_busy",
         Error::SessionClosed { .. } => "session_closed",
         Error::TooManySessions { .. } => "too_many_sessions",
+        Error::Cancelled => "cancelled",
         _ => "other",
     }
 }
 
 /// Writes one reply as one whole line, flushed, under stdout's lock.
 fn write_reply(reply: &Reply) -> io::Result<()> {
-    let mut line = serde_json::to_string(reply).map_err(io::Error::from)?;
+    write_line(reply)
+}
+
+/// Writes one JSON value as one whole line, flushed, under stdout's lock.
+fn write_line(value: &impl Serialize) -> io::Result<()> {
+    let mut line = serde_json::to_string(value).map_err(io::Error::from)?;
     line.push('\n');
     let mut out = io::stdout().lock();
     out.write_all(line.as_bytes())?;

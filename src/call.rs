@@ -17,10 +17,16 @@ use crate::error::{Error, Result, TimeoutKind};
 use crate::events::Event;
 use crate::mailbox::Missed;
 use crate::pending::Ticket;
+
+use crate::cancel::{CancelStep, Ladder, Step};
+use crate::pending::Runners;
 use crate::pool::CallOptions;
 use crate::protocol;
+use crate::protocol::Progress;
 use crate::session::{self, CallSession, Loss};
+use crate::stream::{ProgressSink, Stream, DEFAULT_WINDOW};
 use crate::worker::{Conn, Exchange, KillReason, Looks, Sending, WorkerId};
+use parking_lot::Mutex;
 
 /// The largest frame a freeing caller writes for the next waiting call: one atomic pipe write
 /// (`PIPE_BUF`), which a non-blocking pipe takes whole or not at all.
@@ -45,19 +51,27 @@ pub(crate) struct Calls {
     config: Arc<PoolConfig>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
+    /// The threads that run submitted calls (`sp-run-<pool>`).
+    runners: Runners,
+    /// The threads that follow up on calls whose callers were answered while their workers
+    /// still run them (`sp-fol-<pool>`): apart from the runners, so that a follow-up (which
+    /// may hold the worker the queued calls wait for) never waits behind submitted calls.
+    followers: Runners,
 }
 
 /// A call ready to run: its frame and deadlines.
-struct Prepared {
-    id: u64,
-    frame: Arc<Vec<u8>>,
-    enqueued: Instant,
-    queue_deadline: Instant,
-    deadline: Instant,
-    timeout: Duration,
-    queue_timeout: Duration,
+pub(crate) struct Prepared {
+    pub(crate) id: u64,
+    pub(crate) frame: Arc<Vec<u8>>,
+    pub(crate) enqueued: Instant,
+    pub(crate) queue_deadline: Instant,
+    pub(crate) deadline: Instant,
+    pub(crate) timeout: Duration,
+    pub(crate) queue_timeout: Duration,
     /// Its session's id.
-    session: Option<u64>,
+    pub(crate) session: Option<u64>,
+    /// Where its progress reports go.
+    pub(crate) progress: Option<ProgressSink>,
 }
 
 /// Why a routed call could not run, before the session (if any) turns it into its error.
@@ -77,7 +91,22 @@ impl From<Error> for Refused {
 
 impl Calls {
     pub(crate) fn new(config: Arc<PoolConfig>, shared: Arc<Shared>) -> Self {
-        Calls { config, shared, next_id: AtomicU64::new(1) }
+        // Enough runners for every worker slot and a full queue behind them, within reason.
+        let slots = config.size * config.capacity();
+        let runners = Runners::new("run", &config.name, (slots * 4).clamp(64, 1024));
+        // A follow-up per call slot at most, and each ends within two cancel graces.
+        let followers = Runners::new("fol", &config.name, (slots * 2).clamp(8, 1024));
+        Calls { config, shared, next_id: AtomicU64::new(1), runners, followers }
+    }
+
+    pub(crate) fn runners(&self) -> &Runners {
+        &self.runners
+    }
+
+    /// Joins the runner threads, then the follow-ups (which the runners' calls may start).
+    pub(crate) fn stop_threads(&self) {
+        self.runners.stop();
+        self.followers.stop();
     }
 
     pub(crate) fn config(&self) -> &PoolConfig {
@@ -96,7 +125,7 @@ impl Calls {
         options: CallOptions,
         worker: Option<WorkerId>,
     ) -> Result<Value> {
-        let p = self.prepare(command, &args, &options, None)?;
+        let p = self.prepare(command, &args, &options, None, None)?;
         let route = worker.map_or(Route::Any, Route::Only);
         self.run_tracked(command, &p, route, &mut None, None).map_err(|refused| match refused {
             Refused::Gone(worker, _) | Refused::Busy(worker) => Error::UnknownWorker { worker },
@@ -112,15 +141,24 @@ impl Calls {
         args: Value,
         options: CallOptions,
         since: Instant,
-        ticket: &Ticket,
+        ticket: &Arc<Ticket>,
     ) -> Result<Value> {
-        let mut p = self.prepare(command, &args, &options, None)?;
+        let mut p = self.prepare(command, &args, &options, None, None)?;
+        // Its last progress is kept for its handle, and passed on.
+        let (ticket_arc, user_sink) = (ticket.clone(), p.progress.take());
+        p.progress = Some(ProgressSink::new(move |progress: &Progress| {
+            *ticket_arc.progress.lock() = Some(progress.clone());
+            if let Some(sink) = &user_sink {
+                sink.call(progress);
+            }
+        }));
         // Its deadline runs from its submission, not from when a runner took it.
         let waited = p.enqueued.saturating_duration_since(since);
         p.enqueued = since;
         p.deadline = p.deadline.checked_sub(waited).unwrap_or(since);
         p.queue_deadline = p.queue_deadline.checked_sub(waited).unwrap_or(since);
-        self.run_tracked(command, &p, Route::Any, &mut None, Some(ticket)).map_err(|refused| match refused {
+        self.run_tracked(command, &p, Route::Any, &mut None, Some(&**ticket)).map_err(|refused| match refused
+        {
             Refused::Gone(worker, _) | Refused::Busy(worker) => Error::UnknownWorker { worker },
             Refused::Other(e) => e.in_call(command, p.timeout, p.queue_timeout),
         })
@@ -134,7 +172,7 @@ impl Calls {
         options: CallOptions,
         s: &CallSession<'_>,
     ) -> Result<Value> {
-        let p = self.prepare(command, &args, &options, Some(s))?;
+        let p = self.prepare(command, &args, &options, Some(s), None)?;
         let route = match session::begin_call(&self.shared, s) {
             Ok(route) => route,
             Err(e) => {
@@ -157,13 +195,80 @@ impl Calls {
         })
     }
 
-    /// Checks the arguments and options and encodes the call's frame.
-    fn prepare(
+    /// Starts a streaming call (see [`Stream`]).
+    pub(crate) fn stream(
+        self: &Arc<Self>,
+        command: &str,
+        args: Value,
+        options: CallOptions,
+    ) -> Result<Stream> {
+        let window = options.window.unwrap_or(DEFAULT_WINDOW).max(1);
+        let p = self.prepare(command, &args, &options, None, Some(window))?;
+        let named = |e: Error| e.in_call(command, p.timeout, p.queue_timeout);
+        loop {
+            let lease = match self.lease(command, &p, Route::Any, None) {
+                Ok(lease) => lease,
+                Err(Refused::Other(e)) => return Err(named(e)),
+                Err(Refused::Gone(worker, _) | Refused::Busy(worker)) => {
+                    return Err(Error::UnknownWorker { worker })
+                }
+            };
+            let started = Instant::now();
+            let conn = lease.conn.clone();
+            let how = if !lease.sent && started >= p.queue_deadline {
+                // As for a call: its time ran out before a worker took it.
+                Err((Return::Done, Error::timeout(TimeoutKind::Queue)))
+            } else {
+                match conn.open_stream(&p.frame, p.id, p.deadline, lease.sent, p.progress.as_ref()) {
+                    Ok(rx) => {
+                        let chunk_timeout = options.chunk_timeout;
+                        return Ok(Stream::new(
+                            self.clone(),
+                            command,
+                            p,
+                            lease,
+                            rx,
+                            window,
+                            chunk_timeout,
+                            started,
+                        ));
+                    }
+                    Err(Exchange::NotSent { dead }) => Ok(if dead { Return::Dead } else { Return::Unusable }),
+                    Err(Exchange::TimedOut { corrupt: true, .. }) => {
+                        // Late, part-way through its frame: the worker cannot be trusted.
+                        conn.mark_killed(KillReason::CallTimeout);
+                        Err((Return::Kill(KillReason::CallTimeout), Error::timeout(TimeoutKind::Call)))
+                    }
+                    // Late before any of its frame was written: the worker never saw it.
+                    Err(_) => Err((Return::Done, Error::timeout(TimeoutKind::Call))),
+                }
+            };
+            let mut fx = Effects::default();
+            let mut board = self.shared.board.lock();
+            match how {
+                // It never reached the worker: try another.
+                Ok(how) => board.give_back(lease, how, None, &mut fx),
+                Err((how, e)) => {
+                    board.give_back(lease, how, None, &mut fx);
+                    board.record(&Err(e.duplicate()));
+                    drop(board);
+                    self.shared.apply(fx);
+                    return Err(named(e));
+                }
+            }
+            drop(board);
+            self.shared.apply(fx);
+        }
+    }
+
+    /// Checks the arguments and options and encodes the call's frame; `window`: a stream's.
+    pub(crate) fn prepare(
         &self,
         command: &str,
         args: &Value,
         options: &CallOptions,
         session: Option<&CallSession<'_>>,
+        window: Option<u32>,
     ) -> Result<Prepared> {
         if !matches!(args, Value::Object(_) | Value::Array(_) | Value::Null) {
             return Err(Error::InvalidArgs(format!(
@@ -181,12 +286,10 @@ impl Calls {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let session_id = session.map(|s| s.core.id);
         let session = session.map(|s| (s.tag(), s.context.as_ref()));
-        let frame =
-            protocol::encode_call(id, command, args, session, self.config.max_frame_size).map_err(|e| {
-                match protocol::as_too_large(&e) {
-                    Some(t) => Error::FrameTooLarge { size: t.size, max: t.max },
-                    None => Error::Io(e),
-                }
+        let frame = protocol::encode_call(id, command, args, session, window, self.config.max_frame_size)
+            .map_err(|e| match protocol::as_too_large(&e) {
+                Some(t) => Error::FrameTooLarge { size: t.size, max: t.max },
+                None => Error::Io(e),
             })?;
         let enqueued = Instant::now();
         let far = enqueued + Duration::from_secs(100 * 365 * 24 * 3600);
@@ -205,6 +308,7 @@ impl Calls {
             timeout,
             queue_timeout,
             session: session_id,
+            progress: options.on_progress.clone(),
         })
     }
 
@@ -246,13 +350,24 @@ impl Calls {
                     self.config.slow_call_log.unwrap_or_default(),
                 );
             };
+            let cancel = ticket.map(|t| &t.cancel);
             let looks = Looks {
                 slow: self.config.slow_call_log.and_then(|t| started.checked_add(t)),
                 last: (p.timeout >= STACK_MIN_TIMEOUT).then(|| p.deadline.checked_sub(lead)).flatten(),
                 on_slow: Some(&slow_log),
+                cancel,
+                grace: self.config.cancel_grace,
+                stack_on_give_up: true,
+                progress: p.progress.as_ref(),
                 ..Looks::default()
             };
+            if let Some(token) = cancel {
+                token.attach(&lease.conn);
+            }
             let exchange = lease.conn.exchange(&p.frame, p.id, p.deadline, what, looks);
+            if let Some(token) = cancel {
+                token.detach();
+            }
             if let Some(result) = self.finish(lease, exchange, p, command, started) {
                 *ran_on = Some(worker);
                 return result.map_err(Refused::Other);
@@ -353,7 +468,7 @@ impl Calls {
         let (id, enqueued, deadline) = (p.id, p.enqueued, p.deadline);
         let conn = lease.conn.clone();
         let (how, result) = match exchange {
-            Exchange::Reply(result) => (Return::Done, result),
+            Exchange::Reply(result) => (Some(Return::Done), result),
             Exchange::NotSent { dead } => {
                 let how = if dead { Return::Dead } else { Return::Unusable };
                 let mut fx = Effects::default();
@@ -362,14 +477,15 @@ impl Calls {
                 return None;
             }
             Exchange::TimedOut { running, corrupt, stack } => {
-                let how = if corrupt || (running && self.config.kills_on_timeout()) {
-                    // Thread profile: its other calls die with it (collateral).
+                let how = if corrupt {
                     conn.mark_killed(KillReason::CallTimeout);
-                    Return::Kill(KillReason::CallTimeout)
-                } else if running && self.config.profile == Profile::Thread {
-                    Return::Abandoned
+                    Some(Return::Kill(KillReason::CallTimeout))
+                } else if running {
+                    // Its command is asked to stop, and followed up on: a command that lets go
+                    // in time costs no worker.
+                    None
                 } else {
-                    Return::Done
+                    Some(Return::Done)
                 };
                 match p.session {
                     Some(session) => log::warn!(
@@ -388,6 +504,15 @@ impl Calls {
                 }
                 (how, Err(Error::call_timeout(stack)))
             }
+            Exchange::Unheeded { stack } => {
+                log::warn!(
+                    "[{}] call {id} `{command}` on worker {} did not stop when cancelled{}",
+                    self.config.name,
+                    lease.worker,
+                    stack.as_ref().map_or(String::new(), |s| format!("; where Python was:\n{s}"))
+                );
+                (Some(self.give_up(&conn, id, KillReason::Cancel)), Err(Error::Cancelled))
+            }
             Exchange::Died => {
                 let err = conn.death_error(deadline);
                 if let Error::WorkerDied { exit, killed_by, .. } = &err {
@@ -395,17 +520,33 @@ impl Calls {
                     let loss = killed_by.map_or(Loss::Died { exit: *exit }, Loss::Killed);
                     self.shared.board.lock().mark_lost(lease.worker, loss);
                 }
-                (Return::Died, Err(err))
+                (Some(Return::Died), Err(err))
             }
             Exchange::Broken(err) => {
                 conn.mark_broken(err.duplicate());
-                (Return::Kill(KillReason::Protocol), Err(err))
+                (Some(Return::Kill(KillReason::Protocol)), Err(err))
+            }
+            Exchange::Chunk(_) | Exchange::BadChunk(_) => {
+                let err = Error::Protocol(format!("a chunk answered call {id}, which is not a stream"));
+                conn.mark_broken(err.duplicate());
+                (Some(Return::Kill(KillReason::Protocol)), Err(err))
             }
         };
         let ended = Instant::now();
         let (queue_wait, execution) = (started.saturating_duration_since(enqueued), ended - started);
         let mut fx = Effects::default();
-        self.shared.board.lock().give_back(lease, how, Some((&result, queue_wait, execution)), &mut fx);
+        match how {
+            Some(how) => self.shared.board.lock().give_back(
+                lease,
+                how,
+                Some((&result, queue_wait, execution)),
+                &mut fx,
+            ),
+            None => {
+                self.shared.board.lock().record_call(lease.worker, &result, queue_wait, execution);
+                self.follow_up(lease, id, KillReason::CallTimeout);
+            }
+        }
         self.shared.apply(fx);
         conn.flush_posted(); // what was posted while the call ran (sessions' ends)
         if self.shared.emitter.enabled() {
@@ -419,6 +560,133 @@ impl Calls {
             });
         }
         Some(result)
+    }
+}
+
+impl Calls {
+    /// What becomes of a worker whose command did not stop through every step of a cancel:
+    /// a process worker is killed; a thread worker's call keeps its slot until it ends
+    /// (parked by the exchange), unless the pool kills on time-outs.
+    fn give_up(&self, conn: &Conn, id: u64, reason: KillReason) -> Return {
+        conn.step_taken(id, CancelStep::GaveUp);
+        if conn.threaded() && !self.config.kills_on_timeout() {
+            Return::Abandoned
+        } else {
+            conn.mark_killed(reason);
+            Return::Kill(reason)
+        }
+    }
+
+    /// Follows up on call `id`, whose caller was answered (its deadline passed, or its stream
+    /// was dropped) while its worker still runs it: the command is asked to stop now, then
+    /// interrupted, then given up on with `reason`, each `cancel_grace` apart (see
+    /// `cancel.rs`). A process worker's lease stays out until its command stops, and is then
+    /// given back by a runner; a thread worker's call was parked as abandoned by the exchange,
+    /// and its slot is freed by its late reply.
+    pub(crate) fn follow_up(&self, lease: Lease<Arc<Conn>>, id: u64, reason: KillReason) {
+        let conn = lease.conn.clone();
+        let grace = self.config.cancel_grace;
+        let now = Instant::now();
+        let give_back = |lease, how| {
+            let mut fx = Effects::default();
+            self.shared.board.lock().release(lease, how, &mut fx);
+            self.shared.apply(fx);
+        };
+        if !conn.can_cancel() {
+            // Under a launcher a busy process worker cannot be told to stop.
+            conn.mark_killed(reason);
+            return give_back(lease, Return::Kill(reason));
+        }
+        conn.cancel_step(id, 1, now + grace);
+        let ladder = Ladder::asked(now, grace);
+        let shared = self.shared.clone();
+        if conn.threaded() {
+            let worker = lease.worker;
+            give_back(lease, Return::Abandoned);
+            let kills = self.config.kills_on_timeout();
+            let task_conn = conn.clone();
+            let task_shared = shared.clone();
+            let spawned = self
+                .followers
+                .spawn(move || escalate_parked(&task_shared, &task_conn, worker, id, ladder, kills, reason));
+            if !spawned && kills {
+                // The pool is stopping: no time to wait for the command.
+                conn.mark_killed(reason);
+                let mut fx = Effects::default();
+                shared.board.lock().kill(worker, reason, &mut fx);
+                shared.apply(fx);
+            }
+            return;
+        }
+        let held = Arc::new(Mutex::new(Some(lease)));
+        let task_held = held.clone();
+        let spawned = self.followers.spawn(move || {
+            let Some(lease) = task_held.lock().take() else { return };
+            let conn = lease.conn.clone();
+            let how = match conn.await_end(id, ladder, grace) {
+                Exchange::Reply(_) => Return::Done,
+                Exchange::Died => Return::Died,
+                Exchange::Broken(e) => {
+                    conn.mark_broken(e);
+                    Return::Kill(KillReason::Protocol)
+                }
+                _ => {
+                    log::warn!("[{}] worker {}: call {id} did not stop when cancelled", shared.name, conn.id);
+                    conn.step_taken(id, CancelStep::GaveUp);
+                    conn.mark_killed(reason);
+                    Return::Kill(reason)
+                }
+            };
+            let mut fx = Effects::default();
+            shared.board.lock().release(lease, how, &mut fx);
+            shared.apply(fx);
+            conn.flush_posted();
+        });
+        if !spawned {
+            // The pool is stopping: no time to wait for the command.
+            if let Some(lease) = held.lock().take() {
+                conn.mark_killed(reason);
+                give_back(lease, Return::Kill(reason));
+            }
+        }
+    }
+}
+
+/// Thread profile: takes the remaining steps of cancelling call `id`, parked as abandoned on
+/// `worker`, for as long as it still runs; at the end, kills the worker if `kills`.
+fn escalate_parked(
+    shared: &Shared,
+    conn: &Conn,
+    worker: WorkerId,
+    id: u64,
+    mut ladder: Ladder,
+    kills: bool,
+    reason: KillReason,
+) {
+    loop {
+        let now = Instant::now();
+        if now < ladder.next_at {
+            std::thread::sleep(ladder.next_at - now);
+            continue;
+        }
+        if !conn.is_abandoned(id) || conn.has_exited() {
+            return; // it stopped (its late reply came), or its worker is gone
+        }
+        match ladder.due(now) {
+            Some(Step::Interrupt) => conn.cancel_step(id, 2, ladder.next_at),
+            Some(Step::GiveUp) => {
+                conn.step_taken(id, CancelStep::GaveUp);
+                if kills {
+                    log::warn!("[{}] worker {worker}: call {id} did not stop when cancelled", shared.name);
+                    conn.mark_killed(reason);
+                    let mut fx = Effects::default();
+                    shared.board.lock().kill(worker, reason, &mut fx);
+                    shared.apply(fx);
+                }
+                return;
+            }
+            None => {}
+        }
     }
 }
 

@@ -43,6 +43,7 @@ pub struct PoolConfig {
     pub(crate) max_frame_size: usize,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) stop_timeout: Duration,
+    pub(crate) cancel_grace: Duration,
     pub(crate) restart_backoff: (Duration, Duration),
     pub(crate) degraded_after: u32,
     pub(crate) policy: Policy,
@@ -81,6 +82,7 @@ impl Default for PoolConfig {
             max_frame_size: DEFAULT_MAX_FRAME,
             shutdown_timeout: Duration::from_secs(5),
             stop_timeout: Duration::from_secs(5),
+            cancel_grace: Duration::from_millis(250),
             restart_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
             degraded_after: 3,
             policy: Policy::default(),
@@ -156,6 +158,11 @@ impl PoolConfig {
     /// How long a worker asked to stop may take before SIGTERM, and again before SIGKILL.
     pub fn stop_timeout(&self) -> Duration {
         self.stop_timeout
+    }
+    /// How long a cancelled (or timed-out) call that still runs has at each step of its
+    /// cancel: asked, then interrupted, then given up on.
+    pub fn cancel_grace(&self) -> Duration {
+        self.cancel_grace
     }
     /// The first and the largest delay before restarting a worker that failed to start.
     pub fn restart_backoff(&self) -> (Duration, Duration) {
@@ -274,6 +281,7 @@ impl PoolConfig {
             ("request_timeout", self.request_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
             ("stop_timeout", self.stop_timeout),
+            ("cancel_grace", self.cancel_grace),
             ("restart_backoff", self.restart_backoff.0),
         ] {
             if d.is_zero() {
@@ -368,6 +376,7 @@ impl PoolConfig {
             ("queue_timeout", self.queue_timeout),
             ("shutdown_timeout", Some(self.shutdown_timeout)),
             ("stop_timeout", Some(self.stop_timeout)),
+            ("cancel_grace", Some(self.cancel_grace)),
             ("restart_backoff", Some(self.restart_backoff.1)),
             ("ttl", p.ttl),
             ("health_interval", self.health_interval),
@@ -464,6 +473,20 @@ impl PoolBuilder {
     /// a call was cut. Defaults to 5 s.
     pub fn stop_timeout(mut self, timeout: Duration) -> Self {
         self.config.stop_timeout = timeout;
+        self
+    }
+    /// How long a call that is cancelled while it runs (by [`PendingCall::cancel`], its
+    /// deadline, or a [`Stream`] dropped mid-way) has at each step of the cancel: it is first
+    /// asked (`snakepit.cancelled()` turns true; a stream's generator is closed at its next
+    /// `yield`), then interrupted (`snakepit.Cancelled` is raised in the command), and then
+    /// given up on: a process worker is killed and replaced, a thread worker's call keeps its
+    /// slot until it ends (or the worker is killed, with `kill_on_timeout`). A command that lets
+    /// go in time costs no worker. Defaults to 250 ms.
+    ///
+    /// [`PendingCall::cancel`]: crate::PendingCall::cancel
+    /// [`Stream`]: crate::Stream
+    pub fn cancel_grace(mut self, grace: Duration) -> Self {
+        self.config.cancel_grace = grace;
         self
     }
     /// The delay before restarting a worker that failed to start, doubling from `first` up to

@@ -43,6 +43,11 @@ pub const POOL_KEYS: &[(&str, &str, &str)] = &[
         "\"5s\"",
         "how long a worker asked to stop may take before SIGTERM (and again before SIGKILL)",
     ),
+    (
+        "cancel_grace",
+        "\"250ms\"",
+        "how long a cancelled or timed-out call has at each step: asked, interrupted, given up on",
+    ),
     ("max_queue", "1024", "calls that may wait; more get `QueueFull`"),
     ("max_frame_size", "\"64MiB\"", "the largest frame either side may send"),
     ("ttl", "off", "recycle a worker once it is this old (plus jitter)"),
@@ -344,8 +349,9 @@ fn parse_pool<'a>(
             },
             "startup_timeout" | "request_timeout" | "queue_timeout" | "shutdown_timeout" | "stop_timeout"
             | "ttl" | "health_interval" | "health_timeout" | "reaper_interval" | "session_ttl"
-            | "session_drain" | "slow_call_log" => match dur(value) {
+            | "session_drain" | "slow_call_log" | "cancel_grace" => match dur(value) {
                 Some(d) if !d.is_zero() => match key.as_str() {
+                    "cancel_grace" => b.cancel_grace(d),
                     "slow_call_log" => b.slow_call_log(d),
                     "session_ttl" => b.session_ttl(d),
                     "session_drain" => b.session_drain(d),

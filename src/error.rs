@@ -144,8 +144,9 @@ pub enum Error {
         /// Why it ended.
         reason: crate::session::SessionEnd,
     },
-    /// The call was cancelled ([`PendingCall::cancel`](crate::PendingCall::cancel)) before it
-    /// reached a worker; it never ran.
+    /// The call was cancelled ([`PendingCall::cancel`](crate::PendingCall::cancel)): before it
+    /// reached a worker (it never ran), or while it ran (the command stopped, or was stopped).
+    /// Also what a command that raises `snakepit.Cancelled` itself returns.
     Cancelled,
     /// The pool already has `max_sessions` sessions open.
     TooManySessions {
@@ -168,6 +169,8 @@ pub enum TimeoutKind {
     Call,
     /// A worker did not send `ready` within `startup_timeout`.
     Startup,
+    /// A stream sent no chunk within its `chunk_timeout`.
+    Chunk,
     /// The pool's shutdown grace period ended before the call finished.
     Shutdown,
 }
@@ -191,6 +194,9 @@ pub enum KilledBy {
     Wedged,
     /// It failed to start, or the pool stopped while it started.
     Startup,
+    /// A call on it was cancelled (or its stream dropped) and went on through every step of
+    /// the cancel (`cancel_grace`).
+    Cancel,
     /// The shutdown grace period ended while it ran calls.
     Shutdown,
 }
@@ -204,6 +210,7 @@ impl fmt::Display for KilledBy {
             KilledBy::Protocol => "it broke the protocol",
             KilledBy::Wedged => "every call slot was held by a timed-out call",
             KilledBy::Startup => "it failed to start",
+            KilledBy::Cancel => "a cancelled call did not stop",
             KilledBy::Shutdown => "the shutdown grace period ended",
         })
     }
@@ -244,6 +251,7 @@ impl fmt::Display for TimeoutKind {
             TimeoutKind::Call => "running the call",
             TimeoutKind::Startup => "starting a worker",
             TimeoutKind::Shutdown => "shutting down",
+            TimeoutKind::Chunk => "waiting for the next chunk",
         })
     }
 }
@@ -347,7 +355,7 @@ impl fmt::Display for Error {
             Error::TooManySessions { max_sessions } => {
                 write!(f, "too many sessions: the pool's max_sessions ({max_sessions}) are open")
             }
-            Error::Cancelled => f.write_str("cancelled before it reached a worker"),
+            Error::Cancelled => f.write_str("cancelled"),
             Error::Io(e) => write!(f, "i/o: {e}"),
             Error::Json(e) => write!(f, "json: {e}"),
         }

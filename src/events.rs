@@ -10,6 +10,7 @@ use crossbeam_channel::{bounded, Sender, TrySendError};
 use parking_lot::RwLock;
 use serde::Serialize;
 
+use crate::cancel::CancelStep;
 use crate::error::ExitKind;
 use crate::policy::RecycleReason;
 
@@ -97,6 +98,19 @@ pub enum Event {
         ok: bool,
         /// The session it ran in, if any.
         session: Option<u64>,
+    },
+    /// A step of cancelling a call that runs (see
+    /// [`PoolBuilder::cancel_grace`](crate::PoolBuilder::cancel_grace)): explicitly, or because
+    /// its deadline passed or its stream was dropped.
+    CallCancel {
+        /// The pool.
+        pool: String,
+        /// The worker running the call.
+        worker: u64,
+        /// The call's id (as in log lines).
+        call: u64,
+        /// The step taken.
+        step: CancelStep,
     },
     /// A session was opened.
     SessionStarted {

@@ -41,8 +41,13 @@
 //!   before break, with typed [`Event`]s for a callback ([`PoolBuilder::on_event`]).
 //! - [`Session`]: calls with affinity to one worker, whose Python state lives there
 //!   ([`Pool::session`]); [`PoolBuilder::init`], [`Pool::broadcast`], [`Pool::call_on`].
-//! - [`PendingCall`]: calls in the background ([`Pool::submit`], [`Pool::map`]), waited on
-//!   together with `crossbeam_channel::select!`, cancelled while queued.
+//! - [`PendingCall`]: calls in the background ([`Pool::submit`], [`Pool::map`],
+//!   [`Pool::map_unordered`]), waited on together with `crossbeam_channel::select!`.
+//! - Cancelling ([`PendingCall::cancel`]): a queued call at once; a running one in steps
+//!   ([`CancelStep`]: asked, interrupted, given up, [`PoolBuilder::cancel_grace`] apart), which
+//!   deadlines take too, so a command that honours them keeps its worker.
+//! - [`Stream`]: a generator command's items as they come ([`Pool::stream`]), with
+//!   credit-based backpressure; progress reports ([`CallOptions::on_progress`]).
 //! - A call that times out says where Python was ([`Error::Timeout`]'s `stack`).
 //! - [`Profile`]: one call at a time per process, or many per process on threads.
 //! - [`PoolSet`] and [`Config`]: several named pools, from code or a JSON file.
@@ -66,6 +71,7 @@
 #![warn(missing_docs)]
 
 mod call;
+mod cancel;
 mod compat;
 mod config;
 mod config_file;
@@ -84,21 +90,24 @@ mod protocol;
 pub mod python;
 mod session;
 mod stats;
+mod stream;
 mod sys;
 mod worker;
 
+pub use cancel::CancelStep;
 pub use compat::ThreadSafety;
 pub use config::{PoolBuilder, PoolConfig, Profile};
 pub use config_file::{Config, POOL_KEYS};
 pub use error::{Error, ExitKind, KilledBy, RemoteError, Result, TimeoutKind};
 pub use events::Event;
-pub use pending::{MapResults, PendingCall};
+pub use pending::{MapResults, MapUnordered, PendingCall};
 pub use policy::RecycleReason;
 pub use pool::{CallOptions, Pool};
 pub use pool_set::{PoolSet, PoolSetBuilder, DEFAULT_POOL};
-pub use protocol::WorkerInfo;
+pub use protocol::{Progress, WorkerInfo};
 pub use session::{Affinity, Loss, Session, SessionCounts, SessionEnd, SessionInfo, SessionOptions};
 pub use stats::{Latency, PoolStats, Recycles, WorkerState, WorkerStats};
+pub use stream::Stream;
 
 /// The README's Rust examples, compiled as doctests so they cannot rot.
 #[cfg(doctest)]

@@ -80,12 +80,18 @@ impl<T> Drop for Address<T> {
 impl<T> Mailbox<T> {
     /// Waits (parked) for the value until `deadline`.
     pub(crate) fn recv_deadline(&self, deadline: Instant) -> Result<T, Missed> {
+        self.recv_until(deadline, || false)
+    }
+
+    /// Waits (parked) for the value until `deadline`, or until `stop()` is true (looked at
+    /// whenever the thread is unparked): then `Missed::Timeout`.
+    pub(crate) fn recv_until(&self, deadline: Instant, stop: impl Fn() -> bool) -> Result<T, Missed> {
         loop {
             if let Some(got) = self.take() {
                 return got;
             }
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || stop() {
                 return Err(Missed::Timeout);
             }
             // Wakes early on an unpark (or spuriously); the loop looks again.

@@ -17,9 +17,11 @@ use crate::config::{PoolBuilder, PoolConfig, Profile};
 use crate::dispatcher::{Board, Dispatcher, Request, Shared, Spawner};
 use crate::error::{Error, Result, TimeoutKind};
 use crate::events::Emitter;
-use crate::pending::{MapResults, PendingCall, Runners};
+use crate::pending::{MapResults, MapUnordered, PendingCall};
+use crate::protocol::Progress;
 use crate::session::{Session, SessionInfo, SessionOptions, Sessions};
 use crate::stats::PoolStats;
+use crate::stream::{ProgressSink, Stream};
 use crate::worker::{thread_name, SpawnSpec};
 use crate::{embed, housekeeper, python};
 
@@ -34,6 +36,13 @@ pub struct CallOptions {
     /// The call's whole deadline (queue wait plus execution). Defaults to the pool's
     /// `request_timeout`.
     pub timeout: Option<Duration>,
+    /// Streams: how many chunks the worker may send before the consumer has taken them.
+    /// Defaults to 32.
+    pub window: Option<u32>,
+    /// Streams: the longest wait for the next chunk. Defaults to none (the whole deadline
+    /// only).
+    pub chunk_timeout: Option<Duration>,
+    pub(crate) on_progress: Option<ProgressSink>,
 }
 
 impl CallOptions {
@@ -46,6 +55,25 @@ impl CallOptions {
         self.timeout = Some(timeout);
         self
     }
+    /// Streams: how many chunks may be in flight between the generator and the consumer (at
+    /// least 1). The generator pauses in its `yield` once that many are not taken yet.
+    pub fn window(mut self, chunks: u32) -> Self {
+        self.window = Some(chunks.max(1));
+        self
+    }
+    /// Streams: ends the stream with `Timeout` (kind `Chunk`) if no chunk comes for this long.
+    pub fn chunk_timeout(mut self, timeout: Duration) -> Self {
+        self.chunk_timeout = Some(timeout);
+        self
+    }
+    /// Calls `f` with each progress report of the command (`snakepit.progress(done, total,
+    /// message)`, at most 20 a second). It runs on the pool's thread that reads the worker's
+    /// frames (the caller's own, or the worker's monitor): keep it short, for example store the
+    /// report or send it on a channel.
+    pub fn on_progress(mut self, f: impl Fn(&Progress) + Send + Sync + 'static) -> Self {
+        self.on_progress = Some(ProgressSink::new(f));
+        self
+    }
 }
 
 /// A pool of Python worker processes. `Send + Sync`: share it with `Arc` or scoped threads.
@@ -56,8 +84,6 @@ pub struct Pool {
     config: Arc<PoolConfig>,
     shared: Arc<Shared>,
     calls: Arc<Calls>,
-    /// The threads that run submitted calls.
-    runners: Runners,
     /// Held for the whole of a shutdown, so a second `shutdown()` returns only when the pool is
     /// down.
     threads: Mutex<Threads>,
@@ -108,9 +134,7 @@ impl PoolBuilder {
                 .map_err(spawn_err("dispatcher thread"))?,
         );
         let calls = Arc::new(Calls::new(config.clone(), shared.clone()));
-        // Enough runners for every worker slot and a full queue behind them, within reason.
-        let runners = Runners::new((config.size * config.capacity() * 4).clamp(64, 1024));
-        let pool = Pool { config, shared, calls, runners, threads: Mutex::new(threads) };
+        let pool = Pool { config, shared, calls, threads: Mutex::new(threads) };
         match started_rx.recv_timeout(pool.config.startup_timeout + DISPATCHER_SLACK) {
             Ok(Ok(())) => {}
             // The dispatcher has killed the workers; dropping the pool joins its threads.
@@ -289,7 +313,28 @@ impl Pool {
 
     /// [`submit`](Pool::submit) with per-call options (its deadline runs from now).
     pub fn submit_with(&self, command: &str, args: Value, options: CallOptions) -> Result<PendingCall> {
-        self.runners.submit(&self.calls, command, args, options)
+        self.calls.runners().submit(&self.calls, command, args, options)
+    }
+
+    /// Runs `command` as a stream: the items a generator command yields, as they come (see
+    /// [`Stream`]). Backpressure is built in: the generator pauses once 32 chunks are not taken
+    /// yet.
+    ///
+    /// ```no_run
+    /// # let pool = snakepit::Pool::builder().build()?;
+    /// for chunk in pool.stream("tokens", serde_json::json!({"text": "a b c"}))? {
+    ///     println!("{}", chunk?);
+    /// }
+    /// # Ok::<(), snakepit::Error>(())
+    /// ```
+    pub fn stream(&self, command: &str, args: Value) -> Result<Stream> {
+        self.calls.stream(command, args, CallOptions::default())
+    }
+
+    /// [`stream`](Pool::stream) with per-call options: `window`, `chunk_timeout`, `timeout`
+    /// (the whole stream's), `on_progress`.
+    pub fn stream_with(&self, command: &str, args: Value, options: CallOptions) -> Result<Stream> {
+        self.calls.stream(command, args, options)
     }
 
     /// Runs `command` once per item of `args`, keeping up to `in_flight` calls running at
@@ -302,6 +347,17 @@ impl Pool {
         in_flight: usize,
     ) -> MapResults<'_, I::IntoIter> {
         MapResults::new(self, command, args.into_iter(), in_flight)
+    }
+
+    /// Like [`map`](Pool::map), but yields each outcome as soon as its call ends, with the
+    /// index of its argument: `(index, outcome)`. A slow call holds up no other outcome.
+    pub fn map_unordered<I: IntoIterator<Item = Value>>(
+        &self,
+        command: &str,
+        args: I,
+        in_flight: usize,
+    ) -> MapUnordered<'_, I::IntoIter> {
+        MapUnordered::new(self, command, args.into_iter(), in_flight)
     }
 
     /// Opens a strict session: its calls all run on one worker, where a command declared
@@ -422,7 +478,7 @@ impl Pool {
         }
         let _ = dispatcher.join();
         // Submitted calls still running have their answers by now (ShuttingDown at worst).
-        self.runners.stop();
+        self.calls.stop_threads();
         if let Some(events) = threads.events.take() {
             // The event thread delivers what is queued, then ends; a callback stuck for good
             // is left behind rather than hanging the shutdown.

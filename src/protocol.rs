@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::error::RemoteError;
 
 /// The protocol version both sides speak; the worker reports its own in `ready`.
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+pub(crate) const PROTOCOL_VERSION: u32 = 3;
 
 /// The default largest frame, in bytes (64 MiB).
 pub(crate) const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
@@ -44,6 +44,24 @@ pub struct WorkerInfo {
     /// slow-call log).
     #[serde(default)]
     pub stack_dumps: bool,
+    /// Whether a running call can be interrupted (process profile): it reads the pool's cancel
+    /// requests from a shared file and raises `snakepit.Cancelled` on SIGINT when one asks.
+    #[serde(default)]
+    pub cancel_signal: bool,
+}
+
+/// How far a command has got, as it reported with `snakepit.progress(done, total, message)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Progress {
+    /// The work done so far, in the command's own unit.
+    pub done: f64,
+    /// The whole, if the command knows it.
+    #[serde(default)]
+    pub total: Option<f64>,
+    /// What it is doing.
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 /// One message, either way. Later message types (stream chunks, cancel) are added as variants.
@@ -64,6 +82,25 @@ pub(crate) enum Msg {
         session: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         context: Option<Value>,
+        /// A stream: the command may send this many chunks before it is granted more.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<u32>,
+    },
+    /// Host to worker: stream `id` may send `n` more chunks.
+    Credit { id: u64, n: u32 },
+    /// Host to worker: cancel call `id`; `force`: interrupt it (the second step, after the
+    /// command had its chance to stop by itself).
+    Cancel { id: u64, force: bool },
+    /// Worker to host: one item of stream `id`.
+    Chunk { id: u64, value: Value },
+    /// Worker to host: call `id` reported its progress.
+    Progress {
+        id: u64,
+        done: f64,
+        #[serde(default)]
+        total: Option<f64>,
+        #[serde(default)]
+        message: Option<String>,
     },
     /// Host to worker: the session ended; free its state. No reply.
     EndSession { session: String },
@@ -159,6 +196,16 @@ pub(crate) fn reply_id(payload: &[u8]) -> Option<u64> {
     let rest = [&br#"{"type":"result","id":"#[..], &br#"{"type":"error","id":"#[..]]
         .iter()
         .find_map(|prefix| payload.strip_prefix(*prefix))?;
+    leading_id(rest)
+}
+
+/// The stream id of a `chunk` frame, read from its start like [`reply_id`].
+pub(crate) fn chunk_id(payload: &[u8]) -> Option<u64> {
+    leading_id(payload.strip_prefix(&br#"{"type":"chunk","id":"#[..])?)
+}
+
+/// The integer at the start of `rest`, followed by a comma.
+fn leading_id(rest: &[u8]) -> Option<u64> {
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
     if digits == 0 || rest.get(digits) != Some(&b',') {
         return None;
@@ -177,12 +224,14 @@ pub(crate) fn read_frame(r: &mut impl Read, max: usize) -> io::Result<Option<Msg
     decode(&buf).map(Some)
 }
 
-/// The frame for a call, built by the calling thread; `session`: its session's id and context.
+/// The frame for a call, built by the calling thread; `session`: its session's id and context;
+/// `window`: a stream's first credit.
 pub(crate) fn encode_call(
     id: u64,
     command: &str,
     args: &Value,
     session: Option<(&str, Option<&Value>)>,
+    window: Option<u32>,
     max: usize,
 ) -> io::Result<Vec<u8>> {
     #[derive(Serialize)]
@@ -196,12 +245,24 @@ pub(crate) fn encode_call(
         session: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         context: Option<&'a Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        window: Option<u32>,
     }
     let (session, context) = match session {
         Some((id, context)) => (Some(id), context),
         None => (None, None),
     };
-    encode_frame(&CallRef { kind: "call", id, command, args, session, context }, max)
+    encode_frame(&CallRef { kind: "call", id, command, args, session, context, window }, max)
+}
+
+/// The frame granting stream `id` `n` more chunks (a few dozen bytes: one atomic pipe write).
+pub(crate) fn encode_credit(id: u64, n: u32) -> Vec<u8> {
+    encode_frame(&Msg::Credit { id, n }, DEFAULT_MAX_FRAME).expect("a credit frame always encodes")
+}
+
+/// The frame asking the worker to cancel call `id` (a few dozen bytes).
+pub(crate) fn encode_cancel(id: u64, force: bool) -> Vec<u8> {
+    encode_frame(&Msg::Cancel { id, force }, DEFAULT_MAX_FRAME).expect("a cancel frame always encodes")
 }
 
 /// The frame that tells a worker a session ended.
@@ -368,7 +429,22 @@ mod tests {
                 args: json!({"a": 1, "b": [1, 2]}),
                 session: None,
                 context: None,
+                window: None,
             },
+            Msg::Call {
+                id: 2,
+                command: "tokens".into(),
+                args: json!([]),
+                session: Some("3".into()),
+                context: None,
+                window: Some(64),
+            },
+            Msg::Credit { id: 2, n: 32 },
+            Msg::Cancel { id: 2, force: false },
+            Msg::Cancel { id: 2, force: true },
+            Msg::Chunk { id: 2, value: json!({"token": "é"}) },
+            Msg::Progress { id: 2, done: 3.0, total: Some(10.0), message: Some("fitting".into()) },
+            Msg::Progress { id: 2, done: 0.5, total: None, message: None },
             Msg::EndSession { session: "7".into() },
             Msg::Result { id: u64::MAX, value: json!({"ok": "é"}) },
             Msg::Error {
@@ -394,6 +470,7 @@ mod tests {
                     commands: vec!["echo".into(), "ping".into()],
                     cpu_bound: vec![],
                     stack_dumps: false,
+                    cancel_signal: true,
                 },
             },
         ]
@@ -444,6 +521,7 @@ mod tests {
                 commands: vec![],
                 cpu_bound: vec![],
                 stack_dumps: false,
+                cancel_signal: false,
             },
         };
         let mut wire = b"hello from sitecustomize\n".to_vec();
@@ -497,12 +575,19 @@ mod tests {
     #[test]
     fn encode_call_matches_the_message_form() {
         let args = json!({"text": "hi"});
-        let bytes = encode_call(9, "embed", &args, None, DEFAULT_MAX_FRAME).unwrap();
+        let bytes = encode_call(9, "embed", &args, None, None, DEFAULT_MAX_FRAME).unwrap();
         assert!(!String::from_utf8_lossy(&bytes).contains("session"), "a plain call carries no session keys");
         let msg = read_frame(&mut Cursor::new(bytes), DEFAULT_MAX_FRAME).unwrap();
         assert_eq!(
             msg,
-            Some(Msg::Call { id: 9, command: "embed".into(), args, session: None, context: None })
+            Some(Msg::Call {
+                id: 9,
+                command: "embed".into(),
+                args,
+                session: None,
+                context: None,
+                window: None
+            })
         );
     }
 
@@ -510,7 +595,7 @@ mod tests {
     fn a_session_call_carries_its_id_and_context_and_its_end_is_a_frame() {
         let (args, context) = (json!([1]), json!({"model": "m1"}));
         let bytes =
-            encode_call(3, "predict", &args, Some(("12", Some(&context))), DEFAULT_MAX_FRAME).unwrap();
+            encode_call(3, "predict", &args, Some(("12", Some(&context))), None, DEFAULT_MAX_FRAME).unwrap();
         let msg = read_frame(&mut Cursor::new(bytes), DEFAULT_MAX_FRAME).unwrap();
         let expected = Msg::Call {
             id: 3,
@@ -518,12 +603,33 @@ mod tests {
             args: args.clone(),
             session: Some("12".into()),
             context: Some(context),
+            window: None,
         };
         assert_eq!(msg, Some(expected));
-        let bytes = encode_call(4, "predict", &args, Some(("12", None)), DEFAULT_MAX_FRAME).unwrap();
+        let bytes = encode_call(4, "predict", &args, Some(("12", None)), None, DEFAULT_MAX_FRAME).unwrap();
         assert!(!String::from_utf8_lossy(&bytes).contains("context"), "no context, no key");
         let end = encode_end_session("12").unwrap();
         assert_eq!(&end[4..], br#"{"type":"end_session","session":"12"}"#);
+    }
+
+    #[test]
+    fn stream_and_cancel_frames_have_their_wire_form() {
+        let call = encode_call(5, "tokens", &json!([]), None, Some(16), DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(&call[4..], br#"{"type":"call","id":5,"command":"tokens","args":[],"window":16}"#);
+        assert_eq!(&encode_credit(5, 8)[4..], br#"{"type":"credit","id":5,"n":8}"#);
+        assert_eq!(&encode_cancel(5, true)[4..], br#"{"type":"cancel","id":5,"force":true}"#);
+        // What the worker writes: type first, then id (see `reply_id`), integers or floats.
+        let chunk = decode(br#"{"type":"chunk","id":5,"value":[1,2]}"#).unwrap();
+        assert_eq!(chunk, Msg::Chunk { id: 5, value: json!([1, 2]) });
+        let progress = decode(br#"{"type":"progress","id":5,"done":3,"total":null,"message":"m"}"#).unwrap();
+        assert_eq!(progress, Msg::Progress { id: 5, done: 3.0, total: None, message: Some("m".into()) });
+        let bare = decode(br#"{"type":"progress","id":5,"done":0.25}"#).unwrap();
+        assert_eq!(bare, Msg::Progress { id: 5, done: 0.25, total: None, message: None });
+        assert!(decode(br#"{"type":"progress","id":5,"done":"3"}"#).is_err(), "done must be a number");
+        assert!(decode(br#"{"type":"credit","id":5,"n":-1}"#).is_err(), "a credit is not negative");
+        // An old host's call (no window) still decodes: a plain call.
+        let old = decode(br#"{"type":"call","id":1,"command":"c","args":null}"#).unwrap();
+        assert!(matches!(old, Msg::Call { window: None, .. }));
     }
 
     #[test]
@@ -596,6 +702,12 @@ mod tests {
         assert_eq!(reply_id(br#"{"type":"result","id":"7","value":1}"#), None);
         assert_eq!(reply_id(br#"{"type":"result","id":7"#), None);
         assert_eq!(reply_id(b""), None);
+        let deep_chunk =
+            format!(r#"{{"type":"chunk","id":9,"value":{}{}}}"#, "[".repeat(500), "]".repeat(500));
+        assert!(decode(deep_chunk.as_bytes()).is_err());
+        assert_eq!(chunk_id(deep_chunk.as_bytes()), Some(9));
+        assert_eq!(reply_id(deep_chunk.as_bytes()), None, "a chunk is not a reply");
+        assert_eq!(chunk_id(br#"{"type":"result","id":9,"value":1}"#), None);
     }
 
     #[test]

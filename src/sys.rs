@@ -49,7 +49,7 @@ fn signalled(rc: libc::c_int) -> io::Result<()> {
     }
 }
 
-pub(crate) use libc::{SIGKILL, SIGTERM, SIGUSR1, SIGUSR2};
+pub(crate) use libc::{SIGINT, SIGKILL, SIGTERM, SIGUSR1, SIGUSR2};
 
 /// Puts a file descriptor (our end of a worker's stdin pipe) in non-blocking mode, so a write
 /// never waits on a worker that is not reading.
@@ -76,6 +76,34 @@ pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     }
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A non-blocking, close-on-exec eventfd: a counter that is readable while it is not zero. A
+/// thread waiting in [`poll`] on it is woken by [`eventfd_add`] from another thread.
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes two integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds one to an eventfd's counter (waking whoever polls it).
+pub(crate) fn eventfd_add(fd: RawFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a local array that lives until the call returns. A full
+    // counter (EAGAIN) already wakes its reader, so the result does not matter.
+    let _ = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+}
+
+/// Resets an eventfd's counter to zero (it is no longer readable).
+pub(crate) fn eventfd_clear(fd: RawFd) {
+    let mut buf = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a local array; on a non-blocking eventfd a zero
+    // counter gives EAGAIN, which leaves nothing to do.
+    let _ = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
 }
 
 /// One entry for [`poll`].

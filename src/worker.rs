@@ -31,9 +31,11 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 use serde_json::Value;
 
+use crate::cancel::{CancelFile, CancelStep, CancelToken, Ladder, Step};
 use crate::error::{Error, ExitKind, Result, TimeoutKind};
-use crate::mailbox::{mailbox, Address, Missed};
-use crate::protocol::{self, FrameBuf, Msg};
+use crate::mailbox::{mailbox, Address, Mailbox, Missed};
+use crate::protocol::{self, FrameBuf, Msg, Progress};
+use crate::stream::ProgressSink;
 use crate::sys;
 
 /// A worker's number within its pool (not its pid).
@@ -68,13 +70,20 @@ struct StackFile {
     last: Mutex<Option<(Instant, String)>>,
 }
 
+/// A new, empty file under the temporary folder, unique to this process, for a worker to
+/// share with the pool (`kind` ends its name).
+pub(crate) fn temp_file(kind: &str) -> io::Result<(File, PathBuf)> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("snakepit-{}-{n}.{kind}", std::process::id()));
+    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+    Ok((file, path))
+}
+
 impl StackFile {
     /// A new, empty file under the temporary folder, unique to this process.
     fn create() -> io::Result<StackFile> {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("snakepit-{}-{n}.stack", std::process::id()));
-        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        let (file, path) = temp_file("stack")?;
         Ok(StackFile {
             file: Mutex::new(file),
             path: Mutex::new(Some(path)),
@@ -128,9 +137,11 @@ pub(crate) enum WorkerEvent {
 /// are answered with the right error.
 pub(crate) use crate::error::KilledBy as KillReason;
 
-/// When, during a call, to take its worker's Python stacks (each at most once, and only while
-/// the call still runs): `slow` for the slow-call log (logged, the call goes on), `last`
-/// shortly before the deadline (for the time-out's error).
+/// What a call's owner watches while it waits for the reply, besides the reply and the
+/// deadline: when to take its worker's Python stacks (each at most once, and only while the
+/// call still runs: `slow` for the slow-call log, logged while the call goes on; `last`
+/// shortly before the deadline, for the time-out's error), a handle's cancel and the steps of
+/// a cancel under way, and where progress reports go.
 #[derive(Default)]
 pub(crate) struct Looks<'a> {
     pub(crate) slow: Option<Instant>,
@@ -139,12 +150,54 @@ pub(crate) struct Looks<'a> {
     pub(crate) on_slow: Option<&'a dyn Fn(&str)>,
     /// The stacks taken at `last`.
     pub(crate) stack: Option<String>,
+    /// A handle's cancel request.
+    pub(crate) cancel: Option<&'a CancelToken>,
+    /// The time between a cancel's steps.
+    pub(crate) grace: Duration,
+    /// A cancel under way.
+    pub(crate) ladder: Option<Ladder>,
+    /// Whether a cancel that is not heeded takes the stacks before giving up (a caller waits
+    /// to be told where Python was).
+    pub(crate) stack_on_give_up: bool,
+    /// Where the call's progress reports go.
+    pub(crate) progress: Option<&'a ProgressSink>,
 }
 
 impl Looks<'_> {
-    /// When to wake next: the earliest look still to come before `deadline`, else `deadline`.
+    /// When to wake next: the earliest look or cancel step still to come before `deadline`,
+    /// else `deadline`.
     fn wake(&self, deadline: Instant) -> Instant {
-        [self.slow, self.last].into_iter().flatten().filter(|&at| at < deadline).min().unwrap_or(deadline)
+        [self.slow, self.last, self.ladder.map(|l| l.next_at)]
+            .into_iter()
+            .flatten()
+            .filter(|&at| at < deadline)
+            .min()
+            .unwrap_or(deadline)
+    }
+
+    /// Whether a requested cancel has not been acted on yet.
+    fn cancel_pending(&self) -> bool {
+        self.ladder.is_none() && self.cancel.is_some_and(CancelToken::requested)
+    }
+
+    /// Takes the cancel steps that are due for call `id`: `Some` once the command has had
+    /// every step's grace and still runs.
+    fn steps(&mut self, conn: &Conn, id: u64) -> Option<Exchange> {
+        let now = Instant::now();
+        if self.cancel_pending() {
+            conn.cancel_step(id, 1, now + self.grace);
+            self.ladder = Some(Ladder::asked(now, self.grace));
+        }
+        match self.ladder.as_mut()?.due(now)? {
+            Step::Interrupt => {
+                conn.cancel_step(id, 2, now + self.grace);
+                None
+            }
+            Step::GiveUp => {
+                let stack = if self.stack_on_give_up { conn.capture_stack(now + STACK_WAIT) } else { None };
+                Some(Exchange::Unheeded { stack })
+            }
+        }
     }
 
     /// Takes the looks that are due.
@@ -181,6 +234,14 @@ pub(crate) enum Exchange {
     Died,
     /// The worker broke the protocol while answering.
     Broken(Error),
+    /// A chunk of the stream `id` (streams only).
+    Chunk(Value),
+    /// A chunk of the stream `id` that could not be decoded (nested too deep, a number out of
+    /// range): the frames are still in step, but the stream cannot go on.
+    BadChunk(Error),
+    /// The call was cancelled and did not stop through every step of the cancel; it still
+    /// runs. `stack`: where Python was, if it was asked for.
+    Unheeded { stack: Option<String> },
 }
 
 /// What an exchange sends.
@@ -258,6 +319,10 @@ struct Reader {
 #[derive(Default)]
 struct Waiting {
     replies: HashMap<u64, Address<Result<Value>>>,
+    /// Streams: their chunks, then their end (as the exchange that ends them).
+    streams: HashMap<u64, Sender<Exchange>>,
+    /// Where the progress reports of calls waiting here go.
+    progress: HashMap<u64, ProgressSink>,
     /// Exchanges whose callers gave up at their deadline, and whether each holds a call slot,
     /// which its late reply frees.
     abandoned: HashMap<u64, bool>,
@@ -281,6 +346,17 @@ pub(crate) struct Conn {
     /// Where the worker writes its Python stacks when sent [`STACK_SIGNAL`] (Python's
     /// `faulthandler`); none under a launcher.
     stacks: Option<StackFile>,
+    /// Process profile: where the pool names the call to cancel (see [`CancelFile`]); none
+    /// under a launcher.
+    cancels: Option<CancelFile>,
+    /// The worker said it raises `Cancelled` on SIGINT when its cancel file asks (only then is
+    /// it ever sent one).
+    cancel_signal: AtomicBool,
+    /// Reports each cancel step taken (to the pool's events).
+    on_step: Option<Box<dyn Fn(u64, CancelStep) + Send + Sync>>,
+    /// Readable when the thread waiting for a process worker's reply has something else to
+    /// look at (a cancel request): an eventfd it polls with the worker's stdout.
+    nudge: OwnedFd,
     max_frame: usize,
     /// Our end of its stdin, non-blocking; `None` once closed.
     stdin: Mutex<Option<File>>,
@@ -319,6 +395,7 @@ impl Conn {
         stdin: File,
         stdout: File,
         exit_fd: OwnedFd,
+        nudge: OwnedFd,
         threaded: bool,
         reported: Receiver<()>,
     ) -> Conn {
@@ -328,6 +405,10 @@ impl Conn {
             keeper: false,
             worker_pid: AtomicU32::new(0),
             stacks: None,
+            cancels: None,
+            cancel_signal: AtomicBool::new(false),
+            on_step: None,
+            nudge,
             max_frame,
             stdin: Mutex::new(Some(stdin)),
             outbox: Mutex::new(VecDeque::new()),
@@ -362,7 +443,7 @@ impl Conn {
         if self.threaded {
             self.exchange_threaded(frame, id, deadline, what == Sending::Ping, look)
         } else if what == (Sending::Call { sent: true }) {
-            self.read_reply(&mut self.stdout.lock(), id, deadline, look)
+            self.read_reply(&mut self.stdout.lock(), id, deadline, &mut { look })
         } else {
             self.exchange_alone(frame, id, deadline, look)
         }
@@ -426,7 +507,7 @@ impl Conn {
                 return Exchange::TimedOut { running: true, corrupt: partial, stack: None }
             }
         }
-        self.read_reply(&mut out, id, deadline, look)
+        self.read_reply(&mut out, id, deadline, &mut { look })
     }
 
     /// Writes a whole frame (after any posted ones), waiting for room in the pipe until
@@ -526,19 +607,32 @@ impl Conn {
         }
     }
 
-    /// Reads until the reply to `id`, the process's exit, or the deadline.
-    fn read_reply(&self, out: &mut Reader, id: u64, deadline: Instant, mut look: Looks<'_>) -> Exchange {
+    /// Process profile: reads until the reply to `id` (or, for a stream, its next chunk), the
+    /// process's exit, or the deadline, taking the looks and cancel steps as they fall due.
+    fn read_reply(&self, out: &mut Reader, id: u64, deadline: Instant, look: &mut Looks<'_>) -> Exchange {
         let mut dead = false;
         loop {
             match out.buf.next_frame(self.max_frame) {
-                Ok(Some(payload)) => return reply_from(payload, id),
+                Ok(Some(payload)) => match progress_of(payload) {
+                    Some((of, progress)) => {
+                        if let (true, Some(sink), Some(progress)) = (of == id, look.progress, progress) {
+                            sink.call(&progress);
+                        }
+                        continue;
+                    }
+                    None => return reply_from(payload, id),
+                },
                 Ok(None) => {}
                 Err(e) => return Exchange::Broken(frame_error(self.id, e)),
             }
             if !dead {
+                if let Some(gave_up) = look.steps(self, id) {
+                    return gave_up;
+                }
                 let mut fds = [
                     sys::poll_entry(out.file.as_raw_fd(), sys::POLLIN),
                     sys::poll_entry(self.exit_fd.as_raw_fd(), sys::POLLIN),
+                    sys::poll_entry(self.nudge.as_raw_fd(), sys::POLLIN),
                 ];
                 let wake = look.wake(deadline);
                 match sys::poll(&mut fds, Some(wake)) {
@@ -546,7 +640,13 @@ impl Conn {
                         look.take_due(self, deadline);
                         continue;
                     }
-                    Ok(0) => return Exchange::TimedOut { running: true, corrupt: false, stack: look.stack },
+                    Ok(0) => {
+                        return Exchange::TimedOut { running: true, corrupt: false, stack: look.stack.take() }
+                    }
+                    Ok(_) if fds[0].revents == 0 && fds[1].revents == 0 => {
+                        sys::eventfd_clear(self.nudge.as_raw_fd()); // a cancel to look at
+                        continue;
+                    }
                     Ok(_) => dead = fds[0].revents == 0 && fds[1].revents != 0,
                     Err(e) => return Exchange::Broken(Error::Protocol(format!("polling worker: {e}"))),
                 }
@@ -591,6 +691,9 @@ impl Conn {
                 return Exchange::NotSent { dead: true };
             }
             w.replies.insert(id, tx);
+            if let Some(sink) = look.progress {
+                w.progress.insert(id, sink.clone());
+            }
         }
         let unsent = match self.write(frame, deadline) {
             Written::All => None,
@@ -600,38 +703,50 @@ impl Conn {
             }
         };
         if let Some(unsent) = unsent {
-            self.waiting.lock().replies.remove(&id);
+            let mut w = self.waiting.lock();
+            w.replies.remove(&id);
+            w.progress.remove(&id);
             return unsent;
         }
         loop {
-            let wake = look.wake(deadline);
-            if wake >= deadline {
-                break;
+            if let Some(gave_up) = look.steps(self, id) {
+                return self.stop_waiting(id, !ping, &rx, gave_up);
             }
-            match rx.recv_deadline(wake) {
-                Ok(reply) => return Exchange::Reply(reply),
-                Err(Missed::Timeout) => look.take_due(self, deadline),
+            let wake = look.wake(deadline);
+            let asked = look.cancel.filter(|_| look.ladder.is_none());
+            match rx.recv_until(wake, || asked.is_some_and(CancelToken::requested)) {
+                Ok(reply) => {
+                    if look.progress.is_some() {
+                        self.waiting.lock().progress.remove(&id);
+                    }
+                    return Exchange::Reply(reply);
+                }
                 Err(Missed::Closed) => return self.ended(),
+                Err(Missed::Timeout) if Instant::now() >= deadline => {
+                    let timed_out =
+                        Exchange::TimedOut { running: true, corrupt: false, stack: look.stack.take() };
+                    return self.stop_waiting(id, !ping, &rx, timed_out);
+                }
+                Err(Missed::Timeout) => look.take_due(self, deadline),
             }
         }
-        let stack = look.stack;
-        match rx.recv_deadline(deadline) {
+    }
+
+    /// Thread profile: the owner of call `id` stops waiting for its reply, which `outcome`
+    /// stands for; the call still runs, and (if `slot`) holds its slot until its late reply
+    /// comes. Unless the reply came just now: then that is the outcome.
+    fn stop_waiting(&self, id: u64, slot: bool, rx: &Mailbox<Result<Value>>, outcome: Exchange) -> Exchange {
+        // Whoever removes the entry decides: the monitor (with the reply) or this caller.
+        let mut w = self.waiting.lock();
+        w.progress.remove(&id);
+        if w.replies.remove(&id).is_some() {
+            w.abandoned.insert(id, slot);
+            return outcome;
+        }
+        drop(w);
+        match rx.try_recv() {
             Ok(reply) => Exchange::Reply(reply),
-            Err(Missed::Timeout) => {
-                // Whoever removes the entry decides: the monitor (with the reply) or this caller.
-                let mut w = self.waiting.lock();
-                if w.replies.remove(&id).is_some() {
-                    // Its late reply frees its slot; a ping holds none.
-                    w.abandoned.insert(id, !ping);
-                    return Exchange::TimedOut { running: true, corrupt: false, stack };
-                }
-                drop(w);
-                match rx.try_recv() {
-                    Ok(reply) => Exchange::Reply(reply),
-                    Err(_) => self.ended(),
-                }
-            }
-            Err(Missed::Closed) => self.ended(),
+            Err(_) => self.ended(),
         }
     }
 
@@ -723,10 +838,10 @@ impl Conn {
     }
 
     /// Records the Python worker's pid from its `ready` frame, if it is the keeper's child
-    /// (checked in `/proc`, so a wrong pid is never signalled or measured), and whether it
-    /// writes its stacks on [`STACK_SIGNAL`] (only then is it ever sent one). The stack file's
-    /// name is removed now: both sides have it open.
-    pub(crate) fn set_worker_pid(&self, pid: u32, stack_dumps: bool) {
+    /// (checked in `/proc`, so a wrong pid is never signalled or measured), whether it writes
+    /// its stacks on [`STACK_SIGNAL`] and whether it takes SIGINT as a cancel (only then is it
+    /// ever sent one). The shared files' names are removed now: both sides have them open.
+    pub(crate) fn set_worker_pid(&self, pid: u32, stack_dumps: bool, cancel_signal: bool) {
         if self.keeper && crate::proc::parent_of(pid) == Some(self.pid) {
             self.worker_pid.store(pid, Ordering::Release);
         }
@@ -734,6 +849,173 @@ impl Conn {
             s.unlink();
             s.ready.store(stack_dumps, Ordering::Release);
         }
+        if let Some(c) = &self.cancels {
+            c.unlink();
+            self.cancel_signal.store(cancel_signal, Ordering::Release);
+        }
+    }
+
+    /// Wakes the thread waiting for this process worker's reply, to look at its cancel.
+    pub(crate) fn nudge(&self) {
+        sys::eventfd_add(self.nudge.as_raw_fd());
+    }
+
+    /// Takes a step of cancelling call `id` (see `cancel.rs`): 1 asks, 2 interrupts. A thread
+    /// worker's reading loop gets a `cancel` frame. A process worker's main thread is busy with
+    /// the command, so the call and step go in its cancel file (which `snakepit.cancelled()`
+    /// reads), with SIGINT for step 2; it also gets the frame, which it reads only while a
+    /// stream waits for credit (and ignores once the call is over). Writing the frame waits
+    /// for room in the pipe until `deadline` at most.
+    pub(crate) fn cancel_step(&self, id: u64, step: u8, deadline: Instant) {
+        let told = if step >= 2 { CancelStep::Interrupted } else { CancelStep::Asked };
+        log::debug!("worker {}: call {id}: cancel {told:?}", self.id);
+        self.step_taken(id, told);
+        if !self.threaded {
+            if let Some(file) = &self.cancels {
+                file.write(id, step);
+                let pid = self.worker_pid.load(Ordering::Acquire);
+                if step >= 2 && pid != 0 && self.cancel_signal.load(Ordering::Acquire) {
+                    let reaped = self.reaped.lock();
+                    if !*reaped {
+                        let _ = sys::kill_main_thread(pid, sys::SIGINT);
+                    }
+                }
+            }
+        }
+        let _ = self.write(&protocol::encode_cancel(id, step >= 2), deadline);
+    }
+
+    /// Reports a cancel step of call `id`.
+    pub(crate) fn step_taken(&self, id: u64, step: CancelStep) {
+        if let Some(report) = &self.on_step {
+            report(id, step);
+        }
+    }
+
+    /// Whether the worker serves several calls at once (the thread profile).
+    pub(crate) fn threaded(&self) -> bool {
+        self.threaded
+    }
+
+    /// Whether a call it runs can be told to stop: always on a thread worker (through its
+    /// reading loop); on a process worker only with a cancel file (not under a launcher).
+    pub(crate) fn can_cancel(&self) -> bool {
+        self.threaded || self.cancels.is_some()
+    }
+
+    /// Thread profile: whether call `id` was given up on by its caller and still runs.
+    pub(crate) fn is_abandoned(&self, id: u64) -> bool {
+        self.waiting.lock().abandoned.contains_key(&id)
+    }
+
+    /// Process profile: waits for call `id`, whose cancel is under way (`ladder`), to end,
+    /// taking the cancel's remaining steps: its reply (of whatever kind), the worker's death,
+    /// or `Unheeded` once the last step's grace is over. Chunks the call still sends (a stream
+    /// stopping) are skipped.
+    pub(crate) fn await_end(&self, id: u64, ladder: Ladder, grace: Duration) -> Exchange {
+        let mut look = Looks { ladder: Some(ladder), grace, ..Looks::default() };
+        // The ladder ends first; this only bounds a clock that misbehaves (from now: the task
+        // may have started late).
+        let deadline = ladder.next_at.max(Instant::now()) + 3 * grace + Duration::from_secs(1);
+        let mut out = self.stdout.lock();
+        loop {
+            match self.read_reply(&mut out, id, deadline, &mut look) {
+                Exchange::Chunk(_) | Exchange::BadChunk(_) => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Starts stream `id`: writes its call frame (unless it was `sent` already). The thread
+    /// profile's monitor hands its chunks and end to the returned receiver; a process worker's
+    /// are read by [`Conn::stream_next`]. `Err`: how the exchange ended before it began.
+    pub(crate) fn open_stream(
+        &self,
+        frame: &[u8],
+        id: u64,
+        deadline: Instant,
+        sent: bool,
+        progress: Option<&ProgressSink>,
+    ) -> std::result::Result<Option<Receiver<Exchange>>, Exchange> {
+        if !self.threaded {
+            if sent {
+                return Ok(None);
+            }
+            let mut out = self.stdout.lock();
+            if let Some(dead) = self.fitness(&mut out) {
+                return Err(Exchange::NotSent { dead });
+            }
+            return match self.write(frame, deadline) {
+                Written::All => Ok(None),
+                Written::Nothing => Err(Exchange::NotSent { dead: true }),
+                Written::Late { partial } => {
+                    Err(Exchange::TimedOut { running: true, corrupt: partial, stack: None })
+                }
+            };
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        {
+            let mut w = self.waiting.lock();
+            if w.closed {
+                return Err(Exchange::NotSent { dead: true });
+            }
+            w.streams.insert(id, tx);
+            if let Some(sink) = progress {
+                w.progress.insert(id, sink.clone());
+            }
+        }
+        let unsent = match self.write(frame, deadline) {
+            Written::All => return Ok(Some(rx)),
+            Written::Nothing => Exchange::NotSent { dead: true },
+            Written::Late { partial } => Exchange::TimedOut { running: false, corrupt: partial, stack: None },
+        };
+        let mut w = self.waiting.lock();
+        w.streams.remove(&id);
+        w.progress.remove(&id);
+        Err(unsent)
+    }
+
+    /// The next chunk of stream `id`, or its end, waiting until `until` at most.
+    pub(crate) fn stream_next(
+        &self,
+        id: u64,
+        rx: Option<&Receiver<Exchange>>,
+        until: Instant,
+        progress: Option<&ProgressSink>,
+    ) -> Exchange {
+        let Some(rx) = rx else {
+            let mut look = Looks { progress, ..Looks::default() };
+            return self.read_reply(&mut self.stdout.lock(), id, until, &mut look);
+        };
+        match rx.recv_deadline(until) {
+            Ok(next) => next,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                Exchange::TimedOut { running: true, corrupt: false, stack: None }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => self.ended(),
+        }
+    }
+
+    /// Thread profile: the consumer of stream `id` gives up on it while it runs; it keeps its
+    /// slot until its late end comes. False if its end has already come (or the worker ended):
+    /// it no longer runs. (A process worker's stream is followed up by its lease's holder.)
+    pub(crate) fn stream_abandon(&self, id: u64) -> bool {
+        if !self.threaded {
+            return true;
+        }
+        let mut w = self.waiting.lock();
+        w.progress.remove(&id);
+        if w.streams.remove(&id).is_some() {
+            w.abandoned.insert(id, true);
+            return true;
+        }
+        false
+    }
+
+    /// Grants stream `id` `n` more chunks; false if the frame could not be written by
+    /// `deadline` (the worker is gone, or not reading).
+    pub(crate) fn credit(&self, id: u64, n: u32, deadline: Instant) -> bool {
+        self.write(&protocol::encode_credit(id, n), deadline) == Written::All
     }
 
     /// Where the worker's Python code is now: its main thread is sent [`STACK_SIGNAL`]. A
@@ -851,8 +1133,26 @@ impl Conn {
             // Sent under the lock: a caller that finds its entry gone finds its reply here.
             let _ = tx.send(reply);
             Delivery::Answered
+        } else if let Some(tx) = w.streams.remove(&id) {
+            w.progress.remove(&id);
+            let _ = tx.send(Exchange::Reply(reply));
+            Delivery::Answered
         } else if let Some(slot) = w.abandoned.remove(&id) {
             Delivery::Late { slot }
+        } else {
+            Delivery::Unknown
+        }
+    }
+
+    /// Thread profile: hands a chunk (or a chunk that could not be decoded) to its stream; one
+    /// of a stream whose consumer gave up is dropped.
+    fn deliver_stream(&self, id: u64, chunk: Exchange) -> Delivery {
+        let w = self.waiting.lock();
+        if let Some(tx) = w.streams.get(&id) {
+            let _ = tx.send(chunk);
+            Delivery::Answered
+        } else if w.abandoned.contains_key(&id) {
+            Delivery::Late { slot: false }
         } else {
             Delivery::Unknown
         }
@@ -863,6 +1163,8 @@ impl Conn {
         let mut w = self.waiting.lock();
         w.closed = true;
         w.replies.clear();
+        w.streams.clear();
+        w.progress.clear();
     }
 }
 
@@ -883,11 +1185,13 @@ enum Delivery {
     Unknown,
 }
 
-/// The exchange's outcome from one frame read while waiting for the reply to `id`.
+/// The exchange's outcome from one frame read while waiting for the reply to `id` (or the next
+/// chunk of stream `id`).
 fn reply_from(payload: &[u8], id: u64) -> Exchange {
     match protocol::decode(payload) {
         Ok(Msg::Result { id: got, value }) if got == id => Exchange::Reply(Ok(value)),
-        Ok(Msg::Error { id: got, error }) if got == id => Exchange::Reply(Err(Error::Python(error))),
+        Ok(Msg::Error { id: got, error }) if got == id => Exchange::Reply(Err(remote_error(error))),
+        Ok(Msg::Chunk { id: got, value }) if got == id => Exchange::Chunk(value),
         Ok(Msg::Pong { id: got }) if got == id => Exchange::Reply(Ok(Value::Null)),
         Ok(other) => Exchange::Broken(Error::Protocol(format!("expected the reply to {id}, got {other:?}"))),
         // A well-framed reply that cannot be decoded (say, nested deeper than the decoder
@@ -895,7 +1199,36 @@ fn reply_from(payload: &[u8], id: u64) -> Exchange {
         Err(e) if protocol::reply_id(payload) == Some(id) => {
             Exchange::Reply(Err(Error::Protocol(format!("the reply could not be decoded: {e}"))))
         }
+        Err(e) if protocol::chunk_id(payload) == Some(id) => {
+            Exchange::BadChunk(Error::Protocol(format!("a chunk could not be decoded: {e}")))
+        }
         Err(e) => Exchange::Broken(Error::Protocol(e.to_string())),
+    }
+}
+
+/// A progress report's call and content, if `payload` is one (told by its opening, so other
+/// frames pay one comparison).
+/// A report that cannot be decoded (a number out of range) is dropped: it is `(id, None)`.
+fn progress_of(payload: &[u8]) -> Option<(u64, Option<Progress>)> {
+    if !payload.starts_with(br#"{"type":"progress","id":"#) {
+        return None;
+    }
+    match protocol::decode(payload) {
+        Ok(Msg::Progress { id, done, total, message }) => Some((id, Some(Progress { done, total, message }))),
+        _ => {
+            log::debug!("dropped a progress report that could not be decoded");
+            Some((0, None))
+        }
+    }
+}
+
+/// The error a worker's error reply stands for: `Cancelled` when the command stopped because
+/// it was cancelled.
+pub(crate) fn remote_error(error: crate::error::RemoteError) -> Error {
+    if error.error_type == "Cancelled" {
+        Error::Cancelled
+    } else {
+        Error::Python(error)
     }
 }
 
@@ -922,6 +1255,7 @@ impl Worker {
         spec: &SpawnSpec,
         events: Sender<WorkerEvent>,
         on_late: Box<dyn Fn() + Send>,
+        on_step: Box<dyn Fn(u64, CancelStep) + Send + Sync>,
     ) -> Result<Worker> {
         let mut cmd = Command::new(spec.launcher.first().map_or(spec.python.as_os_str(), |p| p.as_ref()));
         if let Some((_, rest)) = spec.launcher.split_first() {
@@ -955,6 +1289,12 @@ impl Worker {
         let stacks = if spec.launcher.is_empty() { StackFile::create().ok() } else { None };
         if let Some(path) = stacks.as_ref().and_then(StackFile::path) {
             line.extend([OsString::from("--stack-file"), path.into_os_string()]);
+        }
+        // Process profile: a busy worker reads no frames, so its cancels go through a file.
+        let cancels =
+            if spec.launcher.is_empty() && spec.threads == 0 { CancelFile::create().ok() } else { None };
+        if let Some(path) = cancels.as_ref().and_then(CancelFile::path) {
+            line.extend([OsString::from("--cancel-file"), path.into_os_string()]);
         }
         for (flag, value) in [
             ("--max-frame-size", spec.max_frame.to_string()),
@@ -997,16 +1337,16 @@ impl Worker {
         let stdin = File::from(OwnedFd::from(child.stdin.take().expect("stdin is piped")));
         let stdout = File::from(OwnedFd::from(child.stdout.take().expect("stdout is piped")));
         let stderr = File::from(OwnedFd::from(child.stderr.take().expect("stderr is piped")));
-        let setup = (|| -> io::Result<OwnedFd> {
+        let setup = (|| -> io::Result<(OwnedFd, OwnedFd)> {
             // Non-blocking: a write never waits on a worker that stopped reading, and a read
             // never waits past a deadline.
             for fd in [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()] {
                 sys::set_nonblocking(fd)?;
             }
-            sys::pidfd_open(pid)
+            Ok((sys::pidfd_open(pid)?, sys::eventfd()?))
         })();
-        let exit_fd = match setup {
-            Ok(fd) => fd,
+        let (exit_fd, nudge) = match setup {
+            Ok(fds) => fds,
             Err(source) => {
                 let _ = sys::kill_group(pid, sys::SIGKILL);
                 let _ = child.wait();
@@ -1014,9 +1354,12 @@ impl Worker {
             }
         };
         let (report, reported) = bounded::<()>(0);
-        let mut conn = Conn::new(id, pid, spec.max_frame, stdin, stdout, exit_fd, spec.threads > 0, reported);
+        let mut conn =
+            Conn::new(id, pid, spec.max_frame, stdin, stdout, exit_fd, nudge, spec.threads > 0, reported);
         conn.keeper = spec.launcher.is_empty();
         conn.stacks = stacks;
+        conn.cancels = cancels;
+        conn.on_step = Some(on_step);
         let conn = Arc::new(conn);
         let monitor = Monitor {
             conn: conn.clone(),
@@ -1061,6 +1404,7 @@ impl Worker {
             File::from(stdin_w),
             File::from(stdout_r),
             exit_r,
+            sys::eventfd().unwrap(),
             threaded,
             reported,
         );
@@ -1192,12 +1536,19 @@ impl Monitor {
                 let frame = match out.buf.next_frame(conn.max_frame) {
                     Ok(Some(payload)) => match protocol::decode(payload) {
                         Ok(msg) => Ok(msg),
-                        Err(e) => match protocol::reply_id(payload) {
-                            Some(id) => {
+                        // Well framed but not decodable (nested too deep, a number out of
+                        // range): it fails only its call; a progress report is dropped.
+                        Err(e) => match (protocol::reply_id(payload), protocol::chunk_id(payload)) {
+                            (Some(id), _) => {
                                 let err = Error::Protocol(format!("the reply could not be decoded: {e}"));
-                                Err((Some(id), err))
+                                Err((Some((id, false)), err))
                             }
-                            None => Err((None, Error::Protocol(e.to_string()))),
+                            (_, Some(id)) => {
+                                let err = Error::Protocol(format!("a chunk could not be decoded: {e}"));
+                                Err((Some((id, true)), err))
+                            }
+                            _ if progress_of(payload).is_some() => continue,
+                            _ => Err((None, Error::Protocol(e.to_string()))),
                         },
                     },
                     Ok(None) => break,
@@ -1205,7 +1556,16 @@ impl Monitor {
                 };
                 let keep = match frame {
                     Ok(msg) => self.on_frame(msg),
-                    Err((Some(id), err)) if conn.threaded => self.on_reply(id, Err(err)),
+                    Err((Some((id, false)), err)) if conn.threaded => self.on_reply(id, Err(err)),
+                    Err((Some((id, true)), err)) if conn.threaded => {
+                        match conn.deliver_stream(id, Exchange::BadChunk(err)) {
+                            Delivery::Unknown => {
+                                self.broken(Error::Protocol(format!("chunk of stream {id} it does not run")));
+                                false
+                            }
+                            _ => true,
+                        }
+                    }
                     Err((_, err)) => {
                         drop(out);
                         self.broken(err);
@@ -1225,7 +1585,24 @@ impl Monitor {
         log::trace!("[{}] worker {} -> {msg:?}", self.pool, conn.id);
         match msg {
             Msg::Result { id, value } if conn.threaded => self.on_reply(id, Ok(value)),
-            Msg::Error { id, error } if conn.threaded => self.on_reply(id, Err(Error::Python(error))),
+            Msg::Error { id, error } if conn.threaded => self.on_reply(id, Err(remote_error(error))),
+            Msg::Chunk { id, value } if conn.threaded => {
+                match conn.deliver_stream(id, Exchange::Chunk(value)) {
+                    Delivery::Unknown => {
+                        self.broken(Error::Protocol(format!("chunk of stream {id} it does not run")));
+                        false
+                    }
+                    _ => true,
+                }
+            }
+            Msg::Progress { id, done, total, message } if conn.threaded => {
+                // Late reports (of a call whose caller gave up) are dropped.
+                let sink = conn.waiting.lock().progress.get(&id).cloned();
+                if let Some(sink) = sink {
+                    sink.call(&Progress { done, total, message });
+                }
+                true
+            }
             Msg::Pong { id } if conn.threaded => self.on_reply(id, Ok(Value::Null)),
             msg @ (Msg::Ready { .. } | Msg::StartupError { .. }) => {
                 let _ = self.events.send(WorkerEvent::Frame(conn.id, msg));

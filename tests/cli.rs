@@ -271,6 +271,44 @@ fn serve_lines_that_name_a_session_share_its_worker_and_state() {
 }
 
 #[test]
+fn call_stream_prints_a_line_per_chunk_and_serve_streams_before_its_reply() {
+    let dir = TempDir::new("stream");
+    let config = json!({
+        "pools": [{"name": "default", "size": 1, "python_path": [fixtures()], "adapter": "stream_adapter",
+                   "startup_timeout": "20s", "env": {"CLI_RUN": dir.tag()}}]
+    });
+    let config = dir.write("pools.json", &config.to_string());
+    let out = run_cli(&[
+        arg("--config"),
+        config.clone().into(),
+        arg("call"),
+        arg("default"),
+        arg("count"),
+        arg(r#"{"n": 4}"#),
+        arg("--stream"),
+    ]);
+    out.assert_code(0);
+    assert_eq!(out.stdout, "0\n1\n2\n3\n", "{out:?}");
+    let bad = run_cli(&[arg("--config"), config.clone().into(), arg("serve"), arg("--stream")]);
+    bad.assert_code(2);
+    let mut cli = Running::spawn(&[arg("--config"), config.into(), arg("serve")]);
+    cli.send(r#"{"id": "s", "command": "count", "args": {"n": 3, "returns": "end"}, "stream": true}"#);
+    for i in 0..3 {
+        assert_eq!(cli.reply(), json!({"id": "s", "chunk": i}));
+    }
+    assert_eq!(cli.reply(), json!({"id": "s", "ok": true, "value": "end"}));
+    cli.send(r#"{"id": "e", "command": "fails_after", "args": {"n": 1}, "stream": true}"#);
+    assert_eq!(cli.reply(), json!({"id": "e", "chunk": 0}));
+    let failed = cli.reply();
+    assert_eq!((&failed["ok"], &failed["error"]["type"]), (&json!(false), &json!("ValueError")), "{failed}");
+    cli.send(r#"{"id": "x", "command": "count", "stream": "yes"}"#);
+    assert_eq!(cli.reply()["error"]["kind"], json!("bad_request"));
+    let finished = cli.close_stdin_and_wait();
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    assert_no_worker_left(&dir);
+}
+
+#[test]
 fn serve_answers_json_lines_by_id_in_completion_order() {
     let dir = TempDir::new("serve");
     let config = dir.write("pools.json", &two_pools(&dir).to_string());

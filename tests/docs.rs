@@ -38,7 +38,8 @@ fn every_documented_key_is_accepted_by_the_parser() {
             k if k.ends_with("timeout")
                 || k.ends_with("interval")
                 || k.ends_with("ttl")
-                || k == "session_drain" =>
+                || k == "session_drain"
+                || k == "cancel_grace" =>
             {
                 "\"1s\""
             }

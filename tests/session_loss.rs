@@ -222,7 +222,13 @@ fn a_session_call_that_times_out_gets_its_worker_killed_and_the_session_lost_or_
     let s = pool.session().unwrap();
     s.call("fit", json!({"points": points()})).unwrap();
     let (worker, pid) = (s.worker().unwrap(), session_pid(&pool, &s));
+    // A command that stops when asked keeps the session's worker, and its state.
     let late = s.call_with("sleep", json!({"seconds": 30}), one_second.clone());
+    assert!(matches!(late, Err(Error::Timeout { kind: TimeoutKind::Call, .. })), "{late:?}");
+    assert_eq!(s.call("predict", json!({"x": 2})).unwrap(), json!(8.0));
+    assert_eq!(session_pid(&pool, &s), pid);
+    // One that does not is killed once the cancel's steps are over.
+    let late = s.call_with("deaf_sleep", json!({"seconds": 30}), one_second.clone());
     assert!(matches!(late, Err(Error::Timeout { kind: TimeoutKind::Call, .. })), "{late:?}");
     wait_until_pool_forgets(&pool, pid);
     assert_lost_for_good(&s, worker, killed);
@@ -232,13 +238,13 @@ fn a_session_call_that_times_out_gets_its_worker_killed_and_the_session_lost_or_
     let p = prefer(&pool);
     p.call("fit", json!({"points": points()})).unwrap();
     let (worker, pid) = (p.worker().unwrap(), session_pid(&pool, &p));
-    let late = p.call_with("sleep", json!({"seconds": 30}), one_second);
+    let late = p.call_with("deaf_sleep", json!({"seconds": 30}), one_second);
     assert!(matches!(late, Err(Error::Timeout { kind: TimeoutKind::Call, .. })), "{late:?}");
     wait_until_pool_forgets(&pool, pid);
     assert_moved_fresh(&p, pid);
     assert_eq!(lost_event(&events, &p), (worker, killed, true));
     let stats = pool.stats().unwrap();
-    assert_eq!((stats.sessions.lost, stats.timeouts), (2, 2));
+    assert_eq!((stats.sessions.lost, stats.timeouts), (2, 3), "one time-out cost no worker");
     drop((s, p));
     shut_down(pool, &events);
 }
@@ -446,7 +452,10 @@ fn a_strict_session_that_calls_at_once_after_losing_its_worker_learns_why() {
         let s = pool.session().unwrap();
         let worker = s.worker().unwrap();
         let short = CallOptions::new().timeout(Duration::from_millis(300));
-        assert!(matches!(s.call_with("sleep", json!({"seconds": 30}), short), Err(Error::Timeout { .. })));
+        assert!(matches!(
+            s.call_with("deaf_sleep", json!({"seconds": 30}), short),
+            Err(Error::Timeout { .. })
+        ));
         assert_lost(s.call("state", json!({})), &s, worker, Loss::Killed(KilledBy::CallTimeout));
         assert!(common::settled(&pool));
     }

@@ -13,13 +13,20 @@ fn a_hung_call_times_out_and_the_pool_regains_full_capacity() {
     let before = common::worker_pids(&pool);
     let started = Instant::now();
     let err = pool
-        .call_with("sleep", json!({"seconds": 30}), CallOptions::new().timeout(Duration::from_millis(300)))
+        .call_with(
+            "deaf_sleep",
+            json!({"seconds": 30}),
+            CallOptions::new().timeout(Duration::from_millis(300)),
+        )
         .unwrap_err();
     let waited = started.elapsed();
     assert!(matches!(err, Error::Timeout { kind: TimeoutKind::Call, .. }), "{err:?}");
     assert!(waited >= Duration::from_millis(300), "returned before its deadline: {waited:?}");
     assert!(waited < Duration::from_secs(5), "waited far past its deadline: {waited:?}");
-    // The worker running it was killed and replaced (and reaped: `settled`).
+    // Its command ignored every step of the cancel that followed its deadline, so the worker
+    // running it was killed and replaced (and reaped: `settled`).
+    let replaced = || common::worker_pids(&pool).iter().any(|p| !before.contains(p));
+    assert!(common::wait_until(Duration::from_secs(10), replaced), "a replacement started");
     assert!(common::settled(&pool));
     let after = common::worker_pids(&pool);
     let killed: Vec<u32> = before.iter().copied().filter(|p| !after.contains(p)).collect();

@@ -24,6 +24,30 @@ An adapter module registers the functions the host may call::
 
 and the host starts workers with ``python -m snakepit --adapter my_adapter``.
 
+A command that returns a generator is a stream (the host calls it with ``Pool::stream``): each
+value it yields reaches the host as one chunk, as fast as the host takes them. While a command
+runs it may report how far it got, and notice that the host cancelled it::
+
+    @snakepit.command
+    def tokens(text):
+        words = text.split()
+        for i, word in enumerate(words):
+            snakepit.progress(i, len(words), "tokenising")
+            yield word
+
+    @snakepit.command
+    def fit(rows):
+        for step in range(1000):
+            snakepit.check_cancelled()  # raises snakepit.Cancelled once the host cancels
+            ...
+
+``cancelled()`` says whether the host asked to cancel the current call, ``check_cancelled()``
+raises ``Cancelled`` if so, and ``progress(done, total=None, message=None)`` reports progress
+(at most one frame every 0.05 s per call; ``done == total`` always gets through). ``Cancelled``
+is a BaseException, so ``except Exception`` does not swallow it; a command that lets it out is
+answered as cancelled. If the command does not stop by itself, the host may interrupt it: the
+worker then raises ``Cancelled`` wherever the command's Python code is.
+
 This module only holds the registry; it must stay cheap to import because
 every worker imports it before anything else.
 """
@@ -42,6 +66,10 @@ __all__ = [
     "is_cpu_bound",
     "takes_session",
     "Session",
+    "Cancelled",
+    "cancelled",
+    "check_cancelled",
+    "progress",
     "ARGS",
     "__version__",
 ]
@@ -145,6 +173,87 @@ def __getattr__(name):
 
         return Session
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class Cancelled(BaseException):
+    """The host cancelled the call that is running.
+
+    Raised by ``check_cancelled()``, and by the worker in the command's thread when the host
+    interrupts a call that did not stop by itself. A BaseException, like KeyboardInterrupt, so
+    that ``except Exception`` in a command does not swallow it; a command that lets it out is
+    answered as cancelled (error type "Cancelled") and the worker goes on serving.
+    """
+
+
+def _no_call():
+    return None
+
+
+# The worker's: returns the calling thread's running call (an object with is_cancelled() and
+# report_progress(done, total, message)), or None outside a call. Kept here, and set by the
+# worker module when it is imported, so that importing snakepit stays cheap.
+_current_call = _no_call
+
+
+def cancelled():
+    """Whether the host asked to cancel the call this thread is running (False outside a call).
+
+    Cheap enough to call in a command's inner loop.
+    """
+    call = _current_call()
+    return call is not None and call.is_cancelled()
+
+
+def check_cancelled():
+    """Raise ``Cancelled`` if the host asked to cancel the call this thread is running."""
+    call = _current_call()
+    if call is not None and call.is_cancelled():
+        raise Cancelled("call cancelled")
+
+
+def progress(done, total=None, message=None):
+    """Report how far the running call has got: ``done`` of ``total`` (numbers, in the
+    command's own unit; ``total`` None when unknown), with an optional ``message``.
+
+    Does nothing outside a call (or on a thread the command started). The host gets at most
+    one report every 0.05 s per call, and always one with ``done == total``; the others are
+    dropped, not delayed. Raises TypeError for a ``done`` or ``total`` that is not an int or
+    a float (bool is not a number here) or a ``message`` that is not a str or None, and
+    ValueError for NaN or infinity.
+    """
+    done = _progress_number(done, "done")
+    if total is not None:
+        total = _progress_number(total, "total")
+    if message is not None and not isinstance(message, str):
+        raise TypeError(f"snakepit.progress: message must be a str or None, not {type(message).__name__}")
+    call = _current_call()
+    if call is not None:
+        call.report_progress(done, total, message)
+
+
+def _progress_number(value, name):
+    """``value`` as a JSON number: an int or a float (a finite one), else TypeError/ValueError."""
+    kind = type(value)
+    if kind is not int and kind is not float:
+        value = _real_number(value, name)
+    if value != value or value in (_INF, -_INF):
+        raise ValueError(f"snakepit.progress: {name} must be finite, not {value!r}")
+    return value
+
+
+def _real_number(value, name):
+    # Number types that are not int or float (numpy's, Fraction): the host wants a JSON
+    # number, so they become one. Slow path: numbers is imported only here.
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"snakepit.progress: {name} must be an int or a float, not {type(value).__name__}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value)
+
+
+_INF = float("inf")
 
 
 def _describe(f):

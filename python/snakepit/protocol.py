@@ -3,6 +3,11 @@
 A frame is a 4-byte big-endian unsigned length followed by that many bytes of
 UTF-8 JSON: one JSON object with a string "type" key. The length counts the
 payload only, not the header.
+
+Version 3 adds streams, cancellation and progress (see "streams, cancellation and progress"
+below): a ``call`` may carry a ``window``; the host sends ``credit`` and ``cancel``; the worker
+sends ``chunk`` and ``progress``. Every frame the worker sends about a call starts with
+``{"type":...,"id":...``, so the host can tell which call it concerns from its first bytes.
 """
 
 import json
@@ -13,7 +18,7 @@ from collections import deque as _deque
 from itertools import chain, compress, repeat
 from operator import is_
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 
 _HEADER = struct.Struct(">I")
@@ -353,6 +358,16 @@ def describe_problem(value, root="value"):
 _INF = float("inf")
 
 
+def utf8_safe(text):
+    """``text`` with anything UTF-8 cannot carry (lone surrogates) escaped, so that an error
+    report or a progress message can always be sent."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _utf8_ok(text):
     try:
         text.encode("utf-8")
@@ -504,3 +519,111 @@ def _read_rest(stream, data, n):
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
+
+
+# --- streams, cancellation and progress (version 3) --------------------------------------
+#
+# Host -> worker:
+#   {"type":"call",...,"window":N}       a stream: the worker may send N chunks before more credit
+#   {"type":"credit","id":I,"n":K}       K more chunks for stream I
+#   {"type":"cancel","id":I,"force":F}   cancel call I; F: interrupt it (the second step)
+# Worker -> host:
+#   {"type":"chunk","id":I,"value":V}    one item of stream I
+#   {"type":"progress","id":I,"done":D,"total":T,"message":M}
+# A stream ends with the call's usual result (the generator's return value) or error reply; a
+# cancelled call with an error reply of type "Cancelled". A credit or cancel for an id the
+# worker does not know (a call that already ended) is ignored.
+#
+# The process profile's main thread is busy in the command while a call runs, so there the
+# host asks for a cancel through a file the worker maps (--cancel-file): CANCEL_FILE_SIZE bytes
+# of ASCII "<call id> <step>", padded with spaces; step 1 asks, step 2 interrupts (the host
+# then also sends SIGINT).
+
+CANCEL_FILE_SIZE = 32
+
+
+def stream_window(msg):
+    """A call's ``window``: None for a plain call, else the stream's first credit (an int >= 1).
+
+    Raises ProtocolError for a window that is not an integer of at least 1.
+    """
+    window = msg.get("window")
+    if window is None or (type(window) is int and window >= 1):
+        return window
+    raise ProtocolError(f"the 'window' of a call must be an integer of at least 1, not {_json_text(window)}")
+
+
+def parse_credit(msg):
+    """``(id, n)`` of a ``credit`` message; ProtocolError unless both are integers, n >= 0."""
+    rid, n = msg.get("id"), msg.get("n")
+    if type(rid) is not int:
+        raise ProtocolError(f"'credit' message needs an integer 'id', not {_json_text(rid)}")
+    if type(n) is not int or n < 0:
+        raise ProtocolError(f"'credit' message needs a non-negative integer 'n', not {_json_text(n)}")
+    return rid, n
+
+
+def parse_cancel(msg):
+    """``(id, force)`` of a ``cancel`` message; ``force`` absent is False. ProtocolError unless
+    the id is an integer and force a boolean."""
+    rid, force = msg.get("id"), msg.get("force", False)
+    if type(rid) is not int:
+        raise ProtocolError(f"'cancel' message needs an integer 'id', not {_json_text(rid)}")
+    if type(force) is not bool:
+        raise ProtocolError(f"the 'force' of a 'cancel' message must be a boolean, not {_json_text(force)}")
+    return rid, force
+
+
+def chunk_message(rid, value):
+    """The ``chunk`` frame's message: "type" first, "id" second (the host reads them first)."""
+    return {"type": "chunk", "id": rid, "value": value}
+
+
+def progress_message(rid, done, total=None, message=None):
+    """The ``progress`` frame's message, "type" first and "id" second; every key is present."""
+    return {"type": "progress", "id": rid, "done": done, "total": total, "message": message}
+
+
+def parse_cancel_file(data):
+    """``(call id, step)`` from the cancel file's bytes, or ``(None, 0)`` when they hold no
+    request (the spaces the host starts with, or anything unreadable)."""
+    parts = data.split()
+    if len(parts) != 2:
+        return None, 0
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        return None, 0
+
+
+def format_cancel_file(rid, step):
+    """The cancel file's bytes asking for ``step`` (1: ask, 2: interrupt) of call ``rid``:
+    what the host writes, here for tests and as its specification."""
+    text = f"{rid} {step}".encode("ascii")
+    if len(text) > CANCEL_FILE_SIZE:
+        raise ValueError(f"cancel request {text!r} is longer than {CANCEL_FILE_SIZE} bytes")
+    return text.ljust(CANCEL_FILE_SIZE, b" ")
+
+
+def _json_text(value):
+    """``value`` as an error message names it: its JSON type, and the value itself when short
+    (``null``, ``number 0``, ``string "3"``, ``boolean true``)."""
+    kind = _JSON_KINDS.get(type(value), type(value).__name__)
+    if value is None:
+        return kind
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return kind
+    return f"{kind} {text}" if len(text) <= 30 else kind
+
+
+_JSON_KINDS = {
+    type(None): "null",
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+}

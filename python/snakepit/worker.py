@@ -13,19 +13,25 @@ import sys
 import threading
 import time
 import traceback
-from types import SimpleNamespace
+from types import GeneratorType, SimpleNamespace
 
 import snakepit
-from snakepit import _keeper, _logbridge
+from snakepit import Cancelled, _calls, _keeper, _logbridge
 from snakepit.protocol import (
+    CANCEL_FILE_SIZE,
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
     FrameTooLarge,
     ProtocolError,
+    chunk_message,
     describe_problem,
     encode_frame,
+    parse_cancel,
+    parse_credit,
     reaches_host_exactly,
     read_frame,
+    stream_window,
+    utf8_safe,
     write_all,
 )
 
@@ -140,21 +146,59 @@ class Worker:
 
         ``write(data)`` sends one encoded frame. Raises ProtocolError when the
         host sends something that is not a frame.
+
+        A call runs with its id in ``_calls.MAIN``, for snakepit.cancelled() and progress()
+        and the SIGINT handler (see _cancel_on_signal), which may raise Cancelled anywhere in
+        the try block below, even after the command returned. A stream (a call with a
+        "window") reads the host's frames itself while it waits for credit; the calls and
+        end_session frames it read meanwhile are handled after it (``backlog``).
         """
-        # The hot path of the process profile: keep it to the calls below.
+        # The hot path of the process profile: keep it to the calls below. A plain call adds
+        # the "window" test, two stores of MAIN.id and a try block.
         limit = self.max_frame_size
         respond = self.respond
+        main = _calls.MAIN
+        main.begin(threading.get_ident(), write, limit)
+        backlog = []
         while True:
-            msg = read_frame(reader, limit)
+            msg = backlog.pop(0) if backlog else read_frame(reader, limit)
             if msg is None:
                 log.debug("end of input; exiting")
                 return
-            if msg["type"] == "shutdown":
+            kind = msg["type"]
+            if kind == "call":
+                if "window" in msg:
+                    data = self._serve_stream(msg, reader, write, backlog)
+                else:
+                    try:
+                        main.id = msg.get("id")
+                        data = respond(msg)
+                        main.id = None  # a SIGINT from here on raises nothing
+                    except Cancelled as exc:  # SIGINT's, after the command returned (_call has the others)
+                        main.id = None
+                        data = _cancelled_frame(msg.get("id"), exc, limit)
+            elif kind == "shutdown":
                 log.debug("shutdown requested; exiting")
                 return
-            data = respond(msg)
+            else:
+                data = respond(msg)
             if data is not None:
                 write(data)
+
+    def _serve_stream(self, msg, reader, write, backlog):
+        """serve() for a call with a "window": the stream's chunks are written as they come;
+        returns its last frame (result or error)."""
+        rid = _request_id(msg)
+        main = _calls.MAIN
+        main.shielded = True  # SIGINT raises only in the command's code (ProcessStream.enter)
+        link = _calls.ProcessStream(rid, msg["window"], reader, self.max_frame_size, write, self.respond, backlog)
+        try:
+            main.id = rid
+            return self._stream(msg, rid, link)
+        finally:
+            main.id = None
+            main.cancel_id = None
+            main.shielded = False
 
     def serve_threaded(self, reader, write, threads):
         """Like serve(), but calls run on up to ``threads`` threads at once, each reply written
@@ -164,6 +208,10 @@ class Worker:
 
         ``write(data)`` sends one or more whole encoded frames; it is called by one thread
         at a time.
+
+        The reading loop applies ``credit`` and ``cancel`` frames to the calls taken (see
+        _calls.ThreadCalls); a stream runs on its call thread, sending its chunks as the
+        replies are sent.
         """
         # The hot path of the thread profile. A call costs one put here and one get on a call
         # thread (a ThreadPoolExecutor's Future, locks and semaphore cost several times the
@@ -179,10 +227,16 @@ class Worker:
             from queue import SimpleQueue
 
         respond = self.respond
+        stream = self._stream
         send = _reply_sender(write)
-        calls = SimpleQueue()  # taken calls, then one None per thread at the end
-        get = calls.get
-        put = calls.put
+        queue = SimpleQueue()  # taken calls (msg, or a StreamCall), then one None per thread at the end
+        get = queue.get
+        put = queue.put
+        limit = self.max_frame_size
+        calls = _calls.ThreadCalls(send, limit)  # for cancel and credit frames, see there
+        running = calls.running
+        running_pop = running.pop
+        early = calls.early
         pool = []  # the call threads, started when a call finds none free, at most `threads`
         # One token per call thread done with its call and bound for get(), that no call put
         # since has counted on: call threads append, only this loop pops.
@@ -190,22 +244,53 @@ class Worker:
         free_pop = free.pop
 
         def run(free_append=free.append):
+            me = calls.thread(threading.get_ident())
+            try:
+                serve_calls(me, free_append)
+            finally:
+                calls.forget_thread(me)
+
+        def serve_calls(me, free_append):
             while True:
-                msg = get()
-                if msg is None:
+                item = get()
+                if item is None:
                     return
+                msg = item if type(item) is dict else item.msg
+                rid = msg["id"]
+                # A forced cancel (ThreadCalls.cancel) may raise Cancelled in this thread from
+                # the store of me.msg until its clearing, once per call at most: anywhere in
+                # here, even in the handler of a Cancelled that the command raised itself, hence
+                # two levels of except (the outer one only ever gets the forced one, after
+                # which none can come). See _calls.CallThread.
                 try:
-                    data = respond(msg)
+                    try:
+                        me.msg = msg
+                        if early and rid in early:
+                            raise _NotStarted("call cancelled before it started")
+                        data = respond(msg) if item is msg else stream(msg, rid, item.begin(me))
+                    except Cancelled as exc:
+                        data = exc
+                    me.msg = None  # me.end()'s first line, inline: every call's path
+                    if me.forced_id is not None:
+                        data = me.end(data)
+                except Cancelled as exc:
+                    data = me.end(exc)
                 except BaseException as exc:  # SystemExit from a command ends the worker, as in serve()
                     log.error("command %r ended the worker: %r", msg.get("command"), exc)
                     os._exit(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
+                running_pop(rid, None)
+                if early:
+                    calls.forget_early(rid)
+                if item is not msg:
+                    calls.end_stream(rid, me)
+                if type(data) is not bytes:
+                    data = _cancelled_frame(rid, data, limit)
                 try:
                     send(data)
                 except OSError:
                     pass  # the host is gone; the reading loop sees EOF
                 free_append(None)
 
-        limit = self.max_frame_size
         try:
             while True:
                 msg = read_frame(reader, limit)
@@ -213,8 +298,8 @@ class Worker:
                     return
                 kind = msg["type"]
                 if kind == "call":
-                    _request_id(msg)  # a call without an integer id is a protocol error, here
-                    put(msg)
+                    running[_request_id(msg)] = msg  # a call without an integer id is a protocol error, here
+                    put(msg if "window" not in msg else calls.stream(msg["id"], msg))
                     if free:
                         free_pop()
                     elif len(pool) < threads:  # every thread is busy: one more, for this call
@@ -222,12 +307,19 @@ class Worker:
                         thread.start()
                         pool.append(thread)
                     continue
+                if kind == "credit":
+                    calls.credit(*parse_credit(msg))
+                    continue
+                if kind == "cancel":
+                    calls.cancel(*parse_cancel(msg))
+                    continue
                 if kind == "shutdown":
                     return
                 data = respond(msg)
                 if data is not None:
                     send(data)
         finally:
+            calls.cancel_streams()  # no credit can come any more
             for _ in pool:
                 put(None)  # after every call taken: each thread finishes those first
             for thread in pool:
@@ -243,30 +335,68 @@ class Worker:
         reply = self._call(msg) if msg["type"] == "call" else self.handle(msg)
         if reply is None:
             return None
+        # _encode_reply's first lines, inline: this is every call's path.
         try:
             data = encode_frame(reply, self.max_frame_size)
-        except FrameTooLarge as exc:
-            kind = "FrameTooLarge"
-            text = f"is {exc.size} bytes, above the maximum frame size of {exc.limit} bytes"
         except Exception as exc:  # TypeError/ValueError from json, UnicodeEncodeError, RecursionError
-            kind = _type_name(type(exc))
-            text = f"is not JSON-serialisable: {_text(exc)}"
-            if reply["type"] == "result":  # say what, and where in the value
-                kind, text = _value_problem(reply["value"]) or (kind, text)
-        else:
-            # A value the encoder took may still not reach the host as itself (non-str dict
-            # keys, integers beyond 64 bits): a cheap check, and a closer look only if it fails.
-            if reply["type"] != "result" or reaches_host_exactly(reply["value"]):
-                return data
+            return self._refused(msg, reply, exc)[0]
+        # A value the encoder took may still not reach the host as itself (non-str dict
+        # keys, integers beyond 64 bits): a cheap check, and a closer look only if it fails.
+        if reply["type"] != "result" or reaches_host_exactly(reply["value"]):
+            return data
+        return self._refused(msg, reply, None, data)[0]
+
+    def _encode_reply(self, msg, reply):
+        """``(frame, True)`` for the reply (or chunk) dict ``reply`` to ``msg``, or ``(error
+        frame, False)`` when it cannot be sent as it is (see respond)."""
+        try:
+            data = encode_frame(reply, self.max_frame_size)
+        except Exception as exc:
+            return self._refused(msg, reply, exc)
+        if reply["type"] not in ("result", "chunk") or reaches_host_exactly(reply["value"]):
+            return data, True
+        return self._refused(msg, reply, None, data)
+
+    def _refused(self, msg, reply, exc, data=None):
+        """_encode_reply's slow path: ``exc`` is what the encoder raised, or None when it took
+        the reply (``data``) but its value failed reaches_host_exactly. Returns ``(frame,
+        sent_as_is)``: the error frame saying what is wrong and where, or ``data`` after all."""
+        kind = reply["type"]
+        has_value = kind == "result" or kind == "chunk"
+        if exc is None:
             problem = _value_problem(reply["value"])
             if problem is None:
-                return data
-            kind, text = problem
-        if reply["type"] == "result":
-            what = f"result of command {msg.get('command')!r}"
+                return data, True
+            error, text = problem
+        elif isinstance(exc, FrameTooLarge):
+            error = "FrameTooLarge"
+            text = f"is {exc.size} bytes, above the maximum frame size of {exc.limit} bytes"
         else:
-            what = f"{reply['type']} reply to a {msg['type']!r} message"
-        return _error_frame(reply.get("id"), kind, f"{what} {text}", self.max_frame_size)
+            if kind == "result" and type(reply["value"]) is GeneratorType:
+                return self._generator_without_window(msg, reply), False
+            error = _type_name(type(exc))
+            text = f"is not JSON-serialisable: {_text(exc)}"
+            if has_value:  # say what, and where in the value
+                error, text = _value_problem(reply["value"]) or (error, text)
+        if kind == "result":
+            what = f"result of command {msg.get('command')!r}"
+        elif kind == "chunk":
+            what = f"chunk of stream {msg.get('command')!r}"
+        else:
+            what = f"{kind} reply to a {msg['type']!r} message"
+        return _error_frame(reply.get("id"), error, f"{what} {text}", self.max_frame_size), False
+
+    def _generator_without_window(self, msg, reply):
+        """The error frame for a command that returned a generator to a plain call: closed,
+        unread (its ``finally`` runs)."""
+        name = msg.get("command")
+        _close_quietly(reply["value"], name)
+        return _error_frame(
+            reply["id"],
+            "TypeError",
+            f"command {name!r} is a generator: call it as a stream (Pool::stream)",
+            self.max_frame_size,
+        )
 
     def handle(self, msg):
         """Return the reply dict for one decoded message, or None for no reply.
@@ -284,6 +414,12 @@ class Worker:
             return None
         if kind == "end_session":
             self.end_session(msg.get("session"))
+            return None
+        if kind == "credit":  # for a call that is not running (any more): nothing to do
+            parse_credit(msg)
+            return None
+        if kind == "cancel":
+            parse_cancel(msg)
             return None
         if msg.get("id") is None:
             log.warning("ignoring message of unknown type %r", kind)
@@ -316,6 +452,8 @@ class Worker:
                 value = func()
         except Exception as exc:  # not BaseException: SystemExit must still end the worker
             return {"type": "error", "id": rid, "error": _error_info(exc)}
+        except Cancelled as exc:
+            return _cancelled_reply(rid, exc)
         return {"type": "result", "id": rid, "value": value}
 
     def _session_call(self, msg, rid, name):
@@ -353,7 +491,84 @@ class Worker:
                 value = func(session=session)
         except Exception as exc:  # not BaseException: SystemExit must still end the worker
             return {"type": "error", "id": rid, "error": _error_info(exc)}
+        except Cancelled as exc:
+            return _cancelled_reply(rid, exc)
         return {"type": "result", "id": rid, "value": value}
+
+    def _stream(self, msg, rid, link):
+        """Run the stream call ``msg`` (a call with a "window"): the command's generator is
+        iterated while ``link`` has credit, each value sent as a chunk (``link.post``).
+        Returns the frame that ends the stream: the result (the generator's return value),
+        the error it raised or that a chunk could not be sent, or Cancelled.
+
+        ``link`` is the call's state, a _calls.StreamCall or _calls.ProcessStream:
+        ``take_credit()`` waits for one chunk's credit (False: cancelled), and ``enter()`` and
+        ``leave()`` bracket the command's own code, the only place where a forced cancel
+        raises Cancelled. The generator is paused (next() is not called) while there is no
+        credit. A command that returns anything but a generator sends it as the one chunk,
+        then result null.
+        """
+        limit = self.max_frame_size
+        gen = None
+        try:
+            try:
+                stream_window(msg)
+            except ProtocolError as exc:
+                return _error_frame(rid, "ProtocolError", _text(exc), limit)
+            link.enter()
+            reply = self._call(msg)
+            link.leave()
+            if reply["type"] != "result":
+                return self._encode_reply(msg, reply)[0]
+            value = reply["value"]
+            if type(value) is not GeneratorType:
+                if not link.take_credit():
+                    return _cancelled_frame(rid, None, limit, link.cancel_message)
+                data, sent_as_is = self._encode_reply(msg, chunk_message(rid, value))
+                if not sent_as_is:
+                    return data
+                link.post(data)
+                return self._encode_reply(msg, {"type": "result", "id": rid, "value": None})[0]
+            gen = value
+            while True:
+                if link.is_cancelled() or not link.take_credit():
+                    return self._cancel_stream(gen, rid, link)
+                try:
+                    link.enter()
+                    item = next(gen)
+                except StopIteration as stop:
+                    link.leave()
+                    return self._encode_reply(msg, {"type": "result", "id": rid, "value": stop.value})[0]
+                except Exception as exc:
+                    link.leave()
+                    return self._encode_reply(msg, {"type": "error", "id": rid, "error": _error_info(exc)})[0]
+                link.leave()
+                data, sent_as_is = self._encode_reply(msg, chunk_message(rid, item))
+                if not sent_as_is:
+                    _close_quietly(gen, msg.get("command"))
+                    return data
+                link.post(data)
+        except Cancelled as exc:  # raised by the command or in it (forced); its generator is done
+            link.leave()
+            if gen is not None:
+                _close_quietly(gen, msg.get("command"))  # unless it was paused when forced
+            return _cancelled_frame(rid, exc, limit)
+
+    def _cancel_stream(self, gen, rid, link):
+        """Close the generator of a cancelled stream (its ``finally`` runs, as the command's
+        code) and return the Cancelled frame, whose traceback shows where it was paused. If
+        close() raises an exception, that is the answer instead: a generator that will not
+        stop is a bug to show."""
+        message = link.cancel_message
+        where = _paused_at(gen, message)
+        try:
+            link.enter()
+            gen.close()
+        except Exception as exc:
+            link.leave()
+            return self._encode_reply({"type": "call"}, {"type": "error", "id": rid, "error": _error_info(exc)})[0]
+        link.leave()
+        return _cancelled_frame(rid, None, self.max_frame_size, message, where)
 
     def end_session(self, session_id):
         """Forget ``session_id``'s state and run the on_session_end hooks with it, in order.
@@ -436,7 +651,7 @@ class Worker:
                 if reply["type"] != "error":
                     return None
                 error = reply["error"]
-        error["message"] = _utf8_safe(f"init command {name!r} failed: {error['type']}: {error['message']}")
+        error["message"] = utf8_safe(f"init command {name!r} failed: {error['type']}: {error['message']}")
         return error
 
     def ready_info(self):
@@ -446,6 +661,7 @@ class Worker:
         info["commands"] = self.names
         info["cpu_bound"] = sorted(c for c in self.names if snakepit.is_cpu_bound(c))
         info["stack_dumps"] = bool(_stack_files)  # the host asks for stacks only then
+        info["cancel_signal"] = bool(_cancel_signal)  # the host interrupts calls with SIGINT only then
         return info
 
     def info(self):
@@ -533,6 +749,8 @@ def main(argv=None, *, exit_fast=True):
     if args.stack_file:
         # Last before ready: after the adapter's import, whose own use of the signal it replaces.
         _dump_stacks_on_signal(args.stack_file, threaded=bool(args.threads))
+    if args.cancel_file and not args.threads:  # the thread profile's calls get cancel frames
+        _cancel_on_signal(args.cancel_file)
     write(encode_frame({"type": "ready", "info": worker.ready_info()}, args.max_frame_size))
     log.info("ready, serving %d commands", len(worker.names))
 
@@ -672,6 +890,58 @@ def _startup_error_frame(failure, limit):
                 raise
 
 
+class _NotStarted(Cancelled):
+    """A call cancelled before its call thread started it: answered without a traceback."""
+
+
+def _cancelled_reply(rid, exc, message=None):
+    """The error reply of a call that ``exc`` (a Cancelled) stopped: error type "Cancelled",
+    the traceback where it stopped."""
+    error = _error_info(exc, message or _text(exc) or "call cancelled")
+    error["type"] = "Cancelled"
+    return {"type": "error", "id": rid, "error": error}
+
+
+def _cancelled_frame(rid, exc, limit, message=None, traceback_text=""):
+    """The frame of a Cancelled reply: for ``exc`` (a Cancelled), or without one for a call
+    that was stopped without raising (a stream closed, a call never started), with
+    ``traceback_text``. A traceback too large for ``limit`` is left out."""
+    if exc is None or isinstance(exc, _NotStarted):
+        message = message or (exc is not None and _text(exc)) or "call cancelled"
+        reply = _error_reply(rid, "Cancelled", message)
+        reply["error"]["traceback"] = utf8_safe(traceback_text)
+    else:
+        reply = _cancelled_reply(rid, exc, message)
+    try:
+        return encode_frame(reply, limit)
+    except FrameTooLarge:
+        return _error_frame(rid, "Cancelled", reply["error"]["message"], limit)
+
+
+def _paused_at(gen, message):
+    """A traceback of where the generator ``gen`` is paused, as if Cancelled had been raised
+    there; "" when it is not paused (finished, or running)."""
+    frame = gen.gi_frame
+    if frame is None:
+        return ""
+    try:
+        stack = "".join(traceback.format_stack(frame))
+    except Exception:  # a frame whose source cannot be read is still no reason to fail
+        return ""
+    return f"Traceback (most recent call last):\n{stack}snakepit.Cancelled: {message}\n"
+
+
+def _close_quietly(gen, name):
+    """gen.close(); an exception it raises is logged (the reply says something else already).
+    Cancelled goes through: the caller answers it."""
+    try:
+        gen.close()
+    except Exception as exc:
+        log.warning(
+            "closing the generator of command %r failed:\n%s", name, _error_info(exc)["traceback"].rstrip("\n")
+        )
+
+
 def _value_problem(value):
     """describe_problem(value), or None also when looking fails (a MemoryError, an object whose
     isinstance check raises): the caller then keeps the message it has."""
@@ -694,7 +964,7 @@ def _error_reply(rid, kind, message):
     # cannot decode the rest (json keeps a dict's insertion order). The same holds for
     # the result and error replies built in Worker._call, and respond() replaces a reply
     # that cannot be encoded with one of these.
-    return {"type": "error", "id": rid, "error": {"type": kind, "message": _utf8_safe(message), "traceback": ""}}
+    return {"type": "error", "id": rid, "error": {"type": kind, "message": utf8_safe(message), "traceback": ""}}
 
 
 def _error_info(exc, message=None):
@@ -709,19 +979,9 @@ def _error_info(exc, message=None):
         tb = tb.tb_next
     return {
         "type": _type_name(type(exc)),
-        "message": _utf8_safe(_text(exc) if message is None else message),
-        "traceback": _utf8_safe("".join(traceback.format_exception(type(exc), exc, tb))),
+        "message": utf8_safe(_text(exc) if message is None else message),
+        "traceback": utf8_safe("".join(traceback.format_exception(type(exc), exc, tb))),
     }
-
-
-def _utf8_safe(text):
-    """``text`` with anything UTF-8 cannot carry (lone surrogates) escaped, so an error
-    report can always be sent."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _type_name(cls):
@@ -789,7 +1049,7 @@ def _rss_bytes():
 # --- process plumbing ------------------------------------------------------
 
 
-_USAGE = "usage: python -m snakepit [--adapter MODULE] [--init COMMAND [--init-args JSON]] [--max-frame-size BYTES] [--parent-pid PID] [--worker-id ID] [--pool NAME] [--threads N [--allow-unsafe-threads]] [--keeper] [--stack-file PATH] [-- ADAPTER_ARGS...]"
+_USAGE = "usage: python -m snakepit [--adapter MODULE] [--init COMMAND [--init-args JSON]] [--max-frame-size BYTES] [--parent-pid PID] [--worker-id ID] [--pool NAME] [--threads N [--allow-unsafe-threads]] [--keeper] [--stack-file PATH] [--cancel-file PATH] [-- ADAPTER_ARGS...]"
 
 _OPTIONS = {
     "--adapter": ("adapter", str),
@@ -799,6 +1059,7 @@ _OPTIONS = {
     "--pool": ("pool", str),
     "--threads": ("threads", int),
     "--stack-file": ("stack_file", str),
+    "--cancel-file": ("cancel_file", str),
     "--init": ("init", str),
     "--init-args": ("init_args", str),
 }
@@ -818,6 +1079,7 @@ def _parse_args(argv):
         "adapter_args": [],
         "threads": 0,
         "stack_file": None,
+        "cancel_file": None,
         "allow_unsafe_threads": False,
         "keeper": False,
         "init": None,
@@ -924,6 +1186,43 @@ def _dump_stacks_on_signal(path, threaded):
         _stack_files.append(fd)
     except (OSError, ValueError, RuntimeError, AttributeError) as exc:
         log.warning("no stack dumps on time-outs: %s", exc)
+
+
+_SIGINT = 2
+_cancel_signal = []  # True once the SIGINT handler and the cancel file are in place
+
+
+def _cancel_on_signal(path):
+    """Process profile: let the host stop a running call (``--cancel-file``).
+
+    ``path`` is a file of CANCEL_FILE_SIZE bytes that the host rewrites in place with
+    "<call id> <step>" (see protocol.py). It is mapped, so that snakepit.cancelled() reads it
+    without a system call: step 1 of the running call makes it True. For step 2 the host also
+    sends SIGINT, whose handler (_calls.MainCall.on_sigint) raises Cancelled in the command
+    if the file asks it for the running call, and does nothing otherwise: the signal may come
+    just after the call it was meant for ended, and KeyboardInterrupt would end the worker.
+    The host may unlink the file once the worker is ready. Returns whether it is in place.
+    """
+    try:
+        import mmap
+        import signal
+
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size < CANCEL_FILE_SIZE:
+                raise ValueError(f"{path} holds {size} bytes, not {CANCEL_FILE_SIZE}")
+            view = mmap.mmap(fd, CANCEL_FILE_SIZE, access=mmap.ACCESS_READ)  # shared: sees the host's writes
+        finally:
+            os.close(fd)  # the mapping keeps the file
+        _calls.MAIN.view = view
+        signal.signal(_SIGINT, _calls.MAIN.on_sigint)
+    except (OSError, ValueError, RuntimeError) as exc:
+        _calls.MAIN.view = None
+        log.warning("no cancel signal: %s", exc)
+        return False
+    _cancel_signal[:] = [True]
+    return True
 
 
 def _watch_parent(parent_pid):

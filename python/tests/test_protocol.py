@@ -49,7 +49,7 @@ class TrackingReader(io.BytesIO):
 
 class ReadFrameTests(unittest.TestCase):
     def test_constants(self):
-        self.assertEqual(PROTOCOL_VERSION, 2)
+        self.assertEqual(PROTOCOL_VERSION, 3)
         self.assertEqual(DEFAULT_MAX_FRAME, 64 * 1024 * 1024)
 
     def test_round_trip(self):
@@ -498,6 +498,73 @@ class ReplyKeyOrderTests(unittest.TestCase):
         for msg, start in cases:
             with self.subTest(msg=msg):
                 self.assertTrue(encode_frame(msg)[4:].startswith(start), encode_frame(msg))
+
+
+class Version3FrameTests(unittest.TestCase):
+    """Streams, cancellation and progress: both sides of each new frame, on buffers."""
+
+    def round_trip(self, msg):
+        data = encode_frame(msg)
+        self.assertEqual(read_frame(io.BytesIO(data)), msg)
+        return data[4:]
+
+    def test_chunk_and_progress_frames_start_with_type_then_id(self):
+        payload = self.round_trip(protocol.chunk_message(12, {"token": "é", "n": [1, 2.5]}))
+        self.assertEqual(payload, '{"type":"chunk","id":12,"value":{"token":"é","n":[1,2.5]}}'.encode("utf-8"))
+        payload = self.round_trip(protocol.progress_message(12, 3, 10, "fitting"))
+        self.assertEqual(payload, b'{"type":"progress","id":12,"done":3,"total":10,"message":"fitting"}')
+        payload = self.round_trip(protocol.progress_message(2**64 - 1, 0.5))
+        self.assertEqual(
+            payload, b'{"type":"progress","id":18446744073709551615,"done":0.5,"total":null,"message":null}'
+        )
+
+    def test_credit_and_cancel_as_the_host_writes_them(self):
+        credit = read_frame(io.BytesIO(raw_frame(b'{"type":"credit","id":5,"n":8}')))
+        self.assertEqual(protocol.parse_credit(credit), (5, 8))
+        cancel = read_frame(io.BytesIO(raw_frame(b'{"type":"cancel","id":5,"force":true}')))
+        self.assertEqual(protocol.parse_cancel(cancel), (5, True))
+        self.assertEqual(protocol.parse_cancel({"type": "cancel", "id": 5}), (5, False))
+        self.round_trip({"type": "credit", "id": 5, "n": 0})
+        self.round_trip({"type": "cancel", "id": 5, "force": False})
+
+    def test_malformed_credit_and_cancel_are_protocol_errors(self):
+        for msg in (
+            {"type": "credit", "id": "5", "n": 1},
+            {"type": "credit", "id": 5},
+            {"type": "credit", "id": 5, "n": -1},
+            {"type": "credit", "id": 5, "n": True},
+            {"type": "credit", "id": 5, "n": 1.0},
+        ):
+            with self.subTest(msg=msg), self.assertRaises(ProtocolError):
+                protocol.parse_credit(msg)
+        for msg in (
+            {"type": "cancel"},
+            {"type": "cancel", "id": 5, "force": 1},
+            {"type": "cancel", "id": 5, "force": None},
+        ):
+            with self.subTest(msg=msg), self.assertRaises(ProtocolError):
+                protocol.parse_cancel(msg)
+
+    def test_a_calls_window(self):
+        self.assertIsNone(protocol.stream_window({"type": "call", "id": 1}))
+        self.assertEqual(protocol.stream_window({"type": "call", "id": 1, "window": 64}), 64)
+        call = read_frame(io.BytesIO(raw_frame(b'{"type":"call","id":5,"command":"tokens","args":[],"window":16}')))
+        self.assertEqual(protocol.stream_window(call), 16)
+        for window in (0, -3, 1.5, "2", True, [1]):
+            with self.subTest(window=window), self.assertRaisesRegex(ProtocolError, "at least 1"):
+                protocol.stream_window({"type": "call", "id": 1, "window": window})
+
+    def test_the_cancel_file(self):
+        data = protocol.format_cancel_file(123, 2)
+        self.assertEqual(data, b"123 2" + b" " * 27)
+        self.assertEqual(len(data), protocol.CANCEL_FILE_SIZE)
+        self.assertEqual(protocol.parse_cancel_file(data), (123, 2))
+        self.assertEqual(protocol.parse_cancel_file(protocol.format_cancel_file(2**64 - 1, 1)), (2**64 - 1, 1))
+        for junk in (b" " * 32, b"", b"12", b"12 x", b"1 2 3", b"\x00" * 32):
+            with self.subTest(junk=junk):
+                self.assertEqual(protocol.parse_cancel_file(junk), (None, 0))
+        with self.assertRaises(ValueError):
+            protocol.format_cancel_file(10**40, 1)
 
 
 if __name__ == "__main__":

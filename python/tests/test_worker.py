@@ -210,8 +210,9 @@ class WorkerTests(unittest.TestCase):
 
     def test_ready_info(self):
         info = self.worker.ready_info()
-        self.assertEqual(info["protocol_version"], 2)
+        self.assertEqual(info["protocol_version"], 3)
         self.assertEqual(info["commands"], sorted(info["commands"]))
+        self.assertIs(info["cancel_signal"], False)  # only a process given --cancel-file has it
         self.assertIn("echo", info["commands"])
         self.assertIn("add", info["commands"])
 
@@ -619,7 +620,7 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(ready["type"], "ready")
         info = ready["info"]
         self.assertEqual(info["pid"], w.proc.pid)
-        self.assertEqual(info["protocol_version"], 2)
+        self.assertEqual(info["protocol_version"], 3)
         self.assertEqual(info["implementation"], sys.implementation.name)
         self.assertIs(info["free_threaded"], False if sys.version_info < (3, 13) else info["free_threaded"])
         self.assertEqual(

@@ -403,21 +403,42 @@ impl<T: Clone> Board<T> {
         outcome: Option<(&Result<Value>, Duration, Duration)>,
         fx: &mut Effects<T>,
     ) {
-        if let Some((result, queue_wait, execution)) = outcome {
-            self.record(result);
-            self.counters.queue_wait.record(queue_wait);
-            self.counters.execution.record(execution);
+        match outcome {
+            Some((result, queue_wait, execution)) => {
+                self.record_call(lease.worker, result, queue_wait, execution)
+            }
+            None => {
+                if let Some(seat) = self.seat_mut(lease.worker) {
+                    seat.assigned -= 1;
+                }
+            }
         }
-        let Some(seat) = self.seat_mut(lease.worker) else { return };
-        let ran = outcome.is_some();
-        if ran {
+        self.release(lease, how, fx);
+    }
+
+    /// Counts the outcome of a call that ran on `worker` (its lease may come back later, with
+    /// [`Board::release`]: a call whose caller was answered while its worker still runs it).
+    pub(crate) fn record_call(
+        &mut self,
+        worker: WorkerId,
+        result: &Result<Value>,
+        queue_wait: Duration,
+        execution: Duration,
+    ) {
+        self.record(result);
+        self.counters.queue_wait.record(queue_wait);
+        self.counters.execution.record(execution);
+        if let Some(seat) = self.seat_mut(worker) {
             seat.served += 1;
-            if outcome.is_some_and(|(r, _, _)| r.is_err()) {
+            if result.is_err() {
                 seat.errors += 1;
             }
-        } else {
-            seat.assigned -= 1;
         }
+    }
+
+    /// Takes back the lease of a call already counted ([`Board::record_call`]).
+    pub(crate) fn release(&mut self, lease: Lease<T>, how: Return, fx: &mut Effects<T>) {
+        let Some(seat) = self.seat_mut(lease.worker) else { return };
         match how {
             Return::Done => seat.busy -= 1,
             // Its reply already came: the slot is free.
@@ -454,6 +475,17 @@ impl<T: Clone> Board<T> {
             }
         }
         self.after_release(lease.worker, fx);
+    }
+
+    /// The worker must be killed, though no lease on it comes back (a call abandoned by its
+    /// caller did not stop when cancelled).
+    pub(crate) fn kill(&mut self, worker: WorkerId, reason: KillReason, fx: &mut Effects<T>) {
+        let Some(seat) = self.seat_mut(worker) else { return };
+        if seat.open {
+            seat.open = false;
+            seat.loss.get_or_insert(Loss::Killed(reason));
+            fx.notices.push(Notice::Kill(worker, reason));
+        }
     }
 
     /// Counts a call's outcome (one that never got a lease is counted where it was refused).
@@ -1003,6 +1035,37 @@ mod tests {
         let y = run(&mut b);
         b.give_back(y, Return::Abandoned, Some((&timeout, Q, Q)), &mut Fx::default());
         assert_eq!(b.seat(1).unwrap().abandoned, 1, "the next abandoned call holds its slot");
+    }
+
+    #[test]
+    fn a_call_counted_before_its_lease_comes_back_holds_the_worker_until_then() {
+        // A timed-out call whose command is still being asked to stop: its caller is answered
+        // (and counted) at once, its worker is free only once the command has let go.
+        let mut b = board(&[(1, 1, None)]);
+        let x = run(&mut b);
+        let timeout = Err(Error::timeout(TimeoutKind::Call));
+        b.record_call(1, &timeout, Q, Q);
+        assert_eq!((b.counters.timeouts, b.seat(1).unwrap().served), (1, 1), "counted once");
+        assert!(matches!(admit(&mut b, &mut Fx::default()), Ok(Admit::Wait(..))), "still busy");
+        let mut fx = Fx::default();
+        b.release(x, Return::Done, &mut fx);
+        assert_eq!(fx.handoffs.len(), 1, "the waiting call gets the worker it let go of");
+        let seat = b.seat(1).unwrap();
+        assert_eq!((seat.served, seat.assigned(), seat.errors), (1, 2, 1), "nothing counted twice");
+    }
+
+    #[test]
+    fn killing_a_worker_without_a_lease_closes_it_and_tells_the_dispatcher_once() {
+        let mut b = board(&[(1, 2, None)]);
+        let _parked = run(&mut b);
+        let mut fx = Fx::default();
+        b.kill(1, KillReason::Cancel, &mut fx);
+        b.kill(1, KillReason::Cancel, &mut fx);
+        assert_eq!(fx.notices, [Notice::Kill(1, KillReason::Cancel)]);
+        assert_eq!(b.loss_of(1), Some(Loss::Killed(KillReason::Cancel)));
+        assert!(!b.seat(1).unwrap().open);
+        b.kill(9, KillReason::Cancel, &mut fx); // a worker already gone: nothing
+        assert_eq!(fx.notices.len(), 1);
     }
 
     #[test]

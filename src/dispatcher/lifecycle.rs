@@ -111,7 +111,7 @@ impl Dispatcher {
             );
             return self.startup_failed(id, Error::Startup { message, error: None }, now);
         }
-        s.worker.conn.set_worker_pid(info.pid, info.stack_dumps);
+        s.worker.conn.set_worker_pid(info.pid, info.stack_dumps, info.cancel_signal);
         s.life = Life::Ready;
         s.ready_at = Some(now);
         let (pid, startup, origin, limits, conn) =

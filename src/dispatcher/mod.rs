@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use parking_lot::Mutex;
 
+use crate::cancel::CancelStep;
 use crate::config::PoolConfig;
 use crate::error::Result;
 use crate::events::{Emitter, Event};
@@ -127,6 +128,13 @@ impl Shared {
         }
     }
 
+    /// A step of cancelling call `call` on `worker` was taken: an event, if anyone listens.
+    pub(crate) fn cancel_step(&self, worker: WorkerId, call: u64, step: CancelStep) {
+        if self.emitter.enabled() {
+            self.emitter.emit(Event::CallCancel { pool: self.name.clone(), worker, call, step });
+        }
+    }
+
     /// A reply came for a call whose caller had given up: its slot is free again.
     fn late_reply(&self, worker: WorkerId) {
         let mut fx = Effects::default();
@@ -148,12 +156,18 @@ pub(crate) struct Spawner(pub(crate) SpawnSpec);
 impl Launch for Spawner {
     fn launch(&mut self, id: WorkerId, events: Sender<WorkerEvent>, shared: &Arc<Shared>) -> Result<Worker> {
         let shared: Weak<Shared> = Arc::downgrade(shared);
+        let for_steps = shared.clone();
         let on_late = Box::new(move || {
             if let Some(s) = shared.upgrade() {
                 s.late_reply(id);
             }
         });
-        Worker::spawn(id, &self.0, events, on_late)
+        let on_step = Box::new(move |call, step| {
+            if let Some(s) = for_steps.upgrade() {
+                s.cancel_step(id, call, step);
+            }
+        });
+        Worker::spawn(id, &self.0, events, on_late, on_step)
     }
 
     fn interpreter(&self) -> String {

@@ -82,6 +82,7 @@ fn info() -> WorkerInfo {
         free_threaded: false,
         gil_enabled: true,
         protocol_version: PROTOCOL_VERSION,
+        cancel_signal: false,
         commands: vec!["echo".into()],
         cpu_bound: vec![],
         stack_dumps: false,
