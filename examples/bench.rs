@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 use serde::Serialize;
 use serde_json::{json, Value};
-use snakepit::{Pool, Profile};
+use snakepit::{CallOptions, Pool, Profile};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -111,6 +111,7 @@ const BENCH_ADAPTER: &str = r#""""The snakepit bench's adapter: an echo that som
 
 import os
 import random
+import time
 
 import snakepit
 
@@ -121,6 +122,23 @@ def echo_or_crash(x, crash_rate):
     if crash_rate and random.random() < crash_rate:
         os._exit(1)
     return {"x": x}
+
+
+@snakepit.command
+def count(n):
+    """A stream of small chunks."""
+    for i in range(n):
+        yield i
+
+
+@snakepit.command
+def until_cancelled(seconds):
+    """Runs until cancelled, looking every millisecond, as a long loop would."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        snakepit.check_cancelled()
+        time.sleep(0.001)
+    return "not cancelled"
 "#;
 const CRASH_COMMAND: &str = "echo_or_crash";
 
@@ -220,6 +238,7 @@ fn main() -> BoxResult<()> {
     bench.both("e1 thread profile, 32 in flight", |f| pipelined(py, f))?;
     bench.idle_only("e2", "e2 thread profile, I/O-bound", io_bound)?;
     bench.both("f1 rare crashes", |f| rare_crashes(&adapter.0, f))?;
+    bench.both("h map, streams, cancelling", |f| handles(&adapter.0, f))?;
     bench.both("d3 recycling at max_requests(1000)", |f| {
         recycling(f, "d3", &SLOW_1MS, "1 ms calls", REALISTIC_MAX_REQUESTS)
     })?;
@@ -473,6 +492,15 @@ fn rows(f: &Figures, cond: Condition) -> Vec<Row> {
         ("1 MB echo through pool(1)", "b1.1mb", "a1.1mb", None),
         ("e1 thread worker, 32 in flight", "e1.pool", "e1.raw", Some(Target::AtLeast(0.6))),
         ("e2 I/O-bound (10 ms): thread vs process", "e2.thread", "e2.process", None),
+        ("h1 `map`, 32 in flight → pool(2), tiny echo", "h1.map", "b2.tput", Some(Target::AtLeast(1.0))),
+        ("h2 a stream of small chunks, pool(1)", "h2.stream", "e1.raw", Some(Target::AtLeast(0.5))),
+        ("h3 cancelling a queued call, p50", "h3.queued", "limit.1ms", Some(Target::AtMost(1.0))),
+        (
+            "h4 cancelling a running call that checks, p50",
+            "h4.running",
+            "limit.50ms",
+            Some(Target::AtMost(1.0)),
+        ),
         ("f1 rare crashes (0.5% of calls), pool(2)", "f1.crash", "f1.recycle", Some(Target::AtLeast(0.5))),
         ("f1 longest call wait, crashes vs recycling", "f1.crash_max", "f1.recycle_max", None),
         ("d3 max_requests(1000), 1 ms calls, pool(2)", "d3.on", "d3.off", Some(Target::AtLeast(0.95))),
@@ -1083,6 +1111,131 @@ fn raw_pipelined(raw: &mut RawEcho, run: Duration) -> BoxResult<f64> {
         return Err(format!("raw pipelined loop: sent {sent}, got {got}").into());
     }
     Ok(got as f64 / start.elapsed().as_secs_f64())
+}
+
+// ---- h: background calls, streams and cancelling ------------------------------------------------
+
+/// Cancels timed in each run of h3 and h4.
+const CANCELS: usize = 50;
+
+/// h1-h4: `map` with 32 in flight on pool(2); a stream of small chunks on pool(1); cancelling
+/// a queued call; cancelling a running call whose command looks at `snakepit.cancelled()`
+/// every millisecond.
+fn handles(adapter_dir: &Path, figs: &mut Figures) -> BoxResult<()> {
+    let build = |name: &str, size: usize| -> BoxResult<Pool> {
+        Ok(Pool::builder()
+            .name(name)
+            .size(size)
+            .python_path(adapter_dir)
+            .adapter(BENCH_ADAPTER_MODULE)
+            .build()?)
+    };
+    let pool = build("bench-h", 2)?;
+    let map_rate = |run: Duration| -> BoxResult<f64> {
+        let start = Instant::now();
+        let mut n = 0u64;
+        for r in pool.map("echo", std::iter::repeat_with(|| json!({"x": 1})), IN_FLIGHT) {
+            r?;
+            n += 1;
+            if start.elapsed() >= run {
+                break;
+            }
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    };
+    let one = build("bench-h2", 1)?;
+    let stream_rate = |run: Duration| -> BoxResult<f64> {
+        let start = Instant::now();
+        let mut n = 0u64;
+        for chunk in one.stream_with("count", json!({"n": u32::MAX}), CallOptions::new().window(64))? {
+            chunk?;
+            n += 1;
+            if start.elapsed() >= run {
+                break; // dropping the stream closes the generator
+            }
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    };
+    map_rate(THROUGHPUT_WARMUP)?;
+    stream_rate(THROUGHPUT_WARMUP)?;
+    let (mut maps, mut streams, mut queued, mut running) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        maps.push(map_rate(THROUGHPUT_RUN / 2)?);
+        streams.push(stream_rate(THROUGHPUT_RUN / 2)?);
+        // h3: both workers busy, so each call waits in the queue until it is cancelled.
+        let blockers =
+            [pool.submit("until_cancelled", json!([60]))?, pool.submit("until_cancelled", json!([60]))?];
+        thread::sleep(Duration::from_millis(50));
+        let mut times = Vec::new();
+        for _ in 0..CANCELS {
+            let call = pool.submit("echo", json!({"x": 1}))?;
+            let t = Instant::now();
+            call.cancel();
+            let outcome = call.wait_timeout(Duration::from_secs(5));
+            times.push(t.elapsed().as_secs_f64());
+            if !matches!(outcome, Some(Err(snakepit::Error::Cancelled))) {
+                return Err(format!("h3: a queued call was not cancelled: {outcome:?}").into());
+            }
+        }
+        queued.push(percentiles(times).0);
+        // h4: a running command that checks every millisecond.
+        let mut times = Vec::new();
+        for blocker in &blockers {
+            blocker.cancel();
+            let _ = blocker.wait_timeout(Duration::from_secs(5));
+        }
+        for _ in 0..CANCELS / 5 {
+            let call = pool.submit("until_cancelled", json!([60]))?;
+            thread::sleep(Duration::from_millis(20)); // it runs
+            let t = Instant::now();
+            call.cancel();
+            let outcome = call.wait_timeout(Duration::from_secs(5));
+            times.push(t.elapsed().as_secs_f64());
+            if !matches!(outcome, Some(Err(snakepit::Error::Cancelled))) {
+                return Err(format!("h4: a running call was not cancelled: {outcome:?}").into());
+            }
+        }
+        running.push(percentiles(times).0);
+    }
+    let replaced = pool.stats()?.restarts + one.stats()?.restarts;
+    pool.shutdown()?;
+    one.shutdown()?;
+    figs.add(
+        "h1.map",
+        "`pool.map(\"echo\", .., 32)` on pool(2)",
+        &maps,
+        Unit::Rate,
+        "one thread iterating `map` over endless `{\"x\": 1}` arguments with 32 in flight, for 1 s a run",
+    );
+    figs.add(
+        "h2.stream",
+        "chunks of one stream (window 64), pool(1)",
+        &streams,
+        Unit::Rate,
+        "one `stream_with(\"count\", .., window(64))` read for 1 s a run, then dropped (its generator is \
+         closed)",
+    );
+    figs.add(
+        "h3.queued",
+        "cancel() to Err(Cancelled), queued call",
+        &queued,
+        Unit::Time,
+        format!("{CANCELS} calls a run submitted behind two busy workers, each cancelled at once; p50 of each run"),
+    );
+    figs.add(
+        "h4.running",
+        "cancel() to Err(Cancelled), running call",
+        &running,
+        Unit::Time,
+        format!(
+            "{} calls a run of a command that calls `snakepit.check_cancelled()` every 1 ms, cancelled \
+             20 ms after submission; p50 of each run; workers replaced over the section: {replaced}",
+            CANCELS / 5
+        ),
+    );
+    figs.add("limit.1ms", "the target", &[0.001], Unit::Time, "the issue's target, not a measurement");
+    figs.add("limit.50ms", "the target", &[0.05], Unit::Time, "the issue's target, not a measurement");
+    Ok(())
 }
 
 // ---- d: recycling ------------------------------------------------------------------------------
