@@ -495,19 +495,27 @@ impl Conn {
     /// Process profile: the caller holds the only lease, and reads the reply itself.
     fn exchange_alone(&self, frame: &[u8], id: u64, deadline: Instant, look: Looks<'_>) -> Exchange {
         let mut out = self.stdout.lock();
-        // A worker that died, or wrote something unasked, while idle is noticed here, before
-        // the call is written, so it costs the call nothing.
-        if let Some(dead) = self.fitness(&mut out) {
-            return Exchange::NotSent { dead };
-        }
-        match self.write(frame, deadline) {
-            Written::All => {}
-            Written::Nothing => return Exchange::NotSent { dead: true },
-            Written::Late { partial } => {
-                return Exchange::TimedOut { running: true, corrupt: partial, stack: None }
-            }
+        if let Some(unsent) = self.send_alone(&mut out, frame, deadline) {
+            return unsent;
         }
         self.read_reply(&mut out, id, deadline, &mut { look })
+    }
+
+    /// Process profile: writes a call's frame to the idle worker whose stdout `out` is;
+    /// `Some` with how the exchange ended if it did not start.
+    fn send_alone(&self, out: &mut Reader, frame: &[u8], deadline: Instant) -> Option<Exchange> {
+        // A worker that died, or wrote something unasked, while idle is noticed here, before
+        // the call is written, so it costs the call nothing.
+        if let Some(dead) = self.fitness(out) {
+            return Some(Exchange::NotSent { dead });
+        }
+        match self.write(frame, deadline) {
+            Written::All => None,
+            Written::Nothing => Some(Exchange::NotSent { dead: true }),
+            Written::Late { partial } => {
+                Some(Exchange::TimedOut { running: true, corrupt: partial, stack: None })
+            }
+        }
     }
 
     /// Writes a whole frame (after any posted ones), waiting for room in the pipe until
@@ -941,16 +949,9 @@ impl Conn {
             if sent {
                 return Ok(None);
             }
-            let mut out = self.stdout.lock();
-            if let Some(dead) = self.fitness(&mut out) {
-                return Err(Exchange::NotSent { dead });
-            }
-            return match self.write(frame, deadline) {
-                Written::All => Ok(None),
-                Written::Nothing => Err(Exchange::NotSent { dead: true }),
-                Written::Late { partial } => {
-                    Err(Exchange::TimedOut { running: true, corrupt: partial, stack: None })
-                }
+            return match self.send_alone(&mut self.stdout.lock(), frame, deadline) {
+                None => Ok(None),
+                Some(unsent) => Err(unsent),
             };
         }
         let (tx, rx) = crossbeam_channel::unbounded();
