@@ -991,6 +991,7 @@ fn error_kind(e: &Error) -> &'static str {
         Error::UnknownPool { .. } => "unknown_pool",
         Error::UnknownCommand { .. } => "unknown_command",
         Error::InvalidArgs(_) => "invalid_args",
+        Error::Binary(_) => "binary",
         Error::FrameTooLarge { .. } => "frame_too_large",
         Error::Protocol(_) => "protocol",
         Error::Json(_) => "json",

@@ -18,11 +18,11 @@ use crate::events::Event;
 use crate::mailbox::Missed;
 use crate::pending::Ticket;
 
+use crate::binary::Payload;
 use crate::cancel::{CancelStep, Ladder, Step};
 use crate::pending::Runners;
 use crate::pool::CallOptions;
-use crate::protocol;
-use crate::protocol::Progress;
+use crate::protocol::{self, Frame, Progress};
 use crate::session::{self, CallSession, Loss};
 use crate::stream::{ProgressSink, Stream, DEFAULT_WINDOW};
 use crate::worker::{Conn, Exchange, KillReason, Looks, Sending, WorkerId};
@@ -62,7 +62,7 @@ pub(crate) struct Calls {
 /// A call ready to run: its frame and deadlines.
 pub(crate) struct Prepared {
     pub(crate) id: u64,
-    pub(crate) frame: Arc<Vec<u8>>,
+    pub(crate) frame: Arc<Frame>,
     pub(crate) enqueued: Instant,
     pub(crate) queue_deadline: Instant,
     pub(crate) deadline: Instant,
@@ -121,10 +121,10 @@ impl Calls {
     pub(crate) fn call(
         &self,
         command: &str,
-        args: Value,
+        args: Payload,
         options: CallOptions,
         worker: Option<WorkerId>,
-    ) -> Result<Value> {
+    ) -> Result<Payload> {
         let p = self.prepare(command, &args, &options, None, None)?;
         let route = worker.map_or(Route::Any, Route::Only);
         self.run_tracked(command, &p, route, &mut None, None).map_err(|refused| match refused {
@@ -138,11 +138,11 @@ impl Calls {
     pub(crate) fn call_pending(
         &self,
         command: &str,
-        args: Value,
+        args: Payload,
         options: CallOptions,
         since: Instant,
         ticket: &Arc<Ticket>,
-    ) -> Result<Value> {
+    ) -> Result<Payload> {
         let mut p = self.prepare(command, &args, &options, None, None)?;
         // Its last progress is kept for its handle, and passed on.
         let (ticket_arc, user_sink) = (ticket.clone(), p.progress.take());
@@ -168,17 +168,17 @@ impl Calls {
     pub(crate) fn call_in_session(
         &self,
         command: &str,
-        args: Value,
+        args: Payload,
         options: CallOptions,
         s: &CallSession<'_>,
-    ) -> Result<Value> {
+    ) -> Result<Payload> {
         let p = self.prepare(command, &args, &options, Some(s), None)?;
         let route = match session::begin_call(&self.shared, s) {
             Ok(route) => route,
             Err(e) => {
                 // Refused before the board saw it (the session ended, or lost its worker):
                 // counted like the board's own refusals.
-                self.shared.board.lock().record(&Err(e.duplicate()));
+                self.shared.board.lock().record_failure(&e);
                 return Err(e);
             }
         };
@@ -199,7 +199,7 @@ impl Calls {
     pub(crate) fn stream(
         self: &Arc<Self>,
         command: &str,
-        args: Value,
+        args: Payload,
         options: CallOptions,
     ) -> Result<Stream> {
         let window = options.window.unwrap_or(DEFAULT_WINDOW).max(1);
@@ -250,7 +250,7 @@ impl Calls {
                 Ok(how) => board.give_back(lease, how, None, &mut fx),
                 Err((how, e)) => {
                     board.give_back(lease, how, None, &mut fx);
-                    board.record(&Err(e.duplicate()));
+                    board.record_failure(&e);
                     drop(board);
                     self.shared.apply(fx);
                     return Err(named(e));
@@ -265,18 +265,18 @@ impl Calls {
     pub(crate) fn prepare(
         &self,
         command: &str,
-        args: &Value,
+        args: &Payload,
         options: &CallOptions,
         session: Option<&CallSession<'_>>,
         window: Option<u32>,
     ) -> Result<Prepared> {
-        if !matches!(args, Value::Object(_) | Value::Array(_) | Value::Null) {
+        if !matches!(args.value, Value::Object(_) | Value::Array(_) | Value::Null) {
             return Err(Error::InvalidArgs(format!(
                 "args must be a JSON object, array or null, found {}",
-                protocol::json_kind(args)
+                protocol::json_kind(&args.value)
             )));
         }
-        if depth(args) > MAX_ARGS_DEPTH {
+        if depth(&args.value) > MAX_ARGS_DEPTH {
             return Err(Error::InvalidArgs(format!("args nest deeper than {MAX_ARGS_DEPTH} levels")));
         }
         let timeout = options.timeout.unwrap_or(self.config.request_timeout);
@@ -320,7 +320,7 @@ impl Calls {
         route: Route,
         ran_on: &mut Option<WorkerId>,
         ticket: Option<&Ticket>,
-    ) -> Result<Value, Refused> {
+    ) -> Result<Payload, Refused> {
         // A worker found dead (or untrustworthy) at checkout never saw the call: try another,
         // until the call's queue deadline (each such worker is closed, so none is tried twice).
         loop {
@@ -437,7 +437,7 @@ impl Calls {
                     if board.gate_open() && !board.takes_routed(w) {
                         // Its worker stopped taking calls while it waited.
                         let loss = board.loss_of(w);
-                        board.record(&Err(Error::UnknownWorker { worker: w }));
+                        board.record_failure(&Error::UnknownWorker { worker: w });
                         drop(board);
                         let loss =
                             loss.unwrap_or_else(|| session::lost_worker_reason(&self.shared, w, p.deadline));
@@ -449,7 +449,7 @@ impl Calls {
                     crate::dispatcher::Gate::Degraded(last_error) => Error::Degraded { last_error },
                     _ => Error::ShuttingDown,
                 };
-                board.record(&Err(err.duplicate()));
+                board.record_failure(&err);
                 Err(err.into())
             }
         }
@@ -464,7 +464,7 @@ impl Calls {
         p: &Prepared,
         command: &str,
         started: Instant,
-    ) -> Option<Result<Value>> {
+    ) -> Option<Result<Payload>> {
         let (id, enqueued, deadline) = (p.id, p.enqueued, p.deadline);
         let conn = lease.conn.clone();
         let (how, result) = match exchange {

@@ -20,6 +20,7 @@ const FILES: &[(&str, &str)] = &[
     ("snakepit/_keeper.py", include_str!("../python/snakepit/_keeper.py")),
     ("snakepit/_sessions.py", include_str!("../python/snakepit/_sessions.py")),
     ("snakepit/_calls.py", include_str!("../python/snakepit/_calls.py")),
+    ("snakepit/_values.py", include_str!("../python/snakepit/_values.py")),
     ("snakepit/demo.py", include_str!("../python/snakepit/demo.py")),
 ];
 

@@ -101,6 +101,9 @@ pub enum Error {
     },
     /// The call's arguments are not a JSON object, array or null.
     InvalidArgs(String),
+    /// A bytes or array value is not what was asked for: an element type other than the one
+    /// asked for, a shape that does not match the data, or inline data that is not base64.
+    Binary(String),
     /// A configuration file has problems; each names its place, e.g.
     /// `pools[1].max_requests: expected a positive integer, found -3`.
     ConfigFile {
@@ -333,6 +336,7 @@ impl fmt::Display for Error {
                 write!(f, "unknown command `{command}`: known commands are {}", known.join(", "))
             }
             Error::InvalidArgs(m) => write!(f, "invalid arguments: {m}"),
+            Error::Binary(m) => write!(f, "binary value: {m}"),
             Error::ConfigFile { problems } => {
                 let n = problems.len();
                 write!(f, "invalid configuration ({n} problem{}):", if n == 1 { "" } else { "s" })?;
@@ -454,6 +458,7 @@ impl Error {
                 Error::UnknownCommand { command: command.clone(), known: known.clone() }
             }
             Error::InvalidArgs(m) => Error::InvalidArgs(m.clone()),
+            Error::Binary(m) => Error::Binary(m.clone()),
             Error::UnknownWorker { worker } => Error::UnknownWorker { worker: *worker },
             Error::SessionLost { session, worker, reason } => {
                 Error::SessionLost { session: *session, worker: *worker, reason: *reason }

@@ -109,8 +109,9 @@ fn check_health(
         };
         pinged.insert(id, now);
         *next_ping += 1;
-        let frame =
-            protocol::encode_frame(&Msg::Ping { id: *next_ping }, cfg.max_frame_size).unwrap_or_default();
+        let frame = protocol::Frame::from(
+            protocol::encode_frame(&Msg::Ping { id: *next_ping }, cfg.max_frame_size).unwrap_or_default(),
+        );
         let how = match conn.exchange(
             &frame,
             *next_ping,

@@ -70,6 +70,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod binary;
 mod call;
 mod cancel;
 mod compat;
@@ -94,6 +95,7 @@ mod stream;
 mod sys;
 mod worker;
 
+pub use binary::{Array, Bytes, DType, Element};
 pub use cancel::CancelStep;
 pub use compat::ThreadSafety;
 pub use config::{PoolBuilder, PoolConfig, Profile};

@@ -16,6 +16,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, 
 use parking_lot::Mutex;
 use serde_json::Value;
 
+use crate::binary::Payload;
 use crate::call::Calls;
 use crate::cancel::CancelToken;
 use crate::dispatcher::Admit;
@@ -168,7 +169,9 @@ impl Runners {
             if job_ticket.start() {
                 // Whatever happens (a panicking logger, say), the call gets its one outcome.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    job_calls.call_pending(&command, args, options, since, &job_ticket)
+                    job_calls
+                        .call_pending(&command, args.into(), options, since, &job_ticket)
+                        .map(Payload::into_value)
                 }));
                 let result = result.unwrap_or_else(|_| {
                     Err(Error::Io(std::io::Error::new(
@@ -324,7 +327,7 @@ impl PendingCall {
         match st.0 {
             // Not on the board (yet): counted as failed here, as a queued call is by the board.
             Stage::Submitted | Stage::Taken => {
-                self.calls.shared().board.lock().record(&Err(Error::Cancelled))
+                self.calls.shared().board.lock().record_failure(&Error::Cancelled)
             }
             Stage::Queued(place) => {
                 if !self.calls.shared().board.lock().withdraw_cancelled(place) {

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::binary::Payload;
 use crate::call::Calls;
 use crate::config::{PoolBuilder, PoolConfig, Profile};
 use crate::dispatcher::{Board, Dispatcher, Request, Shared, Spawner};
@@ -232,16 +233,43 @@ impl Pool {
 
     /// Runs `command` on a worker with `args` (a JSON object of keyword arguments, an array of
     /// positional arguments, or null) and returns what it returned.
+    ///
+    /// Bytes and arrays in the result come back in their inline JSON form (base64, see
+    /// [`Bytes`](crate::Bytes)); [`call_as`](Pool::call_as) takes them without that cost.
     pub fn call(&self, command: &str, args: Value) -> Result<Value> {
         self.call_with(command, args, CallOptions::default())
     }
 
     /// [`call`](Pool::call) with serde on both sides: `args` is serialised, the result is
     /// deserialised into `R`.
+    ///
+    /// This is also the way to move bytes and arrays: each [`Bytes`](crate::Bytes) and
+    /// [`Array`](crate::Array) in `args` or `R` travels as raw bytes beside the JSON (a
+    /// Python `bytes` or numpy `ndarray`), with no JSON or base64 encoding and no copy of its
+    /// data on this side but the one read from the pipe.
+    ///
+    /// ```no_run
+    /// use snakepit::{Array, Bytes};
+    /// # let pool = snakepit::Pool::builder().build()?;
+    /// let x = Array::from_vec(vec![0.5f32; 6], [2, 3])?;
+    /// let y: Array = pool.call_as("double", &(x,))?; // `def double(x): return x * 2`
+    /// assert_eq!(y.as_slice::<f32>()?, &[1.0; 6]);
+    /// let png: Bytes = pool.call_as("thumbnail", &("cat.jpg", 64))?;
+    /// # Ok::<(), snakepit::Error>(())
+    /// ```
     pub fn call_as<A: Serialize + ?Sized, R: DeserializeOwned>(&self, command: &str, args: &A) -> Result<R> {
-        let args = serde_json::to_value(args)?;
-        let value = self.call(command, args)?;
-        Ok(serde_json::from_value(value)?)
+        self.call_as_with(command, args, CallOptions::default())
+    }
+
+    /// [`call_as`](Pool::call_as) with per-call options.
+    pub fn call_as_with<A: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        command: &str,
+        args: &A,
+        options: CallOptions,
+    ) -> Result<R> {
+        let args = Payload::from_serialize(args)?;
+        self.calls.call(command, args, options, None)?.deserialize()
     }
 
     /// [`call`](Pool::call) with per-call options.
@@ -251,14 +279,14 @@ impl Pool {
     /// with `Timeout(Call)` and its worker is killed and replaced (in the thread profile, its
     /// thread is left to finish unless `kill_on_timeout` is set).
     pub fn call_with(&self, command: &str, args: Value, options: CallOptions) -> Result<Value> {
-        self.calls.call(command, args, options, None)
+        self.calls.call(command, args.into(), options, None).map(Payload::into_value)
     }
 
     /// Runs `command` on worker `worker` (see [`WorkerStats::id`](crate::WorkerStats::id)),
     /// waiting in the queue for it; for tools and tests. `UnknownWorker` if no worker with that
     /// id takes calls (or it stops taking them while the call waits).
     pub fn call_on(&self, worker: u64, command: &str, args: Value, options: CallOptions) -> Result<Value> {
-        self.calls.call(command, args, options, Some(worker))
+        self.calls.call(command, args.into(), options, Some(worker)).map(Payload::into_value)
     }
 
     /// Runs `command` once on every ready worker, at once, and returns each worker's result, by
@@ -328,13 +356,13 @@ impl Pool {
     /// # Ok::<(), snakepit::Error>(())
     /// ```
     pub fn stream(&self, command: &str, args: Value) -> Result<Stream> {
-        self.calls.stream(command, args, CallOptions::default())
+        self.calls.stream(command, args.into(), CallOptions::default())
     }
 
     /// [`stream`](Pool::stream) with per-call options: `window`, `chunk_timeout`, `timeout`
     /// (the whole stream's), `on_progress`.
     pub fn stream_with(&self, command: &str, args: Value, options: CallOptions) -> Result<Stream> {
-        self.calls.stream(command, args, options)
+        self.calls.stream(command, args.into(), options)
     }
 
     /// Runs `command` once per item of `args`, keeping up to `in_flight` calls running at

@@ -2,6 +2,21 @@
 //!
 //! A frame is a 4-byte big-endian unsigned length followed by that many bytes of UTF-8 JSON,
 //! one object whose `type` names the message. The Python side is `python/snakepit/protocol.py`.
+//!
+//! A frame may also carry binary attachments (protocol version 4): then the top bit of the
+//! length is set, the rest of it is the JSON's length, and the JSON is preceded by a table
+//! and followed by the attachments:
+//!
+//! ```text
+//! u32 BE  0x8000_0000 | json_len
+//! u32 BE  count                        1 ..= 1,048,576
+//! count x u64 BE  size                 each attachment's length in bytes
+//! json_len bytes of JSON               referring to attachments by index (see binary.rs)
+//! the attachments, back to back
+//! ```
+//!
+//! Such a frame's size, checked against `max_frame_size`, is everything after its first four
+//! bytes; a reader checks it from the table before it allocates anything for the attachments.
 
 use std::io;
 #[cfg(test)]
@@ -12,13 +27,20 @@ use std::io::Write;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::binary::{Bytes, Payload};
 use crate::error::RemoteError;
 
 /// The protocol version both sides speak; the worker reports its own in `ready`.
-pub(crate) const PROTOCOL_VERSION: u32 = 3;
+pub(crate) const PROTOCOL_VERSION: u32 = 4;
 
 /// The default largest frame, in bytes (64 MiB).
 pub(crate) const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// The top bit of a frame's length word: the frame carries attachments.
+const ATTACHED: u32 = 0x8000_0000;
+
+/// The most attachments one frame may carry.
+pub(crate) const MAX_ATTACHMENTS: usize = 1 << 20;
 
 /// What a worker reports about itself once it has started.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,6 +138,43 @@ pub(crate) enum Msg {
     Shutdown,
 }
 
+/// A frame ready to write: its head (the length word, an attachment table, the JSON) and the
+/// attachments that follow it, which are written from where they are, never copied into it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Frame {
+    head: Vec<u8>,
+    attachments: Vec<Bytes>,
+}
+
+impl Frame {
+    /// Its length in bytes, length word included.
+    pub(crate) fn len(&self) -> usize {
+        self.head.len() + self.attachments.iter().map(|a| a.len()).sum::<usize>()
+    }
+
+    /// The whole frame as one slice, when it carries no attachments.
+    pub(crate) fn plain(&self) -> Option<&[u8]> {
+        self.attachments.is_empty().then_some(&self.head[..])
+    }
+
+    /// Its pieces, in the order they are written.
+    pub(crate) fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::once(&self.head[..]).chain(self.attachments.iter().map(|a| a.as_slice()))
+    }
+
+    /// All of it in one buffer (for tests).
+    #[cfg(test)]
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
+        self.parts().flatten().copied().collect()
+    }
+}
+
+impl From<Vec<u8>> for Frame {
+    fn from(head: Vec<u8>) -> Self {
+        Frame { head, attachments: Vec::new() }
+    }
+}
+
 /// Writes `msg` as one frame. The frame is built in memory first so that it goes out in one
 /// write, and its size is checked against `max` before anything is written. (The pool itself
 /// sends pre-encoded frames through a channel; this is the one-step form.)
@@ -132,46 +191,44 @@ pub(crate) fn encode_frame<T: Serialize + ?Sized>(payload: &T, max: usize) -> io
     buf.extend_from_slice(&[0; 4]);
     serde_json::to_writer(&mut buf, payload).map_err(io::Error::from)?;
     let len = buf.len() - 4;
-    if len > max || len > u32::MAX as usize {
+    if len > max || len >= ATTACHED as usize {
         return Err(too_large(len, max));
     }
     buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(buf)
 }
 
-/// Reads one frame's payload into `buf` (replacing its contents).
-///
-/// Returns `Ok(false)` on a clean end of stream between frames, `UnexpectedEof` when the stream
-/// ends inside a frame, and `InvalidData` when the length exceeds `max`, which is checked
-/// before anything is allocated. (The pool reads through [`FrameBuf`]; this is the blocking
-/// form the tests compare it with.)
-#[cfg(test)]
-pub(crate) fn read_frame_bytes(r: &mut impl Read, buf: &mut Vec<u8>, max: usize) -> io::Result<bool> {
-    let mut header = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        match r.read(&mut header[got..]) {
-            Ok(0) if got == 0 => return Ok(false),
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated frame header")),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// Serialises `msg` as JSON with `attachments` after it (a plain frame if there are none),
+/// refusing a frame of more than `max` bytes before anything is written.
+pub(crate) fn encode_attached<T: Serialize + ?Sized>(
+    msg: &T,
+    attachments: Vec<Bytes>,
+    max: usize,
+) -> io::Result<Frame> {
+    if attachments.is_empty() {
+        return encode_frame(msg, max).map(Frame::from);
     }
-    let len = u32::from_be_bytes(header) as usize;
-    if len > max {
-        return Err(too_large(len, max));
-    }
-    buf.clear();
-    buf.reserve(len);
-    let read = r.take(len as u64).read_to_end(buf)?;
-    if read < len {
+    let count = attachments.len();
+    if count > MAX_ATTACHMENTS {
         return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("truncated frame: expected {len} bytes, got {read}"),
+            io::ErrorKind::InvalidData,
+            format!("{count} binary values in one frame: at most {MAX_ATTACHMENTS} may travel together"),
         ));
     }
-    Ok(true)
+    let table = 8 + 8 * count;
+    let mut head = vec![0; table];
+    serde_json::to_writer(&mut head, msg).map_err(io::Error::from)?;
+    let json_len = head.len() - table;
+    let size = attachments.iter().fold(head.len() - 4, |n, a| n.saturating_add(a.len()));
+    if size > max || json_len >= ATTACHED as usize {
+        return Err(too_large(size, max));
+    }
+    head[..4].copy_from_slice(&(ATTACHED | json_len as u32).to_be_bytes());
+    head[4..8].copy_from_slice(&(count as u32).to_be_bytes());
+    for (i, a) in attachments.iter().enumerate() {
+        head[8 + 8 * i..16 + 8 * i].copy_from_slice(&(a.len() as u64).to_be_bytes());
+    }
+    Ok(Frame { head, attachments })
 }
 
 /// Decodes a frame's payload into a message.
@@ -213,27 +270,16 @@ fn leading_id(rest: &[u8]) -> Option<u64> {
     std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
-/// Reads and decodes one message; `Ok(None)` on a clean end of stream between frames. (The
-/// worker's reader uses the two steps with one reused buffer instead.)
-#[cfg(test)]
-pub(crate) fn read_frame(r: &mut impl Read, max: usize) -> io::Result<Option<Msg>> {
-    let mut buf = Vec::new();
-    if !read_frame_bytes(r, &mut buf, max)? {
-        return Ok(None);
-    }
-    decode(&buf).map(Some)
-}
-
 /// The frame for a call, built by the calling thread; `session`: its session's id and context;
 /// `window`: a stream's first credit.
 pub(crate) fn encode_call(
     id: u64,
     command: &str,
-    args: &Value,
+    args: &Payload,
     session: Option<(&str, Option<&Value>)>,
     window: Option<u32>,
     max: usize,
-) -> io::Result<Vec<u8>> {
+) -> io::Result<Frame> {
     #[derive(Serialize)]
     struct CallRef<'a> {
         #[serde(rename = "type")]
@@ -252,7 +298,8 @@ pub(crate) fn encode_call(
         Some((id, context)) => (Some(id), context),
         None => (None, None),
     };
-    encode_frame(&CallRef { kind: "call", id, command, args, session, context, window }, max)
+    let call = CallRef { kind: "call", id, command, args: &args.value, session, context, window };
+    encode_attached(&call, args.attachments.clone(), max)
 }
 
 /// The frame granting stream `id` `n` more chunks (a few dozen bytes: one atomic pipe write).
@@ -270,16 +317,76 @@ pub(crate) fn encode_end_session(session: &str) -> io::Result<Vec<u8>> {
     encode_frame(&Msg::EndSession { session: session.to_string() }, DEFAULT_MAX_FRAME)
 }
 
+/// One frame read: its JSON and its attachments.
+#[derive(Debug)]
+pub(crate) struct RawFrame<'a> {
+    pub(crate) json: &'a [u8],
+    pub(crate) attachments: Vec<Bytes>,
+}
+
 /// Bytes read from a stream that may hand them out in any pieces (a non-blocking pipe), cut
 /// into frames as they complete. Pure: the owner reads into [`spare`](FrameBuf::spare), reports
 /// how much with [`filled`](FrameBuf::filled), and takes frames with
 /// [`next_frame`](FrameBuf::next_frame).
+///
+/// A large attachment is read straight into memory of its own, which the frame then hands
+/// out as [`Bytes`]: its data is never copied after the read.
 #[derive(Debug, Default)]
 pub(crate) struct FrameBuf {
     buf: Vec<u8>,
     /// Where the unconsumed bytes start and end.
     start: usize,
     end: usize,
+    /// The frame with attachments whose head has been read, while its attachments are.
+    partial: Option<Partial>,
+    /// The JSON of the last frame with attachments taken (the frame borrows it).
+    json: Vec<u8>,
+    /// Whether the last `spare` was room in an attachment, not in `buf`.
+    direct: bool,
+}
+
+/// A frame with attachments, part-read.
+#[derive(Debug)]
+struct Partial {
+    json: Vec<u8>,
+    sizes: Vec<usize>,
+    done: Vec<Bytes>,
+    /// The attachment being read, and how much of it is.
+    current: Option<(Vec<u8>, usize)>,
+}
+
+impl Partial {
+    /// The attachment being read (started if need be) and how much of it is, or `None` when
+    /// all are.
+    fn current(&mut self) -> Option<(&mut Vec<u8>, &mut usize)> {
+        let size = *self.sizes.get(self.done.len())?;
+        let (data, got) = self.current.get_or_insert_with(|| (vec![0; size], 0));
+        Some((data, got))
+    }
+
+    /// Files the current attachment if it is complete; true if it was.
+    fn file_if_done(&mut self) -> bool {
+        match self.current.take() {
+            Some((data, got)) if got == data.len() => {
+                self.done.push(Bytes::from(data));
+                true
+            }
+            other => {
+                self.current = other;
+                false
+            }
+        }
+    }
+}
+
+/// What the header at the start of the held bytes announces.
+enum Head {
+    /// Not all of it is here yet; `want`: the bytes needed to know more (or the whole head).
+    Incomplete { want: usize },
+    /// A plain frame of `len` JSON bytes.
+    Plain { len: usize },
+    /// A frame with attachments: its head is `len` bytes, the JSON its last `json_len`.
+    Attached { len: usize, json_len: usize, sizes: Vec<usize> },
 }
 
 impl FrameBuf {
@@ -289,9 +396,20 @@ impl FrameBuf {
     /// garbage, and its size is checked against the limit only by `next_frame`).
     const STEP: usize = 4 * 1024 * 1024;
 
-    /// Room to read into, after the bytes already held: at least 64 KiB, or as much of the
-    /// rest of a frame whose header has arrived as one step allows.
+    /// Room to read into: the rest of a large attachment, or, after the bytes already held, at
+    /// least 64 KiB, or as much of the rest of a frame whose header has arrived as one step
+    /// allows.
     pub(crate) fn spare(&mut self) -> &mut [u8] {
+        self.direct = false;
+        if self.start == self.end {
+            let large = |(data, got): (&mut Vec<u8>, &mut usize)| data.len() - *got >= Self::CHUNK;
+            if self.partial.as_mut().and_then(Partial::current).is_some_and(large) {
+                self.direct = true;
+                let (data, got) = self.partial.as_mut().and_then(Partial::current).expect("just seen");
+                let got = *got;
+                return &mut data[got..];
+            }
+        }
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -304,8 +422,16 @@ impl FrameBuf {
             self.end -= self.start;
             self.start = 0;
         }
-        let pending = self.frame_len().map_or(0, |len| (4 + len).saturating_sub(self.end));
-        let want = self.end + pending.clamp(Self::CHUNK, Self::STEP);
+        let pending = match self.partial.as_mut() {
+            Some(p) => p.current().map_or(0, |(data, got)| data.len() - *got),
+            None => match self.head(usize::MAX) {
+                Ok(Head::Plain { len }) => 4 + len,
+                Ok(Head::Attached { len, .. }) => len,
+                Ok(Head::Incomplete { want }) => want,
+                Err(_) => 0,
+            },
+        };
+        let want = self.end + pending.saturating_sub(self.end).clamp(Self::CHUNK, Self::STEP);
         if self.buf.len() < want {
             self.buf.resize(want, 0);
         }
@@ -314,12 +440,18 @@ impl FrameBuf {
 
     /// Records that `n` bytes were read into the slice `spare` returned.
     pub(crate) fn filled(&mut self, n: usize) {
+        if std::mem::take(&mut self.direct) {
+            if let Some((data, got)) = self.partial.as_mut().and_then(Partial::current) {
+                *got = (*got + n).min(data.len());
+            }
+            return;
+        }
         self.end = (self.end + n).min(self.buf.len());
     }
 
     /// Whether no bytes are held (no partial frame).
     pub(crate) fn is_empty(&self) -> bool {
-        self.start == self.end
+        self.start == self.end && self.partial.is_none()
     }
 
     /// The bytes held and not yet taken as frames.
@@ -332,25 +464,94 @@ impl FrameBuf {
         self.start = (self.start + n).min(self.end);
     }
 
-    /// The length the header of the next frame announces, once its 4 bytes are here.
-    fn frame_len(&self) -> Option<usize> {
-        let h = self.buf.get(self.start..self.start + 4).filter(|_| self.end - self.start >= 4)?;
-        Some(u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize)
+    /// Reads the header at the start of the held bytes, checking every size it announces
+    /// against `max` as soon as it is known, before anything is allocated for it.
+    fn head(&self, max: usize) -> io::Result<Head> {
+        let held = &self.buf[self.start..self.end];
+        let word =
+            |at: usize| u32::from_be_bytes([held[at], held[at + 1], held[at + 2], held[at + 3]]) as usize;
+        if held.len() < 4 {
+            return Ok(Head::Incomplete { want: 4 });
+        }
+        let first = word(0);
+        if first & ATTACHED as usize == 0 {
+            if first > max {
+                return Err(too_large(first, max));
+            }
+            return Ok(Head::Plain { len: first });
+        }
+        let json_len = first & !(ATTACHED as usize);
+        // At least a count and one table entry come with the JSON.
+        if json_len + 12 > max {
+            return Err(too_large(json_len + 12, max));
+        }
+        if held.len() < 8 {
+            return Ok(Head::Incomplete { want: 8 });
+        }
+        let count = word(4);
+        if count == 0 || count > MAX_ATTACHMENTS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a frame announces {count} attachments (1 to {MAX_ATTACHMENTS} are allowed)"),
+            ));
+        }
+        let len = 8 + 8 * count + json_len;
+        if len - 4 > max {
+            return Err(too_large(len - 4, max));
+        }
+        if held.len() < 8 + 8 * count {
+            return Ok(Head::Incomplete { want: 8 + 8 * count });
+        }
+        let sizes: Vec<usize> = (0..count)
+            .map(|i| u64::from_be_bytes(held[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes")))
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            .collect();
+        let total = sizes.iter().try_fold(len - 4, |n, &a| n.checked_add(a)).unwrap_or(usize::MAX);
+        if total > max {
+            return Err(too_large(total, max));
+        }
+        if held.len() < len {
+            return Ok(Head::Incomplete { want: len });
+        }
+        Ok(Head::Attached { len, json_len, sizes })
     }
 
-    /// The next complete frame's payload, if one is held. A header announcing more than `max`
-    /// bytes is an error before anything is allocated for it.
-    pub(crate) fn next_frame(&mut self, max: usize) -> io::Result<Option<&[u8]>> {
-        let Some(len) = self.frame_len() else { return Ok(None) };
-        if len > max {
-            return Err(too_large(len, max));
+    /// The next complete frame, if one is held. A header announcing more than `max` bytes, or
+    /// an attachment table that does, is an error before anything is allocated for it.
+    pub(crate) fn next_frame(&mut self, max: usize) -> io::Result<Option<RawFrame<'_>>> {
+        if self.partial.is_none() {
+            match self.head(max)? {
+                Head::Incomplete { .. } => return Ok(None),
+                Head::Plain { len } => {
+                    if self.end - self.start < 4 + len {
+                        return Ok(None);
+                    }
+                    let at = self.start + 4;
+                    self.start = at + len;
+                    return Ok(Some(RawFrame { json: &self.buf[at..at + len], attachments: Vec::new() }));
+                }
+                Head::Attached { len, json_len, sizes } => {
+                    let json = self.buf[self.start + len - json_len..self.start + len].to_vec();
+                    self.start += len;
+                    let done = Vec::with_capacity(sizes.len());
+                    self.partial = Some(Partial { json, sizes, done, current: None });
+                }
+            }
         }
-        if self.end - self.start < 4 + len {
-            return Ok(None);
+        let Some(p) = self.partial.as_mut() else { return Ok(None) };
+        // The attachments take the bytes held, in order.
+        while let Some((data, got)) = p.current() {
+            let take = (data.len() - *got).min(self.end - self.start);
+            data[*got..*got + take].copy_from_slice(&self.buf[self.start..self.start + take]);
+            *got += take;
+            self.start += take;
+            if !p.file_if_done() {
+                return Ok(None);
+            }
         }
-        let at = self.start + 4;
-        self.start = at + len;
-        Ok(Some(&self.buf[at..at + len]))
+        let Partial { json, done, .. } = self.partial.take().expect("checked above");
+        self.json = json;
+        Ok(Some(RawFrame { json: &self.json, attachments: done }))
     }
 }
 
@@ -410,6 +611,46 @@ mod tests {
         let mut v = (payload.len() as u32).to_be_bytes().to_vec();
         v.extend_from_slice(payload);
         v
+    }
+
+    /// Frames read from a blocking reader through a [`FrameBuf`], as the pool reads a pipe.
+    struct Frames<R> {
+        r: R,
+        fb: FrameBuf,
+        max: usize,
+        /// The largest room `spare` offered: what the reader was trusted with.
+        widest: usize,
+    }
+
+    impl<R: Read> Frames<R> {
+        fn new(r: R, max: usize) -> Self {
+            Frames { r, fb: FrameBuf::default(), max, widest: 0 }
+        }
+
+        /// The next message and its attachments; `Ok(None)` at a clean end between frames.
+        fn next_raw(&mut self) -> io::Result<Option<(Msg, Vec<Bytes>)>> {
+            loop {
+                if let Some(f) = self.fb.next_frame(self.max)? {
+                    return decode(f.json).map(|m| Some((m, f.attachments)));
+                }
+                let spare = self.fb.spare();
+                self.widest = self.widest.max(spare.len());
+                match self.r.read(spare)? {
+                    0 if self.fb.is_empty() => return Ok(None),
+                    0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated frame")),
+                    n => self.fb.filled(n),
+                }
+            }
+        }
+
+        fn next(&mut self) -> io::Result<Option<Msg>> {
+            self.next_raw().map(|m| m.map(|(m, _)| m))
+        }
+    }
+
+    /// The one message `r` holds.
+    fn read_frame(r: impl Read, max: usize) -> io::Result<Option<Msg>> {
+        Frames::new(r, max).next()
     }
 
     /// A reader that hands out at most one byte per read, like a slow pipe.
@@ -484,8 +725,8 @@ mod tests {
             let spare = fb.spare();
             spare[..piece.len()].copy_from_slice(piece);
             fb.filled(piece.len());
-            while let Some(payload) = fb.next_frame(max)? {
-                out.push(decode(payload)?);
+            while let Some(frame) = fb.next_frame(max)? {
+                out.push(decode(frame.json)?);
             }
         }
         assert!(fb.is_empty(), "bytes left over");
@@ -534,7 +775,7 @@ mod tests {
         fb.spare()[..wire.len()].copy_from_slice(&wire);
         fb.filled(wire.len());
         fb.skip(junk);
-        assert_eq!(decode(fb.next_frame(DEFAULT_MAX_FRAME).unwrap().unwrap()).unwrap(), ready);
+        assert_eq!(decode(fb.next_frame(DEFAULT_MAX_FRAME).unwrap().unwrap().json).unwrap(), ready);
     }
 
     #[test]
@@ -555,7 +796,11 @@ mod tests {
         fb.spare()[..4].copy_from_slice(&[0xff; 4]);
         fb.filled(4);
         let err = fb.next_frame(1024).unwrap_err();
-        assert_eq!(as_too_large(&err).unwrap().size, u32::MAX as usize);
+        assert_eq!(
+            as_too_large(&err).unwrap().size,
+            0x7fff_ffff + 12,
+            "at least the JSON and one table entry"
+        );
         assert!(fb.buf.len() < 1 << 20, "nothing allocated for the announced size");
     }
 
@@ -565,19 +810,20 @@ mod tests {
         for m in sample_messages() {
             write_frame(&mut wire, &m, DEFAULT_MAX_FRAME).unwrap();
         }
-        let mut r = Cursor::new(wire);
+        let mut r = Frames::new(Cursor::new(wire), DEFAULT_MAX_FRAME);
         for m in sample_messages() {
-            assert_eq!(read_frame(&mut r, DEFAULT_MAX_FRAME).unwrap(), Some(m));
+            assert_eq!(r.next().unwrap(), Some(m));
         }
-        assert_eq!(read_frame(&mut r, DEFAULT_MAX_FRAME).unwrap(), None);
+        assert_eq!(r.next().unwrap(), None);
     }
 
     #[test]
     fn encode_call_matches_the_message_form() {
         let args = json!({"text": "hi"});
-        let bytes = encode_call(9, "embed", &args, None, None, DEFAULT_MAX_FRAME).unwrap();
+        let bytes = encode_call(9, "embed", &args.clone().into(), None, None, DEFAULT_MAX_FRAME).unwrap();
+        let bytes = bytes.plain().expect("no attachments: a plain frame").to_vec();
         assert!(!String::from_utf8_lossy(&bytes).contains("session"), "a plain call carries no session keys");
-        let msg = read_frame(&mut Cursor::new(bytes), DEFAULT_MAX_FRAME).unwrap();
+        let msg = read_frame(Cursor::new(bytes), DEFAULT_MAX_FRAME).unwrap();
         assert_eq!(
             msg,
             Some(Msg::Call {
@@ -594,9 +840,16 @@ mod tests {
     #[test]
     fn a_session_call_carries_its_id_and_context_and_its_end_is_a_frame() {
         let (args, context) = (json!([1]), json!({"model": "m1"}));
-        let bytes =
-            encode_call(3, "predict", &args, Some(("12", Some(&context))), None, DEFAULT_MAX_FRAME).unwrap();
-        let msg = read_frame(&mut Cursor::new(bytes), DEFAULT_MAX_FRAME).unwrap();
+        let bytes = encode_call(
+            3,
+            "predict",
+            &args.clone().into(),
+            Some(("12", Some(&context))),
+            None,
+            DEFAULT_MAX_FRAME,
+        )
+        .unwrap();
+        let msg = read_frame(Cursor::new(bytes.to_vec()), DEFAULT_MAX_FRAME).unwrap();
         let expected = Msg::Call {
             id: 3,
             command: "predict".into(),
@@ -606,16 +859,20 @@ mod tests {
             window: None,
         };
         assert_eq!(msg, Some(expected));
-        let bytes = encode_call(4, "predict", &args, Some(("12", None)), None, DEFAULT_MAX_FRAME).unwrap();
-        assert!(!String::from_utf8_lossy(&bytes).contains("context"), "no context, no key");
+        let bytes =
+            encode_call(4, "predict", &args.into(), Some(("12", None)), None, DEFAULT_MAX_FRAME).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes.to_vec()).contains("context"), "no context, no key");
         let end = encode_end_session("12").unwrap();
         assert_eq!(&end[4..], br#"{"type":"end_session","session":"12"}"#);
     }
 
     #[test]
     fn stream_and_cancel_frames_have_their_wire_form() {
-        let call = encode_call(5, "tokens", &json!([]), None, Some(16), DEFAULT_MAX_FRAME).unwrap();
-        assert_eq!(&call[4..], br#"{"type":"call","id":5,"command":"tokens","args":[],"window":16}"#);
+        let call = encode_call(5, "tokens", &json!([]).into(), None, Some(16), DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(
+            &call.to_vec()[4..],
+            br#"{"type":"call","id":5,"command":"tokens","args":[],"window":16}"#
+        );
         assert_eq!(&encode_credit(5, 8)[4..], br#"{"type":"credit","id":5,"n":8}"#);
         assert_eq!(&encode_cancel(5, true)[4..], br#"{"type":"cancel","id":5,"force":true}"#);
         // What the worker writes: type first, then id (see `reply_id`), integers or floats.
@@ -638,20 +895,20 @@ mod tests {
         for m in sample_messages() {
             write_frame(&mut wire, &m, DEFAULT_MAX_FRAME).unwrap();
         }
-        let mut r = Trickle(Cursor::new(wire));
+        let mut r = Frames::new(Trickle(Cursor::new(wire)), DEFAULT_MAX_FRAME);
         for m in sample_messages() {
-            assert_eq!(read_frame(&mut r, DEFAULT_MAX_FRAME).unwrap(), Some(m));
+            assert_eq!(r.next().unwrap(), Some(m));
         }
-        assert_eq!(read_frame(&mut r, DEFAULT_MAX_FRAME).unwrap(), None);
+        assert_eq!(r.next().unwrap(), None);
     }
 
     #[test]
     fn truncated_header_and_body_are_errors_not_eof() {
-        let err = read_frame(&mut Cursor::new(vec![0, 0]), 100).unwrap_err();
+        let err = read_frame(Cursor::new(vec![0, 0]), 100).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         let mut wire = frame(br#"{"type":"shutdown"}"#);
         wire.truncate(wire.len() - 3);
-        let err = read_frame(&mut Cursor::new(wire), 100).unwrap_err();
+        let err = read_frame(Cursor::new(wire), 100).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert!(err.to_string().contains("truncated"), "{err}");
     }
@@ -660,11 +917,11 @@ mod tests {
     fn oversized_length_is_refused_before_allocating() {
         // The header claims 4 GiB - 1; the stream holds nothing more. If the reader trusted the
         // header it would try to reserve 4 GiB; instead the check fails first.
-        let mut buf = Vec::new();
-        let err = read_frame_bytes(&mut Cursor::new(vec![0xff; 4]), &mut buf, 1024).unwrap_err();
+        let mut r = Frames::new(Cursor::new(vec![0x7f, 0xff, 0xff, 0xff]), 1024);
+        let err = r.next().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert_eq!(as_too_large(&err).unwrap().size, u32::MAX as usize);
-        assert_eq!(buf.capacity(), 0);
+        assert_eq!(as_too_large(&err).unwrap().size, 0x7fff_ffff);
+        assert!(r.widest <= FrameBuf::CHUNK, "the reader was never offered more than one read");
     }
 
     #[test]
@@ -686,7 +943,7 @@ mod tests {
             (&br#"{"type":"teleport","id":1}"#[..], "unknown message type"),
             (&br#"{"type":"result","value":1}"#[..], "invalid message"),
         ] {
-            let err = read_frame(&mut Cursor::new(frame(payload)), 100).unwrap_err();
+            let err = read_frame(Cursor::new(frame(payload)), 100).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{payload:?}");
             assert!(err.to_string().contains(needle), "{payload:?}: {err}");
         }
@@ -713,7 +970,7 @@ mod tests {
     #[test]
     fn unknown_fields_are_ignored_for_forward_compatibility() {
         let wire = frame(br#"{"type":"pong","id":5,"extra":true}"#);
-        assert_eq!(read_frame(&mut Cursor::new(wire), 100).unwrap(), Some(Msg::Pong { id: 5 }));
+        assert_eq!(read_frame(Cursor::new(wire), 100).unwrap(), Some(Msg::Pong { id: 5 }));
     }
 
     #[test]
@@ -730,6 +987,8 @@ mod tests {
         for m in sample_messages() {
             write_frame(&mut valid, &m, DEFAULT_MAX_FRAME).unwrap();
         }
+        let with = vec![Bytes::from(vec![1u8; 40]), Bytes::from(vec![2u8; 3])];
+        valid.extend(encode_attached(&Msg::Pong { id: 1 }, with, DEFAULT_MAX_FRAME).unwrap().to_vec());
         for round in 0..5000 {
             let mut bytes = if round % 2 == 0 {
                 (0..(next() % 64)).map(|_| next() as u8).collect::<Vec<u8>>()
@@ -742,17 +1001,153 @@ mod tests {
                     bytes[i] = next() as u8;
                 }
             }
-            let mut r = Cursor::new(bytes);
-            let mut buf = Vec::new();
+            let mut r = Frames::new(Cursor::new(bytes), 4096);
             for _ in 0..16 {
-                match read_frame_bytes(&mut r, &mut buf, 4096) {
-                    Ok(true) => {
-                        assert!(buf.len() <= 4096);
-                        let _ = decode(&buf);
+                match r.next_raw() {
+                    Ok(Some((_, attachments))) => {
+                        assert!(attachments.iter().map(|a| a.len()).sum::<usize>() <= 4096);
                     }
-                    Ok(false) | Err(_) => break,
+                    Ok(None) | Err(_) => break,
                 }
             }
+            assert!(r.widest <= FrameBuf::CHUNK, "offered {} bytes of room", r.widest);
         }
+    }
+
+    fn attached(json: &[u8], sizes: &[u64]) -> Vec<u8> {
+        let mut v = (ATTACHED | json.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(&(sizes.len() as u32).to_be_bytes());
+        for s in sizes {
+            v.extend_from_slice(&s.to_be_bytes());
+        }
+        v.extend_from_slice(json);
+        v
+    }
+
+    #[test]
+    fn a_frame_with_attachments_has_its_wire_form() {
+        let msg = Msg::Result { id: 1, value: json!({"__snakepit__": "bytes", "att": 0}) };
+        let frame = encode_attached(&msg, vec![Bytes::from(vec![0xab, 0xcd]), Bytes::new()], 1000).unwrap();
+        let json = br#"{"type":"result","id":1,"value":{"__snakepit__":"bytes","att":0}}"#;
+        let mut expected = attached(json, &[2, 0]);
+        expected.extend_from_slice(&[0xab, 0xcd]);
+        assert_eq!(frame.to_vec(), expected);
+        assert_eq!(frame.len(), expected.len());
+        assert!(frame.plain().is_none());
+        // Its size for the limit is everything after the first four bytes.
+        let size = expected.len() - 4;
+        assert!(encode_attached(&msg, vec![Bytes::from(vec![0xab, 0xcd]), Bytes::new()], size).is_ok());
+        let err = encode_attached(&msg, vec![Bytes::from(vec![0xab, 0xcd])], size - 9).unwrap_err();
+        assert_eq!(as_too_large(&err).unwrap().size, size - 8, "one table entry fewer");
+        // None at all: a plain frame.
+        assert!(encode_attached(&msg, vec![], 1000).unwrap().plain().is_some());
+    }
+
+    #[test]
+    fn attachments_arrive_whole_from_pieces_of_any_size() {
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let attachments = vec![Bytes::from(vec![1, 2, 3]), Bytes::new(), Bytes::from(big.clone())];
+        let msg = Msg::Chunk { id: 7, value: json!([{"__snakepit__": "bytes", "att": 2}]) };
+        let mut wire = encode_attached(&msg, attachments.clone(), DEFAULT_MAX_FRAME).unwrap().to_vec();
+        write_frame(&mut wire, &Msg::Pong { id: 8 }, DEFAULT_MAX_FRAME).unwrap();
+        wire.extend(encode_attached(&msg, attachments.clone(), DEFAULT_MAX_FRAME).unwrap().to_vec());
+        for step in [1, 7, 4096, 70_000, wire.len()] {
+            let mut fb = FrameBuf::default();
+            let mut got = Vec::new();
+            let mut rest = &wire[..];
+            while !rest.is_empty() {
+                let spare = fb.spare();
+                let n = spare.len().min(step).min(rest.len());
+                spare[..n].copy_from_slice(&rest[..n]);
+                fb.filled(n);
+                rest = &rest[n..];
+                while let Some(f) = fb.next_frame(DEFAULT_MAX_FRAME).unwrap() {
+                    got.push((decode(f.json).unwrap(), f.attachments));
+                }
+            }
+            assert!(fb.is_empty(), "step {step}");
+            let expected = vec![
+                (msg.clone(), attachments.clone()),
+                (Msg::Pong { id: 8 }, vec![]),
+                (msg.clone(), attachments.clone()),
+            ];
+            assert_eq!(got, expected, "step {step}");
+        }
+        // Read by a trickle, too.
+        let mut r = Frames::new(Trickle(Cursor::new(wire)), DEFAULT_MAX_FRAME);
+        assert_eq!(r.next_raw().unwrap().unwrap().1[2], big[..]);
+    }
+
+    #[test]
+    fn a_large_attachment_is_read_straight_into_its_own_memory() {
+        let data = vec![7u8; 1 << 20];
+        let msg = Msg::Result { id: 1, value: json!({"__snakepit__": "bytes", "att": 0}) };
+        let wire =
+            encode_attached(&msg, vec![Bytes::from(data.clone())], DEFAULT_MAX_FRAME).unwrap().to_vec();
+        let mut r = Frames::new(Cursor::new(wire), DEFAULT_MAX_FRAME);
+        let (_, attachments) = r.next_raw().unwrap().unwrap();
+        assert_eq!(attachments[0], data[..]);
+        // The frame buffer itself never grew to hold it.
+        assert!(r.fb.buf.len() <= FrameBuf::CHUNK, "the buffer grew to {}", r.fb.buf.len());
+    }
+
+    #[test]
+    fn an_attachment_table_that_lies_is_refused_before_any_large_allocation() {
+        let json = br#"{"type":"pong","id":1}"#;
+        for (wire, needle) in [
+            (attached(json, &[]), "announces 0 attachments"),
+            (
+                {
+                    let mut w = attached(json, &[]);
+                    w[4..8].copy_from_slice(&((MAX_ATTACHMENTS + 1) as u32).to_be_bytes());
+                    w
+                },
+                "announces 1048577 attachments",
+            ),
+            (attached(json, &[1 << 40]), "frame too large"),
+            (attached(json, &[u64::MAX, u64::MAX]), "frame too large"),
+            (attached(json, &[4000, 4000]), "frame too large"),
+            (
+                {
+                    let mut w = attached(json, &[1]);
+                    w[..4].copy_from_slice(&(ATTACHED | 0x7fff_0000).to_be_bytes());
+                    w
+                },
+                "frame too large",
+            ),
+        ] {
+            let mut r = Frames::new(Cursor::new(wire), 4096);
+            let err = r.next().unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{needle}");
+            assert!(err.to_string().contains(needle), "{needle}: {err}");
+            assert!(r.widest <= FrameBuf::CHUNK);
+            assert!(r.fb.partial.is_none(), "nothing was allocated for the attachments");
+        }
+        // A frame whose attachments end early is truncated, not a clean end.
+        let mut wire = attached(json, &[10]);
+        wire.extend_from_slice(&[1, 2, 3]);
+        let err = read_frame(Cursor::new(wire), 4096).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        // Ending inside the table, too.
+        let err = read_frame(Cursor::new(attached(json, &[10, 20])[..14].to_vec()), 4096).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn too_many_attachments_are_refused_before_writing() {
+        let many = vec![Bytes::new(); MAX_ATTACHMENTS + 1];
+        let err = encode_attached(&Msg::Pong { id: 1 }, many, usize::MAX).unwrap_err();
+        assert!(err.to_string().contains("at most 1048576"), "{err}");
+    }
+
+    #[test]
+    fn a_call_carries_its_arguments_attachments() {
+        let args = Payload::from_serialize(&(Bytes::from(vec![5u8; 3]),)).unwrap();
+        let frame = encode_call(2, "f", &args, None, None, DEFAULT_MAX_FRAME).unwrap();
+        let (msg, attachments) =
+            Frames::new(Cursor::new(frame.to_vec()), DEFAULT_MAX_FRAME).next_raw().unwrap().unwrap();
+        let Msg::Call { args: value, .. } = msg else { panic!("{msg:?}") };
+        assert_eq!(value, json!([{"__snakepit__": "bytes", "att": 0}]));
+        assert_eq!(attachments, vec![Bytes::from(vec![5u8; 3])]);
     }
 }

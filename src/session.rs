@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::binary::Payload;
 use crate::call::Calls;
 use crate::dispatcher::{Effects, Request, Shared};
 use crate::error::{ExitKind, KilledBy, Result};
@@ -362,13 +363,27 @@ impl Session {
     }
 
     /// [`call`](Session::call) with serde on both sides.
+    /// Bytes and arrays travel as raw bytes, as with [`Pool::call_as`](crate::Pool::call_as).
     pub fn call_as<A: Serialize + ?Sized, R: DeserializeOwned>(&self, command: &str, args: &A) -> Result<R> {
-        let args = serde_json::to_value(args)?;
-        Ok(serde_json::from_value(self.call(command, args)?)?)
+        self.call_as_with(command, args, CallOptions::default())
+    }
+
+    /// [`call_as`](Session::call_as) with per-call options.
+    pub fn call_as_with<A: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        command: &str,
+        args: &A,
+        options: CallOptions,
+    ) -> Result<R> {
+        self.run(command, Payload::from_serialize(args)?, options)?.deserialize()
     }
 
     /// [`call`](Session::call) with per-call options.
     pub fn call_with(&self, command: &str, args: Value, options: CallOptions) -> Result<Value> {
+        self.run(command, args.into(), options).map(Payload::into_value)
+    }
+
+    fn run(&self, command: &str, args: Payload, options: CallOptions) -> Result<Payload> {
         let core = &*self.core;
         let context = core.context.lock().clone();
         self.calls.call_in_session(command, args, options, &CallSession { core, context })

@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::binary::Payload;
 use crate::call::{Calls, Prepared};
 use crate::dispatcher::{Effects, Lease, Return};
 use crate::error::{Error, Result, TimeoutKind};
@@ -134,7 +136,7 @@ impl Stream {
         let Some(rx) = &self.rx else { return Exchange::Died };
         loop {
             match rx.try_recv() {
-                Ok(Exchange::Chunk(_)) => {}
+                Ok(Exchange::Chunk(_) | Exchange::BadChunk(_)) => {}
                 Ok(end) => return end,
                 Err(_) => return Exchange::Died, // the worker ended with no reply
             }
@@ -143,30 +145,37 @@ impl Stream {
 
     /// Ends the stream with `exchange`'s outcome: gives the lease back (or follows up on a
     /// call still running) and records the outcome. Returns the item to hand out, if any.
-    fn end(&mut self, exchange: Exchange, timed: TimeoutKind) -> Option<Result<Value>> {
+    fn end(&mut self, exchange: Exchange, timed: TimeoutKind) -> Option<Result<Payload>> {
         let lease = self.lease.take()?;
         let conn = lease.conn.clone();
         let id = self.p.id;
         let (how, result) = match exchange {
             Exchange::Reply(Ok(value)) => {
-                self.returned = Some(value);
-                (Some(Return::Done), Ok(Value::Null))
+                self.returned = Some(value.into_value());
+                (Some(Return::Done), Ok(Payload::default()))
             }
             Exchange::Reply(Err(e)) => (Some(Return::Done), Err(e)),
             // The generator goes on: it is cancelled, as for a dropped stream.
             Exchange::TimedOut { .. } | Exchange::BadChunk(_) => {
+                let is_bad_chunk = matches!(exchange, Exchange::BadChunk(_));
                 let err = match exchange {
                     Exchange::BadChunk(err) => err,
                     _ => Error::timeout(timed),
                 };
                 log::warn!("[{}] stream {id} `{}`: {err}", self.calls.config().name, self.command);
                 if !conn.stream_abandon(id) {
-                    // Its end came just now.
-                    let end = self.take_end();
-                    self.lease = Some(lease);
-                    return self.end(end, timed);
+                    // Its end came just now: a time-out gives way to it, but a chunk that could
+                    // not be decoded still fails the stream (it is not whole).
+                    match (self.take_end(), is_bad_chunk) {
+                        (Exchange::Reply(_), true) => (Some(Return::Done), Err(err)),
+                        (end, _) => {
+                            self.lease = Some(lease);
+                            return self.end(end, timed);
+                        }
+                    }
+                } else {
+                    (None, Err(err))
                 }
-                (None, Err(err))
             }
             Exchange::Died => (Some(Return::Died), Err(conn.death_error(self.p.deadline))),
             Exchange::Broken(e) => {
@@ -193,7 +202,7 @@ impl Stream {
         &self,
         lease: Lease<Arc<Conn>>,
         how: Option<Return>,
-        result: &Result<Value>,
+        result: &Result<Payload>,
         reason: KillReason,
     ) {
         let shared = self.calls.shared();
@@ -225,10 +234,15 @@ impl Stream {
     }
 }
 
-impl Iterator for Stream {
-    type Item = Result<Value>;
+impl Stream {
+    /// The next chunk deserialised into `T`, or the stream's error; `None` at its end. Like
+    /// [`Pool::call_as`](crate::Pool::call_as), this takes the bytes and arrays in a chunk
+    /// without their inline (base64) form.
+    pub fn next_as<T: DeserializeOwned>(&mut self) -> Option<Result<T>> {
+        self.next_payload().map(|chunk| chunk.and_then(Payload::deserialize))
+    }
 
-    fn next(&mut self) -> Option<Result<Value>> {
+    fn next_payload(&mut self) -> Option<Result<Payload>> {
         let conn = self.lease.as_ref()?.conn.clone();
         let id = self.p.id;
         if Instant::now() >= self.p.deadline {
@@ -252,6 +266,15 @@ impl Iterator for Stream {
             }
             other => self.end(other, timed),
         }
+    }
+}
+
+impl Iterator for Stream {
+    type Item = Result<Value>;
+
+    /// The next chunk (its bytes and arrays in their inline form; see [`Stream::next_as`]).
+    fn next(&mut self) -> Option<Result<Value>> {
+        self.next_payload().map(|chunk| chunk.map(Payload::into_value))
     }
 }
 

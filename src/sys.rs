@@ -151,3 +151,25 @@ pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: the kernel just returned these descriptors to us; nothing else owns them.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
+
+/// The bytes of `data`, in place. Sound for any [`Element`](crate::Element): a primitive number
+/// type, with no padding.
+pub(crate) fn bytes_of<T: crate::Element>(data: &[T]) -> &[u8] {
+    // SAFETY: the pointer and length cover exactly the memory of `data`, which lives as long
+    // as the returned slice; `u8` has no alignment needs, and `T` has no padding bytes.
+    unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) }
+}
+
+/// `bytes` viewed as elements of `T`, in place: `None` unless their address is aligned for `T`
+/// and their length a whole number of elements. Sound for any [`Element`](crate::Element):
+/// every bit pattern is a valid value of it.
+pub(crate) fn cast_slice<T: crate::Element>(bytes: &[u8]) -> Option<&[T]> {
+    let size = std::mem::size_of::<T>();
+    if bytes.len() % size != 0 || bytes.as_ptr().align_offset(std::mem::align_of::<T>()) != 0 {
+        return None;
+    }
+    // SAFETY: checked just above: the pointer is aligned for `T`, and the length covers whole
+    // elements inside `bytes`, which lives as long as the returned slice; `T` accepts every bit
+    // pattern, and nothing can write through a shared slice.
+    Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
+}

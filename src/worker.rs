@@ -31,10 +31,11 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 use serde_json::Value;
 
+use crate::binary::Payload;
 use crate::cancel::{CancelFile, CancelStep, CancelToken, Ladder, Step};
 use crate::error::{Error, ExitKind, Result, TimeoutKind};
 use crate::mailbox::{mailbox, Address, Mailbox, Missed};
-use crate::protocol::{self, FrameBuf, Msg, Progress};
+use crate::protocol::{self, Frame, FrameBuf, Msg, Progress, RawFrame};
 use crate::stream::ProgressSink;
 use crate::sys;
 
@@ -221,7 +222,7 @@ impl Looks<'_> {
 pub(crate) enum Exchange {
     /// The worker answered: the command's result or its Python exception (or a reply that could
     /// not be decoded, which fails only this call).
-    Reply(Result<Value>),
+    Reply(Result<Payload>),
     /// The frame never reached the worker, so the call can run elsewhere; the worker cannot be
     /// trusted with another. `dead`: it has exited (or is exiting); else it wrote unasked while
     /// idle.
@@ -235,7 +236,7 @@ pub(crate) enum Exchange {
     /// The worker broke the protocol while answering.
     Broken(Error),
     /// A chunk of the stream `id` (streams only).
-    Chunk(Value),
+    Chunk(Payload),
     /// A chunk of the stream `id` that could not be decoded (nested too deep, a number out of
     /// range): the frames are still in step, but the stream cannot go on.
     BadChunk(Error),
@@ -318,7 +319,7 @@ struct Reader {
 /// Thread profile: the calls waiting for replies, by id.
 #[derive(Default)]
 struct Waiting {
-    replies: HashMap<u64, Address<Result<Value>>>,
+    replies: HashMap<u64, Address<Result<Payload>>>,
     /// Streams: their chunks, then their end (as the exchange that ends them).
     streams: HashMap<u64, Sender<Exchange>>,
     /// Where the progress reports of calls waiting here go.
@@ -434,7 +435,7 @@ impl Conn {
     /// [`Conn::capture_stack`]).
     pub(crate) fn exchange(
         &self,
-        frame: &[u8],
+        frame: &Frame,
         id: u64,
         deadline: Instant,
         what: Sending,
@@ -452,10 +453,8 @@ impl Conn {
     /// Process profile: writes a call's frame for the caller the worker is being handed to, if
     /// the worker is idle and alive and the pipe takes the whole frame in one write at once.
     /// False if nothing was written (the caller then writes it itself).
-    pub(crate) fn send_now(&self, frame: &[u8]) -> bool {
-        if self.threaded || frame.len() > 4096 {
-            return false;
-        }
+    pub(crate) fn send_now(&self, frame: &Frame) -> bool {
+        let Some(frame) = frame.plain().filter(|f| !self.threaded && f.len() <= 4096) else { return false };
         let Some(mut out) = self.stdout.try_lock() else { return false };
         if self.fitness(&mut out).is_some() {
             return false;
@@ -493,7 +492,7 @@ impl Conn {
     }
 
     /// Process profile: the caller holds the only lease, and reads the reply itself.
-    fn exchange_alone(&self, frame: &[u8], id: u64, deadline: Instant, look: Looks<'_>) -> Exchange {
+    fn exchange_alone(&self, frame: &Frame, id: u64, deadline: Instant, look: Looks<'_>) -> Exchange {
         let mut out = self.stdout.lock();
         if let Some(unsent) = self.send_alone(&mut out, frame, deadline) {
             return unsent;
@@ -503,7 +502,7 @@ impl Conn {
 
     /// Process profile: writes a call's frame to the idle worker whose stdout `out` is;
     /// `Some` with how the exchange ended if it did not start.
-    fn send_alone(&self, out: &mut Reader, frame: &[u8], deadline: Instant) -> Option<Exchange> {
+    fn send_alone(&self, out: &mut Reader, frame: &Frame, deadline: Instant) -> Option<Exchange> {
         // A worker that died, or wrote something unasked, while idle is noticed here, before
         // the call is written, so it costs the call nothing.
         if let Some(dead) = self.fitness(out) {
@@ -520,7 +519,7 @@ impl Conn {
 
     /// Writes a whole frame (after any posted ones), waiting for room in the pipe until
     /// `deadline`.
-    fn write(&self, frame: &[u8], deadline: Instant) -> Written {
+    fn write(&self, frame: &Frame, deadline: Instant) -> Written {
         let Some(stdin) = self.stdin.try_lock_until(deadline) else {
             return Written::Late { partial: false };
         };
@@ -529,14 +528,14 @@ impl Conn {
         while !self.flush_outbox(file) {
             let Some(posted) = self.outbox.lock().pop_front() else { break };
             self.posted.fetch_sub(1, Ordering::AcqRel);
-            match self.write_until(file, &posted, deadline) {
+            match self.write_until(file, [&posted[..]], deadline) {
                 Written::All => {}
                 // Not written in time, it leaves a part-written frame, like a call's own.
                 Written::Late { partial } => return Written::Late { partial },
                 Written::Nothing => return Written::Nothing,
             }
         }
-        let written = self.write_until(file, frame, deadline);
+        let written = self.write_until(file, frame.parts(), deadline);
         if written == Written::All {
             self.flush_outbox(file); // posted while this frame was written
         }
@@ -586,33 +585,54 @@ impl Conn {
         true
     }
 
-    fn write_until(&self, file: &File, frame: &[u8], deadline: Instant) -> Written {
+    /// Writes the `parts` of a frame, one after another, waiting for room in the pipe until
+    /// `deadline`.
+    fn write_until<'a>(
+        &self,
+        file: &File,
+        parts: impl IntoIterator<Item = &'a [u8]>,
+        deadline: Instant,
+    ) -> Written {
+        let mut written = 0;
+        for part in parts {
+            match self.write_part(file, part, deadline, written > 0) {
+                Ok(()) => written += part.len(),
+                Err(failed) => return failed,
+            }
+        }
+        Written::All
+    }
+
+    /// Writes one part of a frame; `started`: earlier parts were written.
+    fn write_part(
+        &self,
+        file: &File,
+        part: &[u8],
+        deadline: Instant,
+        started: bool,
+    ) -> std::result::Result<(), Written> {
         let mut done = 0;
-        loop {
-            match (&*file).write(&frame[done..]) {
-                Ok(n) => {
-                    done += n;
-                    if done == frame.len() {
-                        return Written::All;
-                    }
-                }
+        while done < part.len() {
+            match (&*file).write(&part[done..]) {
+                Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let mut fds = [
                         sys::poll_entry(file.as_raw_fd(), sys::POLLOUT),
                         sys::poll_entry(self.exit_fd.as_raw_fd(), sys::POLLIN),
                     ];
                     match sys::poll(&mut fds, Some(deadline)) {
-                        Ok(0) => return Written::Late { partial: done > 0 },
-                        Ok(_) if fds[1].revents != 0 => return Written::Nothing,
+                        Ok(0) => return Err(Written::Late { partial: started || done > 0 }),
+                        Ok(_) if fds[1].revents != 0 => return Err(Written::Nothing),
                         Ok(_) => {}
-                        Err(_) => return Written::Nothing,
+                        Err(_) => return Err(Written::Nothing),
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // EPIPE: nothing reads the pipe any more; a part-written frame never ran.
-                Err(_) => return Written::Nothing,
+                Err(_) => return Err(Written::Nothing),
             }
         }
+        Ok(())
     }
 
     /// Process profile: reads until the reply to `id` (or, for a stream, its next chunk), the
@@ -621,14 +641,14 @@ impl Conn {
         let mut dead = false;
         loop {
             match out.buf.next_frame(self.max_frame) {
-                Ok(Some(payload)) => match progress_of(payload) {
+                Ok(Some(frame)) => match progress_of(frame.json) {
                     Some((of, progress)) => {
                         if let (true, Some(sink), Some(progress)) = (of == id, look.progress, progress) {
                             sink.call(&progress);
                         }
                         continue;
                     }
-                    None => return reply_from(payload, id),
+                    None => return reply_from(frame, id),
                 },
                 Ok(None) => {}
                 Err(e) => return Exchange::Broken(frame_error(self.id, e)),
@@ -686,7 +706,7 @@ impl Conn {
     /// Thread profile: many calls at once; the monitor thread reads the replies.
     fn exchange_threaded(
         &self,
-        frame: &[u8],
+        frame: &Frame,
         id: u64,
         deadline: Instant,
         ping: bool,
@@ -743,7 +763,13 @@ impl Conn {
     /// Thread profile: the owner of call `id` stops waiting for its reply, which `outcome`
     /// stands for; the call still runs, and (if `slot`) holds its slot until its late reply
     /// comes. Unless the reply came just now: then that is the outcome.
-    fn stop_waiting(&self, id: u64, slot: bool, rx: &Mailbox<Result<Value>>, outcome: Exchange) -> Exchange {
+    fn stop_waiting(
+        &self,
+        id: u64,
+        slot: bool,
+        rx: &Mailbox<Result<Payload>>,
+        outcome: Exchange,
+    ) -> Exchange {
         // Whoever removes the entry decides: the monitor (with the reply) or this caller.
         let mut w = self.waiting.lock();
         w.progress.remove(&id);
@@ -890,7 +916,7 @@ impl Conn {
                 }
             }
         }
-        let _ = self.write(&protocol::encode_cancel(id, step >= 2), deadline);
+        let _ = self.write(&Frame::from(protocol::encode_cancel(id, step >= 2)), deadline);
     }
 
     /// Reports a cancel step of call `id`.
@@ -939,7 +965,7 @@ impl Conn {
     /// are read by [`Conn::stream_next`]. `Err`: how the exchange ended before it began.
     pub(crate) fn open_stream(
         &self,
-        frame: &[u8],
+        frame: &Frame,
         id: u64,
         deadline: Instant,
         sent: bool,
@@ -1016,7 +1042,7 @@ impl Conn {
     /// Grants stream `id` `n` more chunks; false if the frame could not be written by
     /// `deadline` (the worker is gone, or not reading).
     pub(crate) fn credit(&self, id: u64, n: u32, deadline: Instant) -> bool {
-        self.write(&protocol::encode_credit(id, n), deadline) == Written::All
+        self.write(&Frame::from(protocol::encode_credit(id, n)), deadline) == Written::All
     }
 
     /// Where the worker's Python code is now: its main thread is sent [`STACK_SIGNAL`]. A
@@ -1128,7 +1154,7 @@ impl Conn {
 
     /// Thread profile: hands a reply to its call. A reply to a call whose caller gave up frees
     /// that call's slot (`late` returns true); a reply to no call at all is a violation.
-    fn deliver(&self, id: u64, reply: Result<Value>) -> Delivery {
+    fn deliver(&self, id: u64, reply: Result<Payload>) -> Delivery {
         let mut w = self.waiting.lock();
         if let Some(tx) = w.replies.remove(&id) {
             // Sent under the lock: a caller that finds its entry gone finds its reply here.
@@ -1188,12 +1214,18 @@ enum Delivery {
 
 /// The exchange's outcome from one frame read while waiting for the reply to `id` (or the next
 /// chunk of stream `id`).
-fn reply_from(payload: &[u8], id: u64) -> Exchange {
+fn reply_from(frame: RawFrame<'_>, id: u64) -> Exchange {
+    let payload = frame.json;
     match protocol::decode(payload) {
-        Ok(Msg::Result { id: got, value }) if got == id => Exchange::Reply(Ok(value)),
+        Ok(Msg::Result { id: got, value }) if got == id => {
+            Exchange::Reply(received(value, frame.attachments))
+        }
         Ok(Msg::Error { id: got, error }) if got == id => Exchange::Reply(Err(remote_error(error))),
-        Ok(Msg::Chunk { id: got, value }) if got == id => Exchange::Chunk(value),
-        Ok(Msg::Pong { id: got }) if got == id => Exchange::Reply(Ok(Value::Null)),
+        Ok(Msg::Chunk { id: got, value }) if got == id => match received(value, frame.attachments) {
+            Ok(chunk) => Exchange::Chunk(chunk),
+            Err(e) => Exchange::BadChunk(e),
+        },
+        Ok(Msg::Pong { id: got }) if got == id => Exchange::Reply(Ok(Value::Null.into())),
         Ok(other) => Exchange::Broken(Error::Protocol(format!("expected the reply to {id}, got {other:?}"))),
         // A well-framed reply that cannot be decoded (say, nested deeper than the decoder
         // allows) fails only its own call; the stream is still in step.
@@ -1205,6 +1237,18 @@ fn reply_from(payload: &[u8], id: u64) -> Exchange {
         }
         Err(e) => Exchange::Broken(Error::Protocol(e.to_string())),
     }
+}
+
+/// A reply's (or chunk's) value with the attachments its frame brought, once its references to
+/// them are checked: a bad one fails only its call (the frames are still in step).
+fn received(value: Value, attachments: Vec<crate::binary::Bytes>) -> Result<Payload> {
+    let payload = Payload { value, attachments };
+    if !payload.attachments.is_empty() {
+        if let Err(e) = payload.check() {
+            return Err(Error::Protocol(format!("the reply could not be decoded: {e}")));
+        }
+    }
+    Ok(payload)
 }
 
 /// A progress report's call and content, if `payload` is one (told by its opening, so other
@@ -1535,8 +1579,8 @@ impl Monitor {
             }
             loop {
                 let frame = match out.buf.next_frame(conn.max_frame) {
-                    Ok(Some(payload)) => match protocol::decode(payload) {
-                        Ok(msg) => Ok(msg),
+                    Ok(Some(RawFrame { json: payload, attachments })) => match protocol::decode(payload) {
+                        Ok(msg) => Ok((msg, attachments)),
                         // Well framed but not decodable (nested too deep, a number out of
                         // range): it fails only its call; a progress report is dropped.
                         Err(e) => match (protocol::reply_id(payload), protocol::chunk_id(payload)) {
@@ -1556,7 +1600,7 @@ impl Monitor {
                     Err(e) => Err((None, frame_error(conn.id, e))),
                 };
                 let keep = match frame {
-                    Ok(msg) => self.on_frame(msg),
+                    Ok((msg, attachments)) => self.on_frame(msg, attachments),
                     Err((Some((id, false)), err)) if conn.threaded => self.on_reply(id, Err(err)),
                     Err((Some((id, true)), err)) if conn.threaded => {
                         match conn.deliver_stream(id, Exchange::BadChunk(err)) {
@@ -1581,14 +1625,18 @@ impl Monitor {
     }
 
     /// Handles one frame; false when this thread stops reading stdout.
-    fn on_frame(&mut self, msg: Msg) -> bool {
+    fn on_frame(&mut self, msg: Msg, attachments: Vec<crate::binary::Bytes>) -> bool {
         let conn = &self.conn;
         log::trace!("[{}] worker {} -> {msg:?}", self.pool, conn.id);
         match msg {
-            Msg::Result { id, value } if conn.threaded => self.on_reply(id, Ok(value)),
+            Msg::Result { id, value } if conn.threaded => self.on_reply(id, received(value, attachments)),
             Msg::Error { id, error } if conn.threaded => self.on_reply(id, Err(remote_error(error))),
             Msg::Chunk { id, value } if conn.threaded => {
-                match conn.deliver_stream(id, Exchange::Chunk(value)) {
+                let chunk = match received(value, attachments) {
+                    Ok(chunk) => Exchange::Chunk(chunk),
+                    Err(e) => Exchange::BadChunk(e),
+                };
+                match conn.deliver_stream(id, chunk) {
                     Delivery::Unknown => {
                         self.broken(Error::Protocol(format!("chunk of stream {id} it does not run")));
                         false
@@ -1604,7 +1652,7 @@ impl Monitor {
                 }
                 true
             }
-            Msg::Pong { id } if conn.threaded => self.on_reply(id, Ok(Value::Null)),
+            Msg::Pong { id } if conn.threaded => self.on_reply(id, Ok(Value::Null.into())),
             msg @ (Msg::Ready { .. } | Msg::StartupError { .. }) => {
                 let _ = self.events.send(WorkerEvent::Frame(conn.id, msg));
                 conn.threaded
@@ -1616,7 +1664,7 @@ impl Monitor {
         }
     }
 
-    fn on_reply(&mut self, id: u64, reply: Result<Value>) -> bool {
+    fn on_reply(&mut self, id: u64, reply: Result<Payload>) -> bool {
         match self.conn.deliver(id, reply) {
             Delivery::Answered => true,
             Delivery::Late { slot } => {

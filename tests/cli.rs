@@ -309,6 +309,32 @@ fn call_stream_prints_a_line_per_chunk_and_serve_streams_before_its_reply() {
 }
 
 #[test]
+fn serve_carries_bytes_and_arrays_as_base64_both_ways() {
+    let dir = TempDir::new("serve-binary");
+    let config = json!({
+        "pools": [{"name": "default", "size": 1, "python_path": [fixtures()], "adapter": "binary_adapter",
+                   "startup_timeout": "20s", "env": {"CLI_RUN": dir.tag()}}]
+    });
+    let config = dir.write("pools.json", &config.to_string());
+    let mut cli = Running::spawn(&[arg("--config"), config.into(), arg("serve")]);
+    cli.send(r#"{"id": 1, "command": "make", "args": {"kind": "bytes", "n": 3}}"#);
+    assert_eq!(cli.reply(), json!({"id": 1, "ok": true, "value": {"__snakepit__": "bytes", "b64": "AAEC"}}));
+    let array = json!({"__snakepit__": "array", "dtype": "int16", "shape": [2], "b64": "AQD//w=="});
+    cli.send(&json!({"id": 2, "command": "describe", "args": [array]}).to_string());
+    let described = cli.reply();
+    assert_eq!(described["value"]["dtype"], json!("int16"), "{described}");
+    assert_eq!(described["value"]["hex"], json!("0100ffff"), "{described}");
+    cli.send(&json!({"id": 3, "command": "same", "args": [array]}).to_string());
+    assert_eq!(cli.reply()["value"], array, "an array goes back in the same inline form");
+    cli.send(r#"{"id": 4, "command": "describe", "args": [{"__snakepit__": "bytes", "b64": "%%%"}]}"#);
+    let bad = cli.reply();
+    assert_eq!((&bad["ok"], &bad["error"]["type"]), (&json!(false), &json!("ValueError")), "{bad}");
+    let finished = cli.close_stdin_and_wait();
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    assert_no_worker_left(&dir);
+}
+
+#[test]
 fn serve_answers_json_lines_by_id_in_completion_order() {
     let dir = TempDir::new("serve");
     let config = dir.write("pools.json", &two_pools(&dir).to_string());

@@ -4,6 +4,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+#[allow(dead_code)]
+#[path = "common/numpy_env.rs"]
+mod numpy_env;
+
 #[test]
 fn python_unit_tests_pass() {
     let python = std::env::var("SNAKEPIT_PYTHON").unwrap_or_else(|_| "python3".to_string());
@@ -21,6 +25,15 @@ fn python_unit_tests_pass_on_the_oldest_python_supported() {
         return;
     };
     run_unit_tests(&python);
+}
+
+#[test]
+fn python_unit_tests_pass_with_numpy_installed() {
+    // The array tests that need numpy skip without it; here they run.
+    let Some(python) = numpy_env::numpy_python_or_skip("python_unit_tests_pass_with_numpy_installed") else {
+        return;
+    };
+    run_unit_tests(&python.to_string_lossy());
 }
 
 /// A Python 3.8: `python3.8` on `PATH`, else one that pyenv installed.

@@ -274,10 +274,17 @@ fn a_chunk_or_report_the_host_cannot_decode_fails_only_its_call() {
     for (profile, name) in profiles() {
         let pool = builder(&format!("st-undec-{name}"), profile).build().unwrap();
         let pids = common::worker_pids(&pool);
-        let items: Vec<_> = pool.stream("deep_chunks", json!({"levels": 300})).unwrap().collect();
-        assert_eq!(items[0].as_ref().unwrap(), &json!("fine"), "{name}");
-        assert_eq!(items.len(), 2, "{name}: the stream ends at the chunk: {items:?}");
-        assert!(matches!(&items[1], Err(Error::Protocol(m)) if m.contains("chunk")), "{name}: {items:?}");
+        for pause in [Duration::ZERO, Duration::from_millis(300)] {
+            // With a pause, the bad chunks and the stream's end have all come (on a thread
+            // worker, queued for the consumer) before the consumer takes the bad one.
+            let mut stream = pool.stream("deep_chunks", json!({"levels": 300})).unwrap();
+            let mut items = vec![stream.next().unwrap()];
+            std::thread::sleep(pause);
+            items.extend(stream);
+            assert_eq!(items[0].as_ref().unwrap(), &json!("fine"), "{name}");
+            assert_eq!(items.len(), 2, "{name} {pause:?}: the stream ends at the chunk: {items:?}");
+            assert!(matches!(&items[1], Err(Error::Protocol(m)) if m.contains("chunk")), "{name}: {items:?}");
+        }
         let options = CallOptions::new().on_progress(|_| {});
         assert_eq!(
             pool.call_with("huge_progress", Value::Null, options).unwrap(),

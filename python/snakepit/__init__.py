@@ -48,7 +48,21 @@ is a BaseException, so ``except Exception`` does not swallow it; a command that 
 answered as cancelled. If the command does not stop by itself, the host may interrupt it: the
 worker then raises ``Cancelled`` wherever the command's Python code is.
 
-This module only holds the registry; it must stay cheap to import because
+Bytes and arrays travel beside the JSON, without base64 and without a copy on the way out. A
+command gets ``bytes`` for the host's bytes, and a ``numpy.ndarray`` (writable, little-endian)
+for its arrays when numpy can be imported in the worker, else a ``snakepit.Array``. It may return
+(or yield) ``bytes``, ``bytearray``, ``memoryview``, numpy arrays of the dtypes bool, int8 ..
+int64, uint8 .. uint64, float16, float32, float64, complex64 and complex128 (any layout and byte
+order), numpy scalars and ``snakepit.Array``, anywhere in its value. Dataclasses travel as a dict
+of their fields and pydantic models as their ``model_dump()``; other types once registered::
+
+    @snakepit.encoder(Money)
+    def _money(m):
+        return {"amount": str(m.amount), "currency": m.currency}
+
+    snakepit.encoder(decimal.Decimal, str)  # exact, as a string (float: a number, rounded)
+
+This module only holds the registries; it must stay cheap to import because
 every worker imports it before anything else.
 """
 
@@ -70,6 +84,8 @@ __all__ = [
     "cancelled",
     "check_cancelled",
     "progress",
+    "encoder",
+    "Array",
     "ARGS",
     "__version__",
 ]
@@ -86,6 +102,8 @@ _cpu_bound = set()
 _session = set()
 # Functions registered with @on_session_end, in registration order.
 _session_end_hooks = []
+# Type -> function, filled in by @encoder: how values of the type reach the host (see _values).
+_encoders = {}
 
 
 def command(func=None, *, name=None, thread_safe=False, cpu_bound=False, session=False):
@@ -141,6 +159,42 @@ def on_session_end(func):
     return func
 
 
+def encoder(cls, func=None):
+    """Register ``func(obj) -> value`` as how instances of ``cls`` (and of its subclasses) reach
+    the host: ``value`` is sent in the object's place, and is encoded in turn, so it may hold
+    bytes, arrays or other registered types (at most 32 conversions deep).
+
+    Usable as a decorator, ``@snakepit.encoder(Money)``, or directly,
+    ``snakepit.encoder(decimal.Decimal, str)``; returns ``func``. A later registration for the
+    same type replaces the earlier one. An object's type is looked up first, then its bases in
+    method resolution order; registered types come before the built-in conversions (bytes-like
+    objects, numpy's arrays and scalars, ``Array``; dataclasses as a dict of their fields,
+    objects with ``model_dump`` such as pydantic models as what it returns), so they can change
+    those. Decimal has none built in: register ``str`` (exact) or ``float`` (rounded).
+
+    Raises TypeError for a ``cls`` that is not a class, or one whose instances json writes
+    itself (subclasses of str, int, float, list, tuple, dict, and None), whose encoder would
+    never be called.
+    """
+    if not isinstance(cls, type):
+        raise TypeError(f"@snakepit.encoder needs a class, not {cls!r}")
+    if issubclass(cls, (str, int, float, list, tuple, dict, type(None))):
+        raise TypeError(
+            f"@snakepit.encoder: json writes {cls.__qualname__} values itself (a subclass of a JSON type), "
+            "so an encoder for it would never be called"
+        )
+
+    def register(f):
+        if not callable(f):
+            raise TypeError(f"@snakepit.encoder needs a callable, not {type(f).__name__}")
+        _encoders[cls] = f
+        return f
+
+    if func is None:
+        return register
+    return register(func)
+
+
 def session_end_hooks():
     """Return a copy of the list of @on_session_end hooks, in registration order."""
     return list(_session_end_hooks)
@@ -167,11 +221,16 @@ def takes_session(name):
 
 
 def __getattr__(name):
-    # snakepit.Session, for type hints, without importing _sessions whenever snakepit is imported.
+    # snakepit.Session, for type hints, and snakepit.Array, without importing their modules
+    # whenever snakepit is imported.
     if name == "Session":
         from snakepit._sessions import Session
 
         return Session
+    if name == "Array":
+        from snakepit._values import Array
+
+        return Array
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

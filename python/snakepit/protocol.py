@@ -8,6 +8,10 @@ Version 3 adds streams, cancellation and progress (see "streams, cancellation an
 below): a ``call`` may carry a ``window``; the host sends ``credit`` and ``cancel``; the worker
 sends ``chunk`` and ``progress``. Every frame the worker sends about a call starts with
 ``{"type":...,"id":...``, so the host can tell which call it concerns from its first bytes.
+
+Version 4 adds frames with binary attachments, told apart by the top bit of the length (see
+"frames with attachments" below), and the JSON objects that refer to them (_values.py): bytes
+and arrays travel without base64 and, on the way out, without a copy.
 """
 
 import json
@@ -18,7 +22,7 @@ from collections import deque as _deque
 from itertools import chain, compress, repeat
 from operator import is_
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 
 _HEADER = struct.Struct(">I")
@@ -97,7 +101,48 @@ def _make_decoder():
     return decode
 
 
+def _make_encoder_with(use_c=True):
+    """Return ``encode_with(obj, default, markers) -> str``: _encode's text for ``obj``, with
+    ``default(o)`` called for each ``o`` that is not JSON, whose answer is written in its place.
+
+    ``markers`` is the encoder's circular-reference dict (a new, empty one per call). While an
+    object is being written it holds id -> object for it and each container and object around it,
+    the objects given to ``default`` included: _values.Attacher counts nested conversions with it. (The
+    C encoder and json's Python one, the fallback, both do so, in every Python from 3.8 on.)
+    """
+    join = "".join
+    c_make_encoder = None
+    if use_c:
+        try:
+            from json.encoder import c_make_encoder
+        except ImportError:
+            pass
+    from json.encoder import encode_basestring
+
+    if c_make_encoder is not None:
+
+        def encode_with(obj, default, markers):
+            c_encode = c_make_encoder(markers, default, encode_basestring, None, ":", ",", False, False, False)
+            return join(c_encode(obj, 0))
+
+        return encode_with
+
+    from json.encoder import _make_iterencode  # what JSONEncoder.iterencode builds, less its markers
+
+    def floatstr(number, _repr=float.__repr__, _inf=float("inf")):
+        if number != number or number == _inf or number == -_inf:
+            raise ValueError("Out of range float values are not JSON compliant: " + repr(number))
+        return _repr(number)
+
+    def encode_with(obj, default, markers):
+        iterencode = _make_iterencode(markers, default, encode_basestring, None, floatstr, ":", ",", False, False, True)
+        return join(iterencode(obj, 0))
+
+    return encode_with
+
+
 _encode = _make_encoder()
+_encode_with = _make_encoder_with()
 _decode = _make_decoder()
 
 
@@ -126,6 +171,10 @@ def reaches_host_exactly(value):
     a str and every integer is within INT_MIN .. INT_MAX. False means "look closer"
     (describe_problem): something is wrong, or the value holds subclasses of int, dict, list
     or tuple, which this check leaves to the closer look.
+
+    Any other object that is not JSON is taken as fine: the encoder accepted it, so it went
+    through the default hook (_values.Attacher), which turned it into an attachment or a number, or
+    into an encoder's value, which it checked itself.
 
     Only dicts, lists and tuples are gone into. The items of a small container are checked
     one by one (those of the value itself right here: most replies are a small dict or list);
@@ -204,8 +253,10 @@ def _walk_ok(stack):
             continue
         elif kind in _LEAVES or issubclass(kind, (str, float)):
             continue
-        else:  # a subclass of int, dict, list or tuple
+        elif issubclass(kind, _JSON_CONTAINERS_AND_INT):  # a subclass of one: see describe_problem
             return False
+        else:  # bytes, an array, ...: see reaches_host_exactly
+            continue
         for item in items:
             kind = type(item)
             if kind is int:
@@ -277,9 +328,12 @@ def _bags_ok(bags):
             for item in bag:
                 if not INT_MIN <= item <= INT_MAX:
                     return False
-        elif not issubclass(first, (str, float)):  # a subclass of int, dict, list or tuple
+        elif issubclass(first, _JSON_CONTAINERS_AND_INT):  # a subclass of one of them
             return False
     return True
+
+
+_JSON_CONTAINERS_AND_INT = (int, dict, list, tuple)
 
 
 _CLOSE = object()  # describe_problem's marker: a container's items are all done
@@ -293,17 +347,23 @@ def describe_problem(value, root="value"):
 
     Slow (Python code for every item): for a value the encoder refused, or one that
     reaches_host_exactly did not pass. Finds non-str dict keys, integers out of the host's range,
-    NaN and Infinity, objects that are not JSON, containers that contain themselves and strings
-    that UTF-8 cannot carry (lone surrogates).
+    NaN and Infinity, objects that cannot be sent (not JSON, no encoder; numpy arrays of other
+    dtypes), encoders that fail or nest too deep (_values.MAX_CONVERSIONS), containers that contain
+    themselves and strings that UTF-8 cannot carry (lone surrogates). What an encoder returns is
+    looked into in the place of its object (the encoder is called again).
     """
-    stack = [(value, None, None)]  # (item, marker or None, path); a path is (parent path, key)
+    # (item, marker or None, path, conversions around it); a path is (parent path, key)
+    stack = [(value, None, None, 0)]
     pop = stack.pop
     push = stack.append
-    open_ids = set()  # the containers being written: meeting one again is a cycle
+    # id -> object for the containers (and converted objects) being written: meeting one again is
+    # a cycle. The object is kept, so that its id is not reused (encoders make new objects).
+    open_ids = {}
+    conversion_problem = None  # _values', imported when first needed
     while stack:
-        item, marker, path = pop()
+        item, marker, path, depth = pop()
         if marker is _CLOSE:
-            open_ids.discard(item)
+            del open_ids[item]
             continue
         if marker is _KEY:
             if not isinstance(item, str):
@@ -334,24 +394,29 @@ def describe_problem(value, root="value"):
                 )
         elif isinstance(item, float):
             if item != item or item in (_INF, -_INF):
-                return "ValueError", f"has the float {item!r} at {_place(root, path)}: JSON has no NaN or Infinity"
+                shown = float.__repr__(item)  # nan, not numpy's np.float64(nan)
+                return "ValueError", f"has the float {shown} at {_place(root, path)}: JSON has no NaN or Infinity"
         elif isinstance(item, (dict, list, tuple)):
             oid = id(item)
             if oid in open_ids:
                 return "ValueError", (
                     f"has a circular reference at {_place(root, path)}: a container that contains itself"
                 )
-            open_ids.add(oid)
-            push((oid, _CLOSE, None))
+            open_ids[oid] = item
+            push((oid, _CLOSE, None, depth))
             if isinstance(item, dict):
                 for key, child in reversed(list(item.items())):
-                    push((child, None, (path, key)))
-                    push((key, _KEY, path))
+                    push((child, None, (path, key), depth))
+                    push((key, _KEY, path, depth))
             else:
                 for index in range(len(item) - 1, -1, -1):
-                    push((item[index], None, (path, index)))
-        else:
-            return "TypeError", f"has {_article(type(item).__qualname__)} at {_place(root, path)}: it is not JSON-serialisable"
+                    push((item[index], None, (path, index), depth))
+        else:  # not JSON: bytes, an array, an object with an encoder, ...
+            if conversion_problem is None:
+                from snakepit._values import conversion_problem
+            problem = conversion_problem(item, path, depth, root, open_ids, push)
+            if problem is not None:
+                return problem
     return None
 
 
@@ -418,17 +483,39 @@ def _describe_int(number):
     return f"{sign} integer of {digits} digits"
 
 
+def type_name(cls):
+    """``module.Qualname``, or the bare name of a builtin: how error messages name a type."""
+    module = getattr(cls, "__module__", None)
+    if module in (None, "builtins"):
+        return cls.__qualname__
+    return f"{module}.{cls.__qualname__}"
+
+
+def exception_text(exc):
+    """``str(exc)``, or a placeholder when that raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"
+
+
 class ProtocolError(Exception):
     """The byte stream does not follow the protocol."""
 
 
 class FrameTooLarge(ProtocolError):
-    """A frame's payload is longer than the agreed maximum."""
+    """A frame is larger than the agreed maximum: its payload, or for a frame with attachments
+    everything after its first 4 bytes."""
 
     def __init__(self, size, limit):
         super().__init__(f"frame payload of {size} bytes exceeds the maximum of {limit} bytes")
         self.size = size
         self.limit = limit
+        self.converted = ()  # the objects encoders converted for it, for conversion_note()
+
+
+class TooManyAttachments(ValueError):
+    """A value holds more bytes and arrays than one frame can carry (MAX_ATTACHMENTS)."""
 
 
 def read_frame(stream, max_size=DEFAULT_MAX_FRAME):
@@ -437,10 +524,16 @@ def read_frame(stream, max_size=DEFAULT_MAX_FRAME):
     Returns the decoded dict, or None on a clean EOF between frames. Raises
     ProtocolError for anything else that is not a well-formed frame; the
     length is checked against ``max_size`` before the body is read.
+
+    The binary values of a call's "args", or of a result's or chunk's "value", are in it as
+    ``bytes`` and arrays (see _read_attached). A call whose references are malformed gets a
+    _values.BadArgs for its args, so that only that call fails; in a result or chunk they are a
+    ProtocolError.
     """
     # The worker's hot path: two read() calls for a whole frame when the stream
     # delivers what is asked (a blocking buffered reader does); _read_rest() loops
-    # over short reads otherwise.
+    # over short reads otherwise. Version 4 added a comparison and a search of the
+    # text (str's: bytes' `in` costs several times more, trying the key as an int).
     header = stream.read(_HEADER_SIZE)
     if not header:
         return None
@@ -449,22 +542,38 @@ def read_frame(stream, max_size=DEFAULT_MAX_FRAME):
         if len(header) < _HEADER_SIZE:
             raise ProtocolError(f"truncated frame header: got {len(header)} of {_HEADER_SIZE} bytes")
     (length,) = _unpack_header(header)
-    if length > max_size:
+    if length > max_size or length >= 0x8000_0000:  # too large, or the top bit (_ATTACHED)
+        if length >= _ATTACHED:
+            return _read_attached(stream, length - _ATTACHED, max_size)
         raise FrameTooLarge(length, max_size)
     payload = stream.read(length)
     if payload is None or len(payload) != length:
         payload = _read_rest(stream, payload, length) if payload else b""
         if len(payload) < length:
             raise ProtocolError(f"truncated frame body: got {len(payload)} of {length} bytes")
-    return decode_payload(payload)
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"frame is not valid UTF-8: {exc}") from None
+    msg = _message(text)
+    if _RESERVED_KEY in text:  # a binary value in its inline (b64) form, perhaps
+        _resolve(msg, (), stream)
+    return msg
 
 
 def decode_payload(payload):
     """Decode a frame's payload bytes into a message dict."""
     try:
-        msg = _decode(payload.decode("utf-8"))
+        text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"frame is not valid UTF-8: {exc}") from None
+    return _message(text)
+
+
+def _message(text):
+    """The message dict of a frame's JSON text."""
+    try:
+        msg = _decode(text)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"frame is not valid JSON: {exc}") from None
     if type(msg) is not dict:  # json makes plain dicts only
@@ -475,17 +584,32 @@ def decode_payload(payload):
 
 
 def encode_frame(msg, max_size=DEFAULT_MAX_FRAME):
-    """Return header + payload for ``msg`` as one bytes object.
+    """Encode ``msg`` as a frame: a bytes object (header + JSON payload), or, when it holds
+    bytes or arrays, a list of buffers to write in this order: header, attachment table and JSON
+    as one bytes object, then the attachments, each the value's own memory (a bytes object or a
+    memoryview: not copied, so the value must not change until the frame is written).
 
-    Raises TypeError/ValueError when ``msg`` is not strict JSON (NaN and
-    Infinity are refused) and FrameTooLarge when the payload exceeds
-    ``max_size``.
+    Raises TypeError/ValueError when ``msg`` cannot be sent (not JSON and no conversion for it,
+    NaN and Infinity, an encoder that fails, see describe_problem), TooManyAttachments, and
+    FrameTooLarge when the frame is larger than ``max_size``.
     """
-    payload = _encode(msg).encode("utf-8")
+    # A plain message takes version 3's path: anything that is not JSON makes json raise
+    # TypeError (cheaply: at the first such object), and the message is encoded again, by
+    # _encode_binary, with a default hook that turns those objects into JSON and attachments.
+    try:
+        payload = _encode(msg).encode("utf-8")
+    except TypeError:
+        return _encode_binary(msg, max_size)
     size = len(payload)
-    if size > max_size:
+    if size > max_size or size >= 0x8000_0000:  # a plain frame's length leaves the top bit clear
         raise FrameTooLarge(size, max_size)
     return _pack_header(size) + payload
+
+
+def frame_bytes(data):
+    """An encoded frame (``encode_frame``'s bytes or list of buffers) as one bytes object: a
+    copy, for tests and small frames."""
+    return data if type(data) is bytes else b"".join(data)
 
 
 def write_frame(target, msg, max_size=DEFAULT_MAX_FRAME):
@@ -494,17 +618,55 @@ def write_frame(target, msg, max_size=DEFAULT_MAX_FRAME):
     if isinstance(target, int):
         write_all(target, data)
     else:
-        target.write(data)
+        for piece in [data] if type(data) is bytes else data:
+            target.write(piece)
         target.flush()
 
 
 def write_all(fd, data):
-    """os.write ``data`` to ``fd`` until every byte is written."""
+    """os.write ``data`` to ``fd`` until every byte is written. ``data``: a bytes-like object,
+    or a list (or tuple) of them (an encoded frame with attachments, see writev_all)."""
+    if type(data) is list or type(data) is tuple:
+        writev_all(fd, data)
+        return
     written = os.write(fd, data)
     if written != len(data):  # a short write: a signal, or a non-blocking fd
         view = memoryview(data)[written:]
         while view:
             view = view[os.write(fd, view):]
+
+
+def writev_all(fd, buffers):
+    """Write ``buffers`` (bytes-like objects whose len() is their size in bytes, as
+    encode_frame makes them) to ``fd`` in order, with as few os.writev calls as the kernel
+    allows: at most _IOV_MAX buffers per call, a short write finished by the next call."""
+    writev = getattr(os, "writev", None)
+    pending = [buffer for buffer in buffers if len(buffer)]
+    if writev is None:  # a system without writev: one write per buffer
+        for buffer in pending:
+            write_all(fd, buffer)
+        return
+    i = 0
+    n = len(pending)
+    while i < n:
+        written = writev(fd, pending[i : i + _IOV_MAX])
+        while i < n and written >= len(pending[i]):  # the buffers written whole
+            written -= len(pending[i])
+            i += 1
+        if written:  # one written in part: its rest goes first next time
+            pending[i] = memoryview(pending[i])[written:]
+
+
+def _iov_max():
+    """How many buffers one writev takes: IOV_MAX (1024 on Linux and macOS), at most 1024."""
+    try:
+        value = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        return 1024
+    return value if 0 < value < 1024 else 1024
+
+
+_IOV_MAX = _iov_max()
 
 
 def _read_rest(stream, data, n):
@@ -519,6 +681,189 @@ def _read_rest(stream, data, n):
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
+
+
+# --- frames with attachments (version 4) -------------------------------------------------
+#
+# A frame whose length has its top bit set carries attachments after its JSON:
+#
+#   u32 BE  0x8000_0000 | J        J: the JSON's length (< 2**31)
+#   u32 BE  count                  1 ..= MAX_ATTACHMENTS
+#   count x u64 BE  size_i         the attachments' sizes, in order
+#   J bytes of UTF-8 JSON          the message, as a plain frame would carry it
+#   the attachments, back to back
+#
+# Its size, for the maximum frame size, is 4 + 8*count + J + sum(size_i): everything after the
+# first 4 bytes. A reader checks it in steps before it allocates anything for them, so that a
+# table that lies is refused at once. A frame without attachments is always a plain one. The
+# JSON refers to the attachments (and holds binary values inline) as _values.py describes; only
+# a call's "args" and a result's or chunk's "value" hold them.
+
+MAX_ATTACHMENTS = 1_048_576
+_ATTACHED = 0x8000_0000  # the length's top bit
+_RESERVED_KEY = "__snakepit__"  # the key of the objects that stand for binary values
+_VALUE_FIELDS = {"call": "args", "result": "value", "chunk": "value"}
+_SKIP_CHUNK = 1 << 20  # an attachment nothing refers to is read and dropped this much at a time
+
+
+def _read_attached(stream, json_size, max_size):
+    """read_frame for a frame with attachments, after its header (``json_size``: J)."""
+    if json_size > max_size:
+        raise FrameTooLarge(json_size, max_size)
+    (count,) = _unpack_header(_read_exactly(stream, 4, "attachment count"))
+    if not 1 <= count <= MAX_ATTACHMENTS:
+        raise ProtocolError(f"frame has {count} attachments: a frame with attachments has 1 to {MAX_ATTACHMENTS}")
+    size = 4 + 8 * count + json_size
+    if size > max_size:
+        raise FrameTooLarge(size, max_size)
+    sizes = struct.unpack(f">{count}Q", _read_exactly(stream, 8 * count, "attachment table"))
+    size += sum(sizes)  # exact: Python's integers do not overflow
+    if size > max_size:
+        raise FrameTooLarge(size, max_size)
+    msg = decode_payload(_read_exactly(stream, json_size, "JSON"))
+    _resolve(msg, sizes, stream)
+    return msg
+
+
+def _resolve(msg, sizes, stream):
+    """Read the frame's attachments (``sizes``; none for a plain frame) from ``stream`` and put
+    the binary values the message refers to in their places.
+
+    The references are found (and checked) before the attachments are read, so that each is
+    read once, into what it becomes: a bytes object (the read itself makes it), or a bytearray
+    for an array (read into, so the array is writable); one nothing refers to is skipped.
+    """
+    from snakepit._values import BadArgs, BadValue, attachment_kinds, find_references, substitute
+
+    kind = msg["type"]
+    field = _VALUE_FIELDS.get(kind)
+    refs = ()
+    problem = None
+    if field is not None and field in msg:
+        try:
+            refs = find_references(msg[field], field, sizes)
+        except BadValue as exc:
+            problem = exc
+    if sizes:
+        attachments = _read_attachments(stream, sizes, attachment_kinds(refs, len(sizes)))
+    if refs and problem is None:
+        try:
+            msg[field] = substitute(msg[field], refs, attachments if sizes else (), field)
+        except BadValue as exc:
+            problem = exc
+    if problem is not None:
+        if kind != "call":
+            raise ProtocolError(f"{kind} frame: {problem}")
+        msg["args"] = BadArgs(str(problem))
+
+
+def resolve_inline(value, root):
+    """``value`` (decoded JSON, found at ``root``) with its inline binary values (b64) decoded;
+    _values.BadValue for a malformed one, or one that refers to an attachment."""
+    from snakepit._values import find_references, substitute
+
+    return substitute(value, find_references(value, root, ()), (), root)
+
+
+def _read_attachments(stream, sizes, kinds):
+    attachments = []
+    for index, size in enumerate(sizes):
+        kind = kinds[index]
+        if kind == "array":
+            attachments.append(_read_into(stream, size, index))
+        elif kind == "bytes":
+            attachments.append(_read_exactly(stream, size, f"attachment {index}"))
+        else:
+            while size:
+                chunk = stream.read(min(size, _SKIP_CHUNK))
+                if not chunk:
+                    raise ProtocolError(f"truncated frame: it ends in attachment {index}")
+                size -= len(chunk)
+            attachments.append(None)
+    return attachments
+
+
+def _read_exactly(stream, n, what):
+    """``n`` bytes of ``stream`` as one bytes object: one read() when the stream gives what is
+    asked; a truncated-frame ProtocolError at EOF."""
+    data = stream.read(n)
+    if data is None or len(data) != n:
+        data = _read_rest(stream, data, n) if data else b""
+        if len(data) < n:
+            raise ProtocolError(f"truncated frame: got {len(data)} of the {n} bytes of its {what}")
+    return data
+
+
+def _read_into(stream, n, index):
+    """``n`` bytes of ``stream`` read into a new bytearray (readinto(), where the stream has it)."""
+    buffer = bytearray(n)
+    got = 0
+    with memoryview(buffer) as view:
+        readinto = getattr(stream, "readinto", None)
+        while got < n:
+            if readinto is not None:
+                count = readinto(view[got:])
+            else:
+                chunk = stream.read(n - got)
+                count = len(chunk) if chunk else 0
+                view[got : got + count] = chunk
+            if not count:
+                raise ProtocolError(f"truncated frame: got {got} of the {n} bytes of its attachment {index}")
+            got += count
+    return buffer
+
+
+def _encode_binary(msg, max_size):
+    """encode_frame for a message that holds objects that are not JSON: encoded with a
+    _values.Attacher, into a frame with attachments (or a plain one when none were needed)."""
+    from snakepit._values import Attacher
+
+    hook = Attacher()
+    payload = _encode_with(msg, hook.default, hook.markers).encode("utf-8")
+    size = len(payload)
+    buffers = hook.buffers
+    if not buffers:  # numpy scalars and encoders' values only: a plain frame
+        if size > max_size or size >= _ATTACHED:
+            raise _too_large(size, max_size, hook)
+        return _pack_header(size) + payload
+    count = len(buffers)
+    sizes = [len(buffer) for buffer in buffers]
+    total = 4 + 8 * count + size + sum(sizes)
+    if total > max_size or size >= _ATTACHED:
+        raise _too_large(total, max_size, hook)
+    head = _pack_head(_ATTACHED | size, count) + struct.pack(f">{count}Q", *sizes) + payload
+    return [head, *buffers]
+
+
+_pack_head = struct.Struct(">II").pack
+
+
+def _too_large(size, limit, hook):
+    exc = FrameTooLarge(size, limit)
+    exc.converted = list(hook.converted.values())
+    return exc
+
+
+def conversion_note(exc):
+    """For a FrameTooLarge whose value encoders converted: which encoder's value was the largest,
+    as ``; encoding a mymod.Big made 70000000 bytes of it``; "" without conversions."""
+    if not exc.converted:
+        return ""
+    from snakepit._values import Attacher, type_name
+
+    largest = None
+    for obj in exc.converted[:1000]:  # the outermost of nested conversions is the largest
+        hook = Attacher()
+        try:
+            size = len(_encode_with(obj, hook.default, hook.markers).encode("utf-8"))
+        except Exception:
+            continue
+        size += sum(len(buffer) for buffer in hook.buffers)
+        if largest is None or size > largest[0]:
+            largest = (size, type(obj))
+    if largest is None:
+        return ""
+    return f"; encoding {_article(type_name(largest[1]))} made {largest[0]} bytes of it"
 
 
 # --- streams, cancellation and progress (version 3) --------------------------------------

@@ -23,14 +23,19 @@ from snakepit.protocol import (
     PROTOCOL_VERSION,
     FrameTooLarge,
     ProtocolError,
+    TooManyAttachments,
     chunk_message,
+    conversion_note,
     describe_problem,
     encode_frame,
+    exception_text as _text,
     parse_cancel,
     parse_credit,
     reaches_host_exactly,
     read_frame,
+    resolve_inline,
     stream_window,
+    type_name as _type_name,
     utf8_safe,
     write_all,
 )
@@ -144,8 +149,10 @@ class Worker:
     def serve(self, reader, write):
         """Answer frames from the binary stream ``reader`` until EOF or a shutdown.
 
-        ``write(data)`` sends one encoded frame. Raises ProtocolError when the
-        host sends something that is not a frame.
+        ``write(data)`` sends one encoded frame (encode_frame's bytes, or its list of buffers
+        for a frame with attachments, which borrow the command's memory: they are written
+        before ``write`` returns). Raises ProtocolError when the host sends something that is
+        not a frame.
 
         A call runs with its id in ``_calls.MAIN``, for snakepit.cancelled() and progress()
         and the SIGINT handler (see _cancel_on_signal), which may raise Cancelled anywhere in
@@ -184,6 +191,9 @@ class Worker:
                 data = respond(msg)
             if data is not None:
                 write(data)
+            # Let go of the call's arguments and result before waiting for the next frame (which
+            # may be long in coming): a large array would otherwise stay in memory until then.
+            msg = data = None
 
     def _serve_stream(self, msg, reader, write, backlog):
         """serve() for a call with a "window": the stream's chunks are written as they come;
@@ -206,8 +216,8 @@ class Worker:
         but a call) are answered by this reading loop, even while every thread is busy. At EOF
         or shutdown the calls already taken finish before this returns.
 
-        ``write(data)`` sends one or more whole encoded frames; it is called by one thread
-        at a time.
+        ``write(data)`` sends one or more whole encoded frames (a bytes object, or a list of
+        buffers: see _reply_sender); it is called by one thread at a time.
 
         The reading loop applies ``credit`` and ``cancel`` frames to the calls taken (see
         _calls.ThreadCalls); a stream runs on its call thread, sending its chunks as the
@@ -283,12 +293,13 @@ class Worker:
                     calls.forget_early(rid)
                 if item is not msg:
                     calls.end_stream(rid, me)
-                if type(data) is not bytes:
+                if type(data) is not bytes and type(data) is not list:  # a frame, or a Cancelled
                     data = _cancelled_frame(rid, data, limit)
                 try:
                     send(data)
                 except OSError:
                     pass  # the host is gone; the reading loop sees EOF
+                item = msg = data = None  # not held while this thread waits (a large array, say)
                 free_append(None)
 
         try:
@@ -306,6 +317,7 @@ class Worker:
                         thread = threading.Thread(target=run, name=f"snakepit-call-{len(pool)}", daemon=False)
                         thread.start()
                         pool.append(thread)
+                    msg = None  # its call thread holds it; not this loop, while it waits to read
                     continue
                 if kind == "credit":
                     calls.credit(*parse_credit(msg))
@@ -326,7 +338,8 @@ class Worker:
                 thread.join()
 
     def respond(self, msg):
-        """Handle ``msg`` and return its encoded reply frame, or None.
+        """Handle ``msg`` and return its encoded reply frame (see encode_frame: bytes, or a list
+        of buffers when the reply holds bytes or arrays), or None.
 
         A reply that cannot be encoded (not JSON, NaN, too large), or whose value would not
         reach the host as itself (a dict key that is not a str, an integer outside
@@ -370,7 +383,10 @@ class Worker:
             error, text = problem
         elif isinstance(exc, FrameTooLarge):
             error = "FrameTooLarge"
-            text = f"is {exc.size} bytes, above the maximum frame size of {exc.limit} bytes"
+            text = f"is {exc.size} bytes, above the maximum frame size of {exc.limit} bytes{conversion_note(exc)}"
+        elif isinstance(exc, TooManyAttachments):
+            error = "ValueError"
+            text = _text(exc)
         else:
             if kind == "result" and type(reply["value"]) is GeneratorType:
                 return self._generator_without_window(msg, reply), False
@@ -384,6 +400,14 @@ class Worker:
             what = f"chunk of stream {msg.get('command')!r}"
         else:
             what = f"{kind} reply to a {msg['type']!r} message"
+        values = sys.modules.get("snakepit._values")  # loaded if an encoder ran
+        if values is not None and isinstance(exc, values.EncoderFailed):  # show where it raised, if it fits
+            reply = _error_reply(reply.get("id"), error, f"{what} {text}")
+            reply["error"]["traceback"] = _error_info(exc.cause)["traceback"]
+            try:
+                return encode_frame(reply, self.max_frame_size), False
+            except FrameTooLarge:
+                pass
         return _error_frame(reply.get("id"), error, f"{what} {text}", self.max_frame_size), False
 
     def _generator_without_window(self, msg, reply):
@@ -440,9 +464,7 @@ class Worker:
         args = msg.get("args")
         kind = type(args)
         if kind is not list and kind is not dict and args is not None:
-            return _error_reply(
-                rid, "TypeError", f"args of command {name!r} must be an object, an array or null, not {_json_type(args)}"
-            )
+            return _bad_args(rid, name, args)
         try:
             if kind is list:
                 value = func(*args)
@@ -470,9 +492,7 @@ class Worker:
         args = msg.get("args")
         kind = type(args)
         if kind is not list and kind is not dict and args is not None:
-            return _error_reply(
-                rid, "TypeError", f"args of command {name!r} must be an object, an array or null, not {_json_type(args)}"
-            )
+            return _bad_args(rid, name, args)
         session_id = msg.get("session")
         if session_id is None:
             session = self._throwaway()
@@ -642,6 +662,14 @@ class Worker:
                 msg["args"] = json.loads(args_json)
             except ValueError as exc:  # json.JSONDecodeError
                 error = _error_reply(0, "ValueError", f"--init-args is not valid JSON: {_text(exc)}")["error"]
+            else:
+                if "__snakepit__" in args_json:  # bytes or arrays, inline (b64)
+                    from snakepit._values import BadArgs, BadValue
+
+                    try:
+                        msg["args"] = resolve_inline(msg["args"], "args")
+                    except BadValue as exc:
+                        msg["args"] = BadArgs(_text(exc))
         if error is None:
             try:
                 reply = self._call(msg)
@@ -826,34 +854,88 @@ def _reply_sender(write):
     A thread that finds another thread writing leaves its frame to that thread, which writes
     it next, together with any others left meanwhile, in one ``write``: no frame waits for
     more than the write in progress. A write's error goes to the thread that made it.
+
+    A frame with attachments (a list of buffers) borrows the command's memory, which the
+    command may change once send() returns (a stream that fills one array for every chunk):
+    its sender leaves it too, but waits until it is written (or lost with a failed write).
+    Frames left are written in the order they were left, so a stream's chunks and its result
+    stay in order.
     """
-    pending = []  # frames left by other threads for the one writing
-    lock = threading.Lock()  # guards pending and writing; never held across a write
+    pending = []  # frames left by other threads for the one writing, in order
+    lock = threading.Lock()  # guards the state below; never held across a write
+    written = threading.Condition(lock)  # a write of frames left ended: for senders that wait
     writing = False
-    join = b"".join
+    left = 0  # frames left so far, counted
+    done = 0  # of those, how many have been written (or lost with a failed write)
+    waiting = 0  # senders waiting for their frame with attachments to be written
 
     def send(data):
-        nonlocal writing
+        nonlocal writing, left, done, waiting
         with lock:
             if writing:
                 pending.append(data)
-                return
+                left += 1
+                if type(data) is bytes:
+                    return
+                mine = left
+                waiting += 1
+                try:
+                    while done < mine and writing:
+                        written.wait()
+                finally:
+                    waiting -= 1
+                if done >= mine:
+                    return
+                # The writer's write failed and it left (its error went to it): the frames left
+                # since, this one among them, are this thread's to write.
+                data = _combine(pending)
+                pending.clear()
+                upto = left
+            elif pending:  # frames left when a write failed: before this one
+                pending.append(data)
+                left += 1
+                data = _combine(pending)
+                pending.clear()
+                upto = left
+            else:
+                upto = done
             writing = True
         try:
             while True:
                 write(data)
                 with lock:
+                    done = upto
+                    if waiting:
+                        written.notify_all()
                     if not pending:
                         writing = False
                         return
-                    data = pending[0] if len(pending) == 1 else join(pending)
+                    data = pending[0] if len(pending) == 1 else _combine(pending)
                     pending.clear()
+                    upto = left
         except BaseException:
             with lock:
+                done = upto
                 writing = False
+                if waiting:
+                    written.notify_all()
             raise
 
     return send
+
+
+def _combine(frames):
+    """Several encoded frames as what one write takes: a bytes object when they are all plain
+    (small: one copy costs less than a write each), else one list of all their buffers."""
+    parts = []
+    plain = True
+    for frame in frames:
+        if type(frame) is bytes:
+            parts.append(frame)
+        else:
+            parts.extend(frame)
+            plain = False
+    return b"".join(parts) if plain else parts
 
 
 def _error_frame(rid, kind, message, limit):
@@ -958,6 +1040,17 @@ def _request_id(msg):
     return rid
 
 
+def _bad_args(rid, name, args):
+    """The error reply to a call whose ``args`` are not an object, an array or null, or whose
+    binary values could not be decoded (read_frame left a BadArgs)."""
+    values = sys.modules.get("snakepit._values")  # loaded if the frame had binary values
+    if values is not None and type(args) is values.BadArgs:
+        return _error_reply(rid, "ValueError", f"args of command {name!r} cannot be decoded: {args.problem}")
+    return _error_reply(
+        rid, "TypeError", f"args of command {name!r} must be an object, an array or null, not {_json_type(args)}"
+    )
+
+
 def _error_reply(rid, kind, message):
     # Key order is part of the protocol: "type" first, "id" second, so the frame starts
     # with {"type":"error","id": and the host can tell which call failed even when it
@@ -982,20 +1075,6 @@ def _error_info(exc, message=None):
         "message": utf8_safe(_text(exc) if message is None else message),
         "traceback": utf8_safe("".join(traceback.format_exception(type(exc), exc, tb))),
     }
-
-
-def _type_name(cls):
-    module = getattr(cls, "__module__", None)
-    if module in (None, "builtins"):
-        return cls.__qualname__
-    return f"{module}.{cls.__qualname__}"
-
-
-def _text(exc):
-    try:
-        return str(exc)
-    except Exception:
-        return f"<unprintable {type(exc).__name__}>"
 
 
 def _json_type(value):
@@ -1316,13 +1395,17 @@ def _take_over_stdio(threaded=True):
 def _frame_writer(fd, threaded):
     """Return ``write(frame)``, which writes one whole encoded frame to ``fd``.
 
-    Usually one os.write; write_all finishes a short one. With ``threaded`` a lock
-    keeps frames from several threads whole; serve() writes from one thread only
-    and skips it.
+    Usually one os.write; write_all finishes a short one. A frame with attachments (a list of
+    buffers: see encode_frame) goes out with os.writev, as few calls as IOV_MAX and short
+    writes allow. With ``threaded`` a lock, held until the last byte of the frame is out, keeps
+    frames from several threads whole; serve() writes from one thread only and skips it.
     """
     os_write = os.write
 
     def write(data):
+        if type(data) is not bytes:  # a list of buffers
+            write_all(fd, data)
+            return
         written = os_write(fd, data)
         if written != len(data):
             write_all(fd, memoryview(data)[written:])

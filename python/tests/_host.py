@@ -8,7 +8,7 @@ import os
 import queue
 import threading
 
-from snakepit.protocol import encode_frame, read_frame, write_all
+from snakepit.protocol import encode_frame, frame_bytes, read_frame, write_all
 
 TIMEOUT = 15  # seconds for any single wait
 
@@ -50,7 +50,7 @@ class Host:
         test.addCleanup(self.close)
 
     def write(self, data):
-        data = bytes(data)
+        data = frame_bytes(data)  # a copy: a frame with attachments borrows the command's memory
         self.writes.append(data)
         for msg in split_frames(data):
             self.frames.put(msg)
@@ -75,7 +75,7 @@ class Host:
         return self.outcome[-1]
 
     def send(self, *messages):
-        write_all(self.host_out, b"".join(encode_frame(m) for m in messages))
+        write_all(self.host_out, b"".join(frame_bytes(encode_frame(m)) for m in messages))
 
     def recv(self, timeout=TIMEOUT):
         try:

@@ -17,7 +17,7 @@ import unittest.mock
 
 import snakepit
 from snakepit import demo
-from snakepit.protocol import ProtocolError, encode_frame, read_frame, write_all
+from snakepit.protocol import ProtocolError, encode_frame, frame_bytes, read_frame, write_all
 from snakepit.worker import BUILTIN_COMMANDS, Worker, _frame_writer, _parse_args, _reply_sender, load_worker
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +70,7 @@ def exchange(worker, *messages):
     """Feed messages to worker.serve() and return the decoded replies."""
     sent = []
     worker.serve(io.BytesIO(b"".join(encode_frame(m) for m in messages)), sent.append)
-    return [read_frame(io.BytesIO(data)) for data in sent]
+    return [read_frame(io.BytesIO(frame_bytes(data))) for data in sent]
 
 
 def call(command, args=None, id=1, **extra):
@@ -210,7 +210,7 @@ class WorkerTests(unittest.TestCase):
 
     def test_ready_info(self):
         info = self.worker.ready_info()
-        self.assertEqual(info["protocol_version"], 3)
+        self.assertEqual(info["protocol_version"], 4)
         self.assertEqual(info["commands"], sorted(info["commands"]))
         self.assertIs(info["cancel_signal"], False)  # only a process given --cancel-file has it
         self.assertIn("echo", info["commands"])
@@ -620,7 +620,7 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(ready["type"], "ready")
         info = ready["info"]
         self.assertEqual(info["pid"], w.proc.pid)
-        self.assertEqual(info["protocol_version"], 3)
+        self.assertEqual(info["protocol_version"], 4)
         self.assertEqual(info["implementation"], sys.implementation.name)
         self.assertIs(info["free_threaded"], False if sys.version_info < (3, 13) else info["free_threaded"])
         self.assertEqual(
@@ -852,7 +852,7 @@ class WriteRecorder:
         try:
             if self.delay:
                 threading.Event().wait(self.delay)  # a slow pipe: lets other threads finish meanwhile
-            self.writes.append(bytes(data))
+            self.writes.append(frame_bytes(data))
             if self.fd is not None:
                 write_all(self.fd, data)
         finally:

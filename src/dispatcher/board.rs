@@ -12,10 +12,10 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
+use crate::binary::Payload;
 use crate::error::{Error, Result, TimeoutKind};
 use crate::mailbox::{mailbox, Address, Mailbox};
+use crate::protocol::Frame;
 use crate::session::Loss;
 use crate::stats::Window;
 use crate::worker::{KillReason, WorkerId};
@@ -37,7 +37,7 @@ pub(crate) struct Lease<T> {
 pub(crate) struct Handoff<T> {
     pub(crate) lease: Lease<T>,
     pub(crate) to: Address<Lease<T>>,
-    pub(crate) frame: Option<Arc<Vec<u8>>>,
+    pub(crate) frame: Option<Arc<Frame>>,
     /// The waiting call's queue deadline: past it, its frame is not written.
     pub(crate) by: Instant,
 }
@@ -207,7 +207,7 @@ impl<T> Seat<T> {
 struct Waiter<T> {
     place: u64,
     tx: Address<Lease<T>>,
-    frame: Option<Arc<Vec<u8>>>,
+    frame: Option<Arc<Frame>>,
     by: Instant,
     /// The one worker it waits for; `None`: any.
     only: Option<WorkerId>,
@@ -258,7 +258,7 @@ impl<T: Clone> Board<T> {
     pub(crate) fn admit(
         &mut self,
         command: &str,
-        frame: Option<Arc<Vec<u8>>>,
+        frame: Option<Arc<Frame>>,
         by: Instant,
         route: Route,
         fx: &mut Effects<T>,
@@ -400,7 +400,7 @@ impl<T: Clone> Board<T> {
         &mut self,
         lease: Lease<T>,
         how: Return,
-        outcome: Option<(&Result<Value>, Duration, Duration)>,
+        outcome: Option<(&Result<Payload>, Duration, Duration)>,
         fx: &mut Effects<T>,
     ) {
         match outcome {
@@ -421,7 +421,7 @@ impl<T: Clone> Board<T> {
     pub(crate) fn record_call(
         &mut self,
         worker: WorkerId,
-        result: &Result<Value>,
+        result: &Result<Payload>,
         queue_wait: Duration,
         execution: Duration,
     ) {
@@ -489,20 +489,24 @@ impl<T: Clone> Board<T> {
     }
 
     /// Counts a call's outcome (one that never got a lease is counted where it was refused).
-    pub(crate) fn record(&mut self, result: &Result<Value>) {
+    pub(crate) fn record(&mut self, result: &Result<Payload>) {
         match result {
             Ok(_) => self.counters.ok += 1,
-            Err(Error::Timeout { .. }) => {
-                self.counters.failed += 1;
-                self.counters.timeouts += 1;
-            }
-            Err(_) => self.counters.failed += 1,
+            Err(e) => self.record_failure(e),
+        }
+    }
+
+    /// Counts a call that failed with `e`.
+    pub(crate) fn record_failure(&mut self, e: &Error) {
+        self.counters.failed += 1;
+        if matches!(e, Error::Timeout { .. }) {
+            self.counters.timeouts += 1;
         }
     }
 
     /// Counts a queue time-out of a caller that a lease reached just too late.
     pub(crate) fn record_queue_timeout(&mut self) {
-        self.record(&Err(Error::timeout(TimeoutKind::Queue)));
+        self.record_failure(&Error::timeout(TimeoutKind::Queue));
     }
 
     /// Thread profile: the reply of a call whose caller gave up has come, so its slot is free.
@@ -889,8 +893,8 @@ mod tests {
         fx.notices
     }
 
-    fn ok() -> Result<Value> {
-        Ok(Value::Null)
+    fn ok() -> Result<Payload> {
+        Ok(Payload::default())
     }
 
     const Q: Duration = Duration::from_micros(1);
@@ -924,7 +928,7 @@ mod tests {
     fn a_handoff_carries_the_waiting_calls_frame_and_deadline() {
         let mut b = board(&[(1, 1, None)]);
         let a = run(&mut b);
-        let frame = Arc::new(vec![1, 2, 3]);
+        let frame = Arc::new(Frame::from(vec![1, 2, 3]));
         let by = far();
         let Ok(Admit::Wait(_rx, _)) =
             b.admit("echo", Some(frame.clone()), by, Route::Any, &mut Fx::default())

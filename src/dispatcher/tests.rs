@@ -132,7 +132,7 @@ impl Harness {
 
     fn give_back(&mut self, lease: Lease<Arc<Conn>>, how: Return, ms: u64) {
         let mut fx = Effects::default();
-        let result = Ok(serde_json::Value::Null);
+        let result = Ok(crate::binary::Payload::default());
         let q = Duration::from_micros(1);
         self.d.shared.board.lock().give_back(lease, how, Some((&result, q, q)), &mut fx);
         let now = self.at(ms);

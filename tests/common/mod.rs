@@ -135,3 +135,4 @@ pub fn example_binary(name: &str, timeout: Duration) -> PathBuf {
     assert!(status.success(), "building the example {name} failed: {status}");
     profile_dir.join("examples").join(name)
 }
+pub mod numpy_env;
