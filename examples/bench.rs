@@ -13,14 +13,21 @@
 //! awake**, with one busy-loop process (`sh` at nice 19, spinning, in its own process group)
 //! running beside the bench for the length of the section, killed and reaped after. Each section
 //! runs idle, then awake, and each condition gets its own table. Sections whose figures do not
-//! hinge on wake-ups run idle only: e2 (10 ms sleeps), d1/d2 (recycling every 100 calls) and g1
-//! (the threads of a 64-worker pool). The whole run takes 5½–6 minutes on 2 cores; a watchdog
-//! ends it after [`BUDGET`] (8 minutes).
+//! hinge on wake-ups run idle only: e2 (10 ms sleeps), d1/d2 (recycling every 100 calls), g1
+//! (the threads of a 64-worker pool) and i3 (peak memory). The whole run takes 6–6½ minutes on 2
+//! cores; a watchdog ends it after [`BUDGET`] (8 minutes).
 //!
 //! The interpreter is `$SNAKEPIT_PYTHON`, else `python3` on `PATH`, resolved once to the real
-//! executable (a pyenv shim would add ~50 ms to every raw start). The bench writes its own small
-//! adapter into `$TMPDIR/snakepit-bench-<pid>/` and removes it at the end. `RUST_LOG=debug` shows
-//! the library's own logging.
+//! executable (a pyenv shim would add ~50 ms to every raw start). The array figures (i1, i3) run
+//! on a virtual environment with numpy, made once under `target/tmp/numpy-venv` by
+//! `tests/common/numpy_env.rs` before the watchdog starts (the first time, that downloads numpy);
+//! when no package index can be reached they are skipped with a note in the output. The bench
+//! writes its own small adapter and scripts into `$TMPDIR/snakepit-bench-<pid>/` and removes them
+//! at the end. `RUST_LOG=debug` shows the library's own logging.
+//!
+//! `SNAKEPIT_BENCH_ONLY=<letters>` runs only the sections whose keys start with one of the
+//! letters (`ai`: a1/b1, a2/b2 and i), for a quick look while working on one part; rows whose
+//! figures were not taken are left out of the tables.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufReader, Read, Write};
@@ -34,7 +41,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 use serde::Serialize;
 use serde_json::{json, Value};
-use snakepit::{CallOptions, Pool, Profile};
+use snakepit::{Array, Bytes, CallOptions, Pool, Profile};
+
+// The numpy environment of the tests, by path: the bench is no test crate.
+#[allow(dead_code)]
+#[path = "../tests/common/numpy_env.rs"]
+mod numpy_env;
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -74,6 +86,18 @@ const MANY_THREADS_SLACK: usize = 8;
 /// wanted (a waking task of the bench preempts it at once).
 const SPIN_SETTLE: Duration = Duration::from_millis(300);
 const SPIN_NICE: &str = "19";
+/// i1: the 1M float64 values' shape, and the round trips per run: the JSON list takes 1–1.5 s
+/// a call, so it gets one (its runs hardly vary, and it misses its target by a factor of ten
+/// or does not).
+const ARRAY_SHAPE: [usize; 2] = [1000, 1000];
+const ARRAY_CALLS: usize = 20;
+const ARRAY_JSON_CALLS: usize = 1;
+/// i3: the big array (100 MB of float64), one copy of it in bytes, and its round trips.
+const BIG_SHAPE: [usize; 2] = [12_500, 1000];
+const BIG_BYTES: f64 = 1e8;
+const BIG_RUNS: usize = 3;
+/// The frame limit of the array pools: the big array, and the 1M floats as JSON (~19 MB).
+const ARRAY_MAX_FRAME: usize = 256 << 20;
 /// Bounds: the peer script, one child's exit, and the whole bench (then it exits; the pools'
 /// workers die with it, the raw loops read EOF and the busy loop is killed).
 const PEER_TIMEOUT: Duration = Duration::from_secs(150);
@@ -96,6 +120,23 @@ while True:
         view = view[os.write(1, view):]
 "#;
 
+/// The raw floor for bytes (i2.raw): a 4-byte big-endian length + that many raw bytes in, both
+/// written back as they came, nothing else (no JSON, no copy into one buffer).
+const BYTES_LOOP: &str = r#"
+import os, struct
+H = struct.Struct(">I")
+rd = os.fdopen(0, "rb", 65536)
+while True:
+    h = rd.read(4)
+    if len(h) < 4:
+        break
+    data = rd.read(H.unpack(h)[0])
+    for part in (h, data):
+        view = memoryview(part)
+        while view:
+            view = view[os.write(1, view):]
+"#;
+
 /// What starting an interpreter costs at the least: start, write one byte, flush.
 const BARE_START: &str = "import sys; sys.stdout.write('x'); sys.stdout.flush()";
 
@@ -107,7 +148,7 @@ const SPIN: &str = "p=$PPID; i=0; while :; do i=$((i+1)); if [ $i -ge 200000 ]; 
 
 /// The bench's own adapter (module [`BENCH_ADAPTER_MODULE`]), written to a temp dir at run time.
 const BENCH_ADAPTER_MODULE: &str = "bench_adapter";
-const BENCH_ADAPTER: &str = r#""""The snakepit bench's adapter: an echo that sometimes ends its worker."""
+const BENCH_ADAPTER: &str = r#""""The snakepit bench's adapter: an echo that sometimes ends its worker, an identity."""
 
 import os
 import random
@@ -139,6 +180,12 @@ def until_cancelled(seconds):
         snakepit.check_cancelled()
         time.sleep(0.001)
     return "not cancelled"
+
+
+@snakepit.command
+def same(x):
+    """Returns its argument as it arrived: bytes, an ndarray (with numpy), a list."""
+    return x
 "#;
 const CRASH_COMMAND: &str = "echo_or_crash";
 
@@ -208,8 +255,48 @@ if __name__ == "__main__":
     main()
 "#;
 
+/// i1's peer, written next to the adapter as [`PPE_ARRAYS_FILE`]: a file, not `-c`, because with
+/// the `spawn` or `forkserver` start method the pool's processes import `same` from the main
+/// module by its path. The same 1M float64 values as i1, as an ndarray, pickled both ways.
+/// Prints one JSON object.
+const PPE_ARRAYS_FILE: &str = "bench_ppe_arrays.py";
+const PPE_ARRAYS: &str = r#""""The snakepit bench's i1 peer: ProcessPoolExecutor(2) round trips of one ndarray."""
+import concurrent.futures as cf
+import json, multiprocessing as mp, sys, time
+
+import numpy as np
+
+
+def same(x):
+    return x
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    rows, cols = cfg["shape"]
+    x = ((np.arange(rows * cols, dtype=np.float64) * 0.618033988749895) % 1.0).reshape(rows, cols)
+    out = {"start_method": mp.get_start_method(), "per_call": []}
+    with cf.ProcessPoolExecutor(2) as ex:
+        back = ex.submit(same, x).result()
+        assert back.shape == x.shape and (back == x).all()
+        for _ in range(cfg["warmup"]):
+            ex.submit(same, x).result()
+        for _ in range(cfg["runs"]):
+            t = time.perf_counter()
+            for _ in range(cfg["calls"]):
+                ex.submit(same, x).result()
+            out["per_call"].append((time.perf_counter() - t) / cfg["calls"])
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
+"#;
+
 fn main() -> BoxResult<()> {
     env_logger::init();
+    // Before the watchdog: the first time, this downloads numpy (numpy_env bounds it itself).
+    let numpy = numpy_interpreter()?;
     start_watchdog(BUDGET)?;
     let began = Instant::now();
     let host = Host::probe()?;
@@ -228,10 +315,19 @@ fn main() -> BoxResult<()> {
         env!("CARGO_PKG_VERSION"),
         load_average(),
     );
+    if numpy.is_none() {
+        println!(
+            "**i1 and i3 SKIPPED: numpy could not be installed in a virtual environment because no \
+             package index can be reached (the reason is on stderr).**\n"
+        );
+    }
     let py = host.python.as_path();
-    let s2 = session_memory()?;
-    eprintln!("bench: {s2}");
-    let mut bench = Bench::default();
+    let np = numpy.as_deref();
+    let mut bench = Bench { only: std::env::var("SNAKEPIT_BENCH_ONLY").ok(), ..Bench::default() };
+    let s2 = if bench.selected("s2") { Some(session_memory()?) } else { None };
+    if let Some(s2) = &s2 {
+        eprintln!("bench: {s2}");
+    }
     bench.both("a1/b1 sequential latency, CPU per call, the 1 MB echo", |f| sequential(py, f))?;
     bench.both("s1/s2 sessions", sessions)?;
     bench.both("a2/b2 throughput", |f| throughput(py, f))?;
@@ -239,6 +335,10 @@ fn main() -> BoxResult<()> {
     bench.idle_only("e2", "e2 thread profile, I/O-bound", io_bound)?;
     bench.both("f1 rare crashes", |f| rare_crashes(&adapter.0, f))?;
     bench.both("h map, streams, cancelling", |f| handles(&adapter.0, f))?;
+    bench.both("i1/i2 bytes and arrays", |f| binary(py, np, &adapter.0, f))?;
+    bench.idle_only("i3", "i3 peak memory of a 100 MB array round trip", |f| {
+        array_memory(np, &adapter.0, f)
+    })?;
     bench.both("d3 recycling at max_requests(1000)", |f| {
         recycling(f, "d3", &SLOW_1MS, "1 ms calls", REALISTIC_MAX_REQUESTS)
     })?;
@@ -258,7 +358,9 @@ fn main() -> BoxResult<()> {
         }
         println!();
     }
-    println!("{s2}\n");
+    if let Some(s2) = s2 {
+        println!("{s2}\n");
+    }
     println!("## How each figure was taken\n");
     let keys: BTreeSet<&str> = bench.figs.iter().flat_map(|f| f.all.keys().copied()).collect();
     for key in keys {
@@ -321,16 +423,27 @@ impl Condition {
     }
 }
 
-/// The figures of both conditions, and the sections that ran idle only.
+/// The figures of both conditions, the sections that ran idle only, and the letters of the
+/// sections to run (`None`: all).
 #[derive(Default)]
 struct Bench {
     figs: [Figures; 2],
     idle_only: Vec<&'static str>,
+    only: Option<String>,
 }
 
 impl Bench {
     fn figures(&self, cond: Condition) -> &Figures {
         &self.figs[cond as usize]
+    }
+
+    /// Whether the section titled `what` runs: its key's letter (the title's first) is among
+    /// `SNAKEPIT_BENCH_ONLY`'s, or that is not set.
+    fn selected(&self, what: &str) -> bool {
+        match &self.only {
+            None => true,
+            Some(letters) => what.chars().next().is_some_and(|c| letters.contains(c)),
+        }
     }
 
     /// Runs `section` idle, then with the CPUs awake.
@@ -348,7 +461,9 @@ impl Bench {
         what: &str,
         mut section: impl FnMut(&mut Figures) -> BoxResult<()>,
     ) -> BoxResult<()> {
-        self.idle_only.push(keys);
+        if self.selected(what) {
+            self.idle_only.push(keys);
+        }
         self.run(Condition::Idle, what, &mut section)
     }
 
@@ -358,6 +473,9 @@ impl Bench {
         what: &str,
         section: &mut impl FnMut(&mut Figures) -> BoxResult<()>,
     ) -> BoxResult<()> {
+        if !self.selected(what) {
+            return Ok(());
+        }
         eprintln!("bench: {what} ({}) ...", cond.title());
         let t = Instant::now();
         let spinner = cond.enter()?;
@@ -431,7 +549,8 @@ fn kill_group(group: i32) {
 /// The temp dir holding the bench's adapter, for the watchdog.
 static ADAPTER_DIR: OnceLock<PathBuf> = OnceLock::new();
 
-/// `$TMPDIR/snakepit-bench-<pid>/` with the bench's adapter in it; removed when dropped.
+/// `$TMPDIR/snakepit-bench-<pid>/` with the bench's adapter and i1's peer script in it;
+/// removed when dropped.
 struct AdapterDir(PathBuf);
 
 impl AdapterDir {
@@ -448,6 +567,7 @@ impl AdapterDir {
         std::fs::create_dir_all(&dir)?;
         let dir = AdapterDir(dir);
         std::fs::write(dir.0.join(format!("{BENCH_ADAPTER_MODULE}.py")), BENCH_ADAPTER)?;
+        std::fs::write(dir.0.join(PPE_ARRAYS_FILE), PPE_ARRAYS)?;
         let _ = ADAPTER_DIR.set(dir.0.clone());
         Ok(dir)
     }
@@ -490,6 +610,37 @@ fn rows(f: &Figures, cond: Condition) -> Vec<Row> {
         ("b3 start-up, size(4).build()", "b3.start4", "b3.bare4", b3_target),
         ("b3 start-up, size(8).build()", "b3.start8", "b3.bare8", b3_target),
         ("1 MB echo through pool(1)", "b1.1mb", "a1.1mb", None),
+        (
+            "i1 1M float64 round trip: `Array` vs a JSON list",
+            "i1.array",
+            "i1.json",
+            Some(Target::AtMost(0.1)),
+        ),
+        (
+            "i1 1M float64 round trip vs ProcessPoolExecutor(2)",
+            "i1.array",
+            "i1.ppe",
+            Some(Target::AtMost(1.0)),
+        ),
+        (
+            "i2 1 MB `Bytes` echo, pool(1), vs the raw JSON loop",
+            "i2.bytes",
+            "a1.1mb",
+            Some(Target::AtLeast(0.8)),
+        ),
+        ("i2 1 MB `Bytes` echo vs a raw binary loop", "i2.bytes", "i2.raw", None),
+        (
+            "i3 peak copies of a 100 MB array, this process",
+            "i3.rust",
+            "limit.2copies",
+            Some(Target::AtMost(1.0)),
+        ),
+        (
+            "i3 peak copies of a 100 MB array, the worker",
+            "i3.python",
+            "limit.2copies",
+            Some(Target::AtMost(1.0)),
+        ),
         ("e1 thread worker, 32 in flight", "e1.pool", "e1.raw", Some(Target::AtLeast(0.6))),
         ("e2 I/O-bound (10 ms): thread vs process", "e2.thread", "e2.process", None),
         ("h1 `map`, 32 in flight → pool(2), tiny echo", "h1.map", "b2.tput", Some(Target::AtLeast(1.0))),
@@ -578,6 +729,8 @@ enum Unit {
     Rate,
     MBps,
     Count,
+    /// Copies of a payload, to one decimal.
+    Copies,
 }
 
 #[derive(Clone, Copy)]
@@ -601,6 +754,7 @@ fn show(s: Spread, unit: Unit) -> String {
         Unit::Rate => (1e-3, "k/s", 1),
         Unit::MBps => (1.0, " MB/s", 0),
         Unit::Count => (1.0, "", 0),
+        Unit::Copies => (1.0, " copies", 1),
     };
     let (m, lo, hi) = (s.median * scale, s.min * scale, s.max * scale);
     format!("{m:.digits$}{suffix} ({lo:.digits$}..{hi:.digits$})")
@@ -840,9 +994,17 @@ fn session_memory() -> BoxResult<String> {
 
 /// This process's resident set size, in kB.
 fn self_rss() -> BoxResult<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).ok_or("no VmRSS value")?.parse()?)
+    status_kb("self", "VmRSS")
+}
+
+/// A kB field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...).
+fn status_kb(pid: &str, field: &str) -> BoxResult<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))?;
+    Ok(line.split_whitespace().nth(1).ok_or_else(|| format!("no {field} value"))?.parse()?)
 }
 
 fn throughput(py: &Path, figs: &mut Figures) -> BoxResult<()> {
@@ -1236,6 +1398,284 @@ fn handles(adapter_dir: &Path, figs: &mut Figures) -> BoxResult<()> {
     figs.add("limit.1ms", "the target", &[0.001], Unit::Time, "the issue's target, not a measurement");
     figs.add("limit.50ms", "the target", &[0.05], Unit::Time, "the issue's target, not a measurement");
     Ok(())
+}
+
+// ---- i: bytes and arrays -----------------------------------------------------------------------
+
+/// The numpy environment's interpreter, or `None` after a loud message when no package index
+/// can be reached to install numpy; any other failure to make it fails the bench.
+fn numpy_interpreter() -> BoxResult<Option<PathBuf>> {
+    match numpy_env::numpy_python() {
+        Ok(python) => Ok(Some(python)),
+        Err(numpy_env::NoNumpy::Offline(why)) => {
+            eprintln!(
+                "\n**********\nbench: i1 and i3 SKIPPED: numpy could not be installed because no \
+                 package index can be reached:\n{why}\n**********\n"
+            );
+            Ok(None)
+        }
+        Err(numpy_env::NoNumpy::Failed(why)) => Err(format!("making a Python with numpy: {why}").into()),
+    }
+}
+
+/// A pool(1) on the numpy environment's interpreter with the bench's adapter, whose frames may
+/// carry the big array of i3 and the 1M floats of i1 as JSON.
+fn array_pool(name: &str, numpy: &Path, adapter_dir: &Path) -> BoxResult<Pool> {
+    Ok(Pool::builder()
+        .name(name)
+        .size(1)
+        .python(numpy)
+        .python_path(adapter_dir)
+        .adapter(BENCH_ADAPTER_MODULE)
+        .max_frame_size(ARRAY_MAX_FRAME)
+        .build()?)
+}
+
+/// `n` float64 values with all their digits (as measurements have), so that the JSON
+/// baseline writes and parses numbers of a realistic length.
+fn float_values(n: usize) -> Vec<f64> {
+    (0..n).map(|i| (i as f64 * 0.618_033_988_749_895).fract()).collect()
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+/// i1 and i2; i1 only with numpy (`numpy` is its interpreter).
+fn binary(py: &Path, numpy: Option<&Path>, adapter_dir: &Path, figs: &mut Figures) -> BoxResult<()> {
+    match numpy {
+        Some(numpy) => array_round_trips(numpy, adapter_dir, figs)?,
+        None => {
+            figs.notes.push("i1 SKIPPED: numpy could not be installed (no package index reachable).".into())
+        }
+    }
+    bytes_echo(py, adapter_dir, figs)
+}
+
+/// i1: 1M float64 values round trip through `same` on a numpy pool(1) as an `Array`, and as a
+/// JSON list on the same pool, A B A B; then `concurrent.futures` passing the same ndarray.
+fn array_round_trips(numpy: &Path, adapter_dir: &Path, figs: &mut Figures) -> BoxResult<()> {
+    let pool = array_pool("bench-i1", numpy, adapter_dir)?;
+    let values = float_values(ARRAY_SHAPE.iter().product());
+    let x = Array::from_vec(values.clone(), ARRAY_SHAPE)?;
+    // The clone shares x's data: what a caller that keeps its array pays.
+    let as_array = || -> BoxResult<Array> { Ok(pool.call_as::<_, Array>("same", &(x.clone(),))?) };
+    let as_json = || -> BoxResult<Vec<f64>> { Ok(pool.call_as::<_, Vec<f64>>("same", &(&values,))?) };
+    let back = as_array()?;
+    if back.shape() != ARRAY_SHAPE || back.as_slice::<f64>()? != values.as_slice() {
+        return Err("i1: the array did not come back intact".into());
+    }
+    // serde_json may read a float back one unit in the last place off.
+    let list = as_json()?;
+    if list.len() != values.len() || list.iter().zip(&values).any(|(a, b)| (a - b).abs() > b.abs() * 1e-15) {
+        return Err("i1: the JSON list did not come back intact".into());
+    }
+    for _ in 0..3 {
+        as_array()?;
+    }
+    let (mut arrays, mut lists) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        arrays.push(mean(&time_calls(ARRAY_CALLS, || as_array().map(drop))?));
+        lists.push(mean(&time_calls(ARRAY_JSON_CALLS, || as_json().map(drop))?));
+    }
+    pool.shutdown()?;
+    let (method, ppe) = ppe_array_round_trips(numpy, adapter_dir)?;
+    let n = format!("{}×{} float64", ARRAY_SHAPE[0], ARRAY_SHAPE[1]);
+    figs.add(
+        "i1.array",
+        "1M float64 as an `Array`, pool(1) with numpy",
+        &arrays,
+        Unit::Time,
+        format!(
+            "`pool.call_as::<_, Array>(\"same\", &(x.clone(),))`, x a {n} `Array` of full-precision \
+             values (the clone shares its data), `same` returning the ndarray it got; pool(1) on the \
+             numpy venv's interpreter, `max_frame_size(256 MiB)`; mean round trip of {ARRAY_CALLS} \
+             calls a run, {RUNS} runs interleaved with i1.json after a check and 3 calls"
+        ),
+    );
+    figs.add(
+        "i1.json",
+        "1M float64 as a JSON list, same pool",
+        &lists,
+        Unit::Time,
+        format!(
+            "The same values as a `Vec<f64>`: `pool.call_as::<_, Vec<f64>>(\"same\", &(&values,))` \
+             on the same pool, a JSON list both ways (~19 MB each); {ARRAY_JSON_CALLS} call(s) timed a run"
+        ),
+    );
+    figs.add(
+        "i1.ppe",
+        "ProcessPoolExecutor(2) passing the ndarray",
+        &ppe,
+        Unit::Time,
+        format!(
+            "`ex.submit(same, x).result()`, x the same values as a {n} ndarray (pickled both ways), \
+             `same` an identity at module level; a script file run by the numpy venv's interpreter \
+             after i1.array and i1.json, start method `{method}`; mean round trip of {ARRAY_CALLS} \
+             calls a run, {RUNS} runs after a check and 3 calls"
+        ),
+    );
+    Ok(())
+}
+
+/// i1's peer script on the numpy interpreter: (start method, seconds per round trip of each run).
+fn ppe_array_round_trips(numpy: &Path, adapter_dir: &Path) -> BoxResult<(String, Vec<f64>)> {
+    #[derive(Serialize)]
+    struct Settings {
+        shape: [usize; 2],
+        runs: usize,
+        calls: usize,
+        warmup: usize,
+    }
+    #[derive(serde::Deserialize)]
+    struct Results {
+        start_method: String,
+        per_call: Vec<f64>,
+    }
+    let settings = Settings { shape: ARRAY_SHAPE, runs: RUNS, calls: ARRAY_CALLS, warmup: 3 };
+    let mut cmd = Command::new(numpy);
+    cmd.arg(adapter_dir.join(PPE_ARRAYS_FILE)).arg(serde_json::to_string(&settings)?);
+    let out = run_bounded(&mut cmd, PEER_TIMEOUT)?;
+    let line = out.lines().last().ok_or("the i1 peer script printed nothing")?;
+    let r: Results = serde_json::from_str(line)?;
+    Ok((r.start_method, r.per_call))
+}
+
+/// i2: 1 MB of bytes echoed through `same` on pool(1) (the default Python: no numpy needed),
+/// and through a raw binary loop, A B A B.
+fn bytes_echo(py: &Path, adapter_dir: &Path, figs: &mut Figures) -> BoxResult<()> {
+    let pool = Pool::builder()
+        .name("bench-i2")
+        .size(1)
+        .python_path(adapter_dir)
+        .adapter(BENCH_ADAPTER_MODULE)
+        .build()?;
+    let mut raw = RawBytesEcho::spawn(py)?;
+    let data = Bytes::from((0..PAYLOAD_BYTES).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    // The clone shares the bytes, as `Array`'s does in i1.
+    let echo = || -> BoxResult<Bytes> { Ok(pool.call_as::<_, Bytes>("same", &(data.clone(),))?) };
+    if echo()? != data || raw.echo(&data)? != data.as_slice() {
+        return Err("i2: the 1 MB of bytes did not come back intact".into());
+    }
+    for _ in 0..3 {
+        echo()?;
+        raw.echo(&data)?;
+    }
+    let mbps = |xs: Vec<f64>| PAYLOAD_BYTES as f64 * xs.len() as f64 / xs.iter().sum::<f64>() / 1e6;
+    let (mut lib, mut floor) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        floor.push(mbps(time_calls(PAYLOAD_CALLS, || raw.echo(&data).map(drop))?));
+        lib.push(mbps(time_calls(PAYLOAD_CALLS, || echo().map(drop))?));
+    }
+    pool.shutdown()?;
+    let how = format!(
+        "MB/s = payload bytes / round-trip time, one sequential caller; {RUNS} interleaved runs of \
+         {PAYLOAD_CALLS} calls after a check and 3"
+    );
+    figs.add(
+        "i2.bytes",
+        "pool(1), 1 MB `Bytes` echo",
+        &lib,
+        Unit::MBps,
+        format!(
+            "`pool.call_as::<_, Bytes>(\"same\", &(b.clone(),))`, b {PAYLOAD_BYTES} bytes (the clone \
+             shares them), pool(1) on the bench's adapter and the default Python (they arrive as \
+             `bytes` and go back as an attachment); {how}"
+        ),
+    );
+    figs.add(
+        "i2.raw",
+        "raw binary loop, 1 MB echo",
+        &floor,
+        Unit::MBps,
+        format!(
+            "Raw floor for bytes, no library: a `python -c` loop reading a 4-byte big-endian length and \
+             that many bytes and writing both back (no JSON), Rust writing and reading plain pipes as \
+             in a1; {how}"
+        ),
+    );
+    Ok(())
+}
+
+/// i3: what one round trip of a 100 MB array costs in peak memory on each side, in copies of
+/// it, a few times, each after a small array call: that loads numpy first, and lets the worker
+/// drop the previous round trip's values, which it holds until its next frame comes in.
+fn array_memory(numpy: Option<&Path>, adapter_dir: &Path, figs: &mut Figures) -> BoxResult<()> {
+    let Some(numpy) = numpy else {
+        figs.notes.push("i3 SKIPPED: numpy could not be installed (no package index reachable).".into());
+        return Ok(());
+    };
+    let pool = array_pool("bench-i3", numpy, adapter_dir)?;
+    let worker = worker_pids(&pool)?.first().ok_or("i3: the pool has no worker")?.to_string();
+    let small = || -> BoxResult<()> {
+        Ok(pool.call_as::<_, Array>("same", &(Array::from_slice(&[0.5f64; 1000]),)).map(drop)?)
+    };
+    let (mut rust, mut python) = (Vec::new(), Vec::new());
+    for _ in 0..BIG_RUNS {
+        small()?;
+        let (r, p) = big_round_trip(&pool, &worker)?;
+        rust.push(r);
+        python.push(p);
+    }
+    let held = status_kb(&worker, "VmRSS")?;
+    small()?;
+    let released = status_kb(&worker, "VmRSS")?;
+    pool.shutdown()?;
+    figs.notes.push(format!(
+        "i3: the worker's RSS was {} MB right after the last 100 MB round trip and {} MB after one \
+         more small call: it holds a call's values until its next frame comes in, so back-to-back \
+         big calls peak at one copy more in the worker than i3.python (each taken after a small call).",
+        held / 1024,
+        released / 1024
+    ));
+    let how = format!(
+        "One round trip of a {}×{} float64 `Array` (100 MB) through `same` on a numpy pool(1) \
+         (`max_frame_size(256 MiB)`): both processes' peak RSS reset (`5` into \
+         /proc/<pid>/clear_refs), VmRSS read, x made, `call_as::<_, Array>(\"same\", &(x.clone(),))`, \
+         VmHWM read; copies = (VmHWM after − VmRSS before) / 100 MB, rounded to one decimal; \
+         {BIG_RUNS} round trips, each with its own x and after a 1000-element array call (see the \
+         note), idle only",
+        BIG_SHAPE[0], BIG_SHAPE[1]
+    );
+    figs.add(
+        "i3.rust",
+        "this process's peak, 100 MB copies",
+        &rust,
+        Unit::Copies,
+        format!("{how}. This process: x (made after the reset) is one copy, the result another"),
+    );
+    figs.add(
+        "i3.python",
+        "the worker's peak, 100 MB copies",
+        &python,
+        Unit::Copies,
+        format!(
+            "{how}. The worker (pid from `pool.stats()`): what it held at once to receive the \
+             array and send it back"
+        ),
+    );
+    figs.add("limit.2copies", "the target", &[2.0], Unit::Copies, "the issue's target, not a measurement");
+    Ok(())
+}
+
+/// One 100 MB array round trip: the peak growth of (this process, the worker), in copies.
+fn big_round_trip(pool: &Pool, worker: &str) -> BoxResult<(f64, f64)> {
+    for pid in ["self", worker] {
+        // "5" resets the peak (VmHWM) to the current RSS.
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+    }
+    let (rust_before, python_before) = (status_kb("self", "VmRSS")?, status_kb(worker, "VmRSS")?);
+    let x = Array::from_vec(float_values(BIG_SHAPE.iter().product()), BIG_SHAPE)?;
+    let back: Array = pool.call_as("same", &(x.clone(),))?;
+    let (rust_peak, python_peak) = (status_kb("self", "VmHWM")?, status_kb(worker, "VmHWM")?);
+    if back.shape() != BIG_SHAPE || back.bytes() != x.bytes() {
+        return Err("i3: the 100 MB array did not come back intact".into());
+    }
+    // To one decimal: a tenth of a copy is 10 MB, more than buffers and bookkeeping take.
+    let copies = |peak: u64, before: u64| {
+        (peak.saturating_sub(before) as f64 * 1024.0 / BIG_BYTES * 10.0).round() / 10.0
+    };
+    Ok((copies(rust_peak, rust_before), copies(python_peak, python_before)))
 }
 
 // ---- d: recycling ------------------------------------------------------------------------------
@@ -1695,8 +2135,13 @@ struct RawEcho {
 
 impl RawEcho {
     fn spawn(py: &Path) -> BoxResult<RawEcho> {
+        RawEcho::spawn_script(py, ECHO_LOOP)
+    }
+
+    /// A raw loop running `script` (`python -c`) on plain pipes.
+    fn spawn_script(py: &Path, script: &str) -> BoxResult<RawEcho> {
         let mut child = Command::new(py)
-            .args(["-c", ECHO_LOOP])
+            .args(["-c", script])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -1751,6 +2196,28 @@ impl Drop for RawEcho {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// The raw floor for bytes: [`BYTES_LOOP`] on the pipes of a [`RawEcho`] (which ends it).
+struct RawBytesEcho(RawEcho);
+
+impl RawBytesEcho {
+    fn spawn(py: &Path) -> BoxResult<RawBytesEcho> {
+        Ok(RawBytesEcho(RawEcho::spawn_script(py, BYTES_LOOP)?))
+    }
+
+    /// One round trip: length + bytes out, the same back into the reused reply buffer.
+    fn echo(&mut self, data: &[u8]) -> BoxResult<&[u8]> {
+        let raw = &mut self.0;
+        let stdin = raw.stdin.as_mut().ok_or("stdin is closed")?;
+        stdin.write_all(&u32::try_from(data.len())?.to_be_bytes())?;
+        stdin.write_all(data)?;
+        let mut header = [0u8; 4];
+        raw.stdout.read_exact(&mut header)?;
+        raw.reply.resize(u32::from_be_bytes(header) as usize, 0);
+        raw.stdout.read_exact(&mut raw.reply)?;
+        Ok(&raw.reply)
     }
 }
 
