@@ -6,7 +6,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// One thread of a process makes the environment; the others (tests run in parallel) wait for
+/// it and then use it. (Processes each make their own and the first rename wins.)
+static MAKING: Mutex<()> = Mutex::new(());
 
 /// How a numpy environment could not be had.
 #[derive(Debug)]
@@ -29,6 +34,7 @@ fn home() -> PathBuf {
 /// The environment's interpreter, making the environment first if need be (which takes a
 /// download of numpy, under a minute on this machine class; bounded by five minutes).
 pub fn numpy_python() -> Result<PathBuf, NoNumpy> {
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let home = home();
     let python = home.join("bin").join("python");
     if has_numpy(&python) {
