@@ -423,6 +423,9 @@ impl Array {
     /// [`to_vec`](Array::to_vec) for the form that always works.
     pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
         self.check::<T>()?;
+        if self.data.is_empty() {
+            return Ok(&[]); // (an empty Vec's address is not aligned for anything)
+        }
         if cfg!(target_endian = "big") {
             return Err(Error::Binary("arrays cannot be viewed in place on a big-endian machine".into()));
         }
@@ -477,8 +480,39 @@ impl fmt::Debug for Array {
 thread_local! {
     /// While `Payload::from_serialize` runs: where binary values being serialised go.
     static OUTGOING: RefCell<Option<Vec<Bytes>>> = const { RefCell::new(None) };
-    /// While `Payload::deserialize` runs: the attachments the references point at.
-    static INCOMING: RefCell<Option<Vec<Bytes>>> = const { RefCell::new(None) };
+    /// While `Payload::deserialize` runs: the attachments the references point at, and how
+    /// many references were taken as binary values.
+    static INCOMING: RefCell<Option<(Vec<Bytes>, usize)>> = const { RefCell::new(None) };
+}
+
+/// A thread-local context set for the length of one (de)serialisation: what it held before
+/// is put back when the guard goes, even if a (de)serialiser panics, so that a context never
+/// outlives its call.
+struct Context<T: 'static> {
+    key: &'static std::thread::LocalKey<RefCell<Option<T>>>,
+    outer: Option<Option<T>>,
+}
+
+impl<T: 'static> Context<T> {
+    /// Sets `key` to `value` until the guard is dropped.
+    fn set(key: &'static std::thread::LocalKey<RefCell<Option<T>>>, value: T) -> Self {
+        let outer = key.with(|cell| cell.borrow_mut().replace(value));
+        Context { key, outer: Some(outer) }
+    }
+
+    /// Ends the context, giving back what it holds.
+    fn take(mut self) -> Option<T> {
+        let outer = self.outer.take().flatten();
+        self.key.with(|cell| std::mem::replace(&mut *cell.borrow_mut(), outer))
+    }
+}
+
+impl<T: 'static> Drop for Context<T> {
+    fn drop(&mut self) {
+        if let Some(outer) = self.outer.take() {
+            self.key.with(|cell| *cell.borrow_mut() = outer);
+        }
+    }
 }
 
 /// Where `bytes` goes in the JSON: an attachment's index while a payload is being built, else
@@ -573,8 +607,11 @@ impl Binary {
                 let i = att.as_u64().ok_or("\"att\" is not an attachment index")? as usize;
                 let found = match attachments {
                     Some(list) => list.get(i).cloned().ok_or(list.len()),
-                    None => INCOMING.with(|inc| match inc.borrow().as_ref() {
-                        Some(list) => list.get(i).cloned().ok_or(list.len()),
+                    None => INCOMING.with(|inc| match inc.borrow_mut().as_mut() {
+                        Some((list, taken)) => {
+                            *taken += 1;
+                            list.get(i).cloned().ok_or(list.len())
+                        }
                         None => Err(0),
                     }),
                 };
@@ -629,27 +666,30 @@ impl From<Value> for Payload {
 impl Payload {
     /// `args` as JSON, with the [`Bytes`] and [`Array`]s in it as attachments.
     pub(crate) fn from_serialize<A: Serialize + ?Sized>(args: &A) -> Result<Payload> {
-        let outer = OUTGOING.with(|out| out.borrow_mut().replace(Vec::new()));
+        let context = Context::set(&OUTGOING, Vec::new());
         let value = serde_json::to_value(args);
-        let attachments = OUTGOING.with(|out| std::mem::replace(&mut *out.borrow_mut(), outer));
-        Ok(Payload { value: value?, attachments: attachments.unwrap_or_default() })
+        let attachments = context.take().unwrap_or_default();
+        Ok(Payload { value: value?, attachments })
     }
 
     /// Deserialises the value into `R`, its references resolved against the attachments.
+    ///
+    /// A reference that `R` takes as plain JSON (a `serde_json::Value` field, say) would point
+    /// at nothing afterwards: then the value is deserialised again from the inline form, as
+    /// [`Pool::call`](crate::Pool::call) returns it.
     pub(crate) fn deserialize<R: DeserializeOwned>(self) -> Result<R> {
         if self.attachments.is_empty() {
             return Ok(serde_json::from_value(self.value)?);
         }
-        /// Puts back the attachments of an outer deserialisation, even on a panic.
-        struct Restore(Option<Vec<Bytes>>);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                let outer = self.0.take();
-                INCOMING.with(|inc| *inc.borrow_mut() = outer);
-            }
+        let references = count_references(&self.value);
+        let again = self.value.clone(); // small: the data is in the attachments
+        let context = Context::set(&INCOMING, (self.attachments, 0));
+        let result = serde_json::from_value(self.value);
+        let (attachments, taken) = context.take().expect("set above");
+        if taken == references {
+            return Ok(result?);
         }
-        let _restore = Restore(INCOMING.with(|inc| inc.borrow_mut().replace(self.attachments)));
-        Ok(serde_json::from_value(self.value)?)
+        Ok(serde_json::from_value(Payload { value: again, attachments }.into_value())?)
     }
 
     /// The value alone, each reference to an attachment replaced by the inline form.
@@ -664,17 +704,38 @@ impl Payload {
     /// Checks every reference in the value against the attachments (run on a received frame
     /// that has some, so a bad one fails there, with what is wrong).
     pub(crate) fn check(&self) -> std::result::Result<(), String> {
-        fn walk(v: &Value, attachments: &[Bytes]) -> std::result::Result<(), String> {
-            match v {
+        fn walk(v: &Value, attachments: &[Bytes], at: &mut String) -> std::result::Result<(), String> {
+            let len = at.len();
+            let result = match v {
                 Value::Object(obj) if obj.contains_key(TAG) => {
-                    Binary::from_value(v, Some(attachments)).map(drop)
+                    Binary::from_value(v, Some(attachments)).map(drop).map_err(|e| format!("at {at}: {e}"))
                 }
-                Value::Object(obj) => obj.values().try_for_each(|v| walk(v, attachments)),
-                Value::Array(items) => items.iter().try_for_each(|v| walk(v, attachments)),
+                Value::Object(obj) => obj.iter().try_for_each(|(k, v)| {
+                    at.truncate(len);
+                    at.push_str(&format!("[{k:?}]"));
+                    walk(v, attachments, at)
+                }),
+                Value::Array(items) => items.iter().enumerate().try_for_each(|(i, v)| {
+                    at.truncate(len);
+                    at.push_str(&format!("[{i}]"));
+                    walk(v, attachments, at)
+                }),
                 _ => Ok(()),
-            }
+            };
+            at.truncate(len);
+            result
         }
-        walk(&self.value, &self.attachments)
+        walk(&self.value, &self.attachments, &mut "value".to_string())
+    }
+}
+
+/// The attachment references in `v`.
+fn count_references(v: &Value) -> usize {
+    match v {
+        Value::Object(obj) if obj.contains_key(TAG) => usize::from(obj.contains_key("att")),
+        Value::Object(obj) => obj.values().map(count_references).sum(),
+        Value::Array(items) => items.iter().map(count_references).sum(),
+        _ => 0,
     }
 }
 
@@ -746,6 +807,10 @@ pub(crate) fn base64_decode(text: &str) -> std::result::Result<Vec<u8>, String> 
         for (i, &c) in quad[..4 - pad].iter().enumerate() {
             n |= value(c, q * 4 + i)? << (18 - 6 * i);
         }
+        // The bits past the last whole byte must be zero: one spelling for each byte string.
+        if n & ((1u32 << (8 * pad)) - 1) != 0 {
+            return Err(format!("base64 text at {} has stray bits before its padding", q * 4));
+        }
         let got = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
         out.extend_from_slice(&got[..3 - pad]);
     }
@@ -773,7 +838,7 @@ mod tests {
         }
         let all: Vec<u8> = (0..=255).collect();
         assert_eq!(base64_decode(&base64_encode(&all)).unwrap(), all);
-        for bad in ["Zg=", "Z===", "Zg==Zg==", "Zm9v!A==", "Zm 9"] {
+        for bad in ["Zg=", "Z===", "Zg==Zg==", "Zm9v!A==", "Zm 9", "Zh==", "Zm9=", "é==="] {
             assert!(base64_decode(bad).is_err(), "{bad}");
         }
     }
@@ -850,6 +915,51 @@ mod tests {
     }
 
     #[test]
+    fn a_panicking_serialiser_leaves_no_context_behind() {
+        struct Boom;
+        impl Serialize for Boom {
+            fn serialize<S: Serializer>(&self, _: S) -> std::result::Result<S::Ok, S::Error> {
+                panic!("boom")
+            }
+        }
+        let caught = std::panic::catch_unwind(|| Payload::from_serialize(&(Bytes::from(vec![1u8]), Boom)));
+        assert!(caught.is_err());
+        // Outside a payload again: inline, not a reference to an attachment nobody holds.
+        assert_eq!(
+            serde_json::to_value(Bytes::from(vec![0u8])).unwrap(),
+            json!({TAG: "bytes", "b64": "AA=="})
+        );
+        OUTGOING.with(|out| assert!(out.borrow().is_none()));
+    }
+
+    #[test]
+    fn references_taken_as_plain_json_come_inline_instead_of_dangling() {
+        #[derive(Deserialize, Debug)]
+        struct Mixed {
+            kept: Array,
+            loose: Value,
+        }
+        let a = Array::from_slice(&[1u8, 2]);
+        let p = Payload::from_serialize(&json!({"kept": a.clone(), "loose": [a.clone()]})).unwrap();
+        assert!(p.attachments.is_empty(), "json! made the inline form already");
+        let p = Payload::from_serialize(&(a.clone(), a.clone())).unwrap();
+        let p = Payload { value: json!({"kept": p.value[0].clone(), "loose": [p.value[1].clone()]}), ..p };
+        let mixed: Mixed = p.clone().deserialize().unwrap();
+        assert_eq!(mixed.kept, a);
+        assert_eq!(mixed.loose, json!([{TAG: "array", "dtype": "uint8", "shape": [2], "b64": "AQI="}]));
+        let whole: Value = p.deserialize().unwrap();
+        assert_eq!(whole["kept"]["b64"], "AQI=");
+        INCOMING.with(|inc| assert!(inc.borrow().is_none()));
+    }
+
+    #[test]
+    fn an_empty_array_views_as_an_empty_slice() {
+        let empty = Array::new(DType::Float64, [0, 3], Vec::new()).unwrap();
+        assert_eq!(empty.as_slice::<f64>().unwrap(), &[] as &[f64]);
+        assert!(empty.as_slice::<f32>().is_err(), "still typed");
+    }
+
+    #[test]
     fn bad_references_say_what_is_wrong() {
         let bytes = Bytes::from(vec![1u8]);
         for (v, needle) in [
@@ -866,6 +976,7 @@ mod tests {
             let p = Payload { value: json!({"k": [v]}), attachments: vec![bytes.clone()] };
             let err = p.check().unwrap_err();
             assert!(err.contains(needle), "{err}");
+            assert!(err.starts_with(r#"at value["k"][0]: "#), "the place is named: {err}");
         }
         assert!(serde_json::from_value::<Bytes>(json!("text"))
             .unwrap_err()

@@ -289,7 +289,8 @@ impl Calls {
         let frame = protocol::encode_call(id, command, args, session, window, self.config.max_frame_size)
             .map_err(|e| match protocol::as_too_large(&e) {
                 Some(t) => Error::FrameTooLarge { size: t.size, max: t.max },
-                None => Error::Io(e),
+                // More binary values than a frame carries.
+                None => Error::InvalidArgs(e.to_string()),
             })?;
         let enqueued = Instant::now();
         let far = enqueued + Duration::from_secs(100 * 365 * 24 * 3600);

@@ -99,10 +99,12 @@ pub enum Error {
         /// The commands the workers provide.
         known: Vec<String>,
     },
-    /// The call's arguments are not a JSON object, array or null.
+    /// The call's arguments are not a JSON object, array or null, or hold more bytes and array
+    /// values than one frame carries.
     InvalidArgs(String),
-    /// A bytes or array value is not what was asked for: an element type other than the one
-    /// asked for, a shape that does not match the data, or inline data that is not base64.
+    /// An [`Array`](crate::Array) is not what was asked of it: its elements asked for as
+    /// another type, or a shape that does not match its data. (Inside `call_as`, the same
+    /// problems of a received value are `Json` errors, as serde reports them.)
     Binary(String),
     /// A configuration file has problems; each names its place, e.g.
     /// `pools[1].max_requests: expected a positive integer, found -3`.

@@ -192,7 +192,8 @@ pub(crate) fn encode_frame<T: Serialize + ?Sized>(payload: &T, max: usize) -> io
     serde_json::to_writer(&mut buf, payload).map_err(io::Error::from)?;
     let len = buf.len() - 4;
     if len > max || len >= ATTACHED as usize {
-        return Err(too_large(len, max));
+        // A frame's JSON stays below 2 GiB whatever the limit (its length's top bit is a flag).
+        return Err(too_large(len, max.min(ATTACHED as usize - 1)));
     }
     buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(buf)
@@ -220,7 +221,10 @@ pub(crate) fn encode_attached<T: Serialize + ?Sized>(
     serde_json::to_writer(&mut head, msg).map_err(io::Error::from)?;
     let json_len = head.len() - table;
     let size = attachments.iter().fold(head.len() - 4, |n, a| n.saturating_add(a.len()));
-    if size > max || json_len >= ATTACHED as usize {
+    if json_len >= ATTACHED as usize {
+        return Err(too_large(json_len, ATTACHED as usize - 1));
+    }
+    if size > max {
         return Err(too_large(size, max));
     }
     head[..4].copy_from_slice(&(ATTACHED | json_len as u32).to_be_bytes());
@@ -343,6 +347,10 @@ pub(crate) struct FrameBuf {
     json: Vec<u8>,
     /// Whether the last `spare` was room in an attachment, not in `buf`.
     direct: bool,
+    /// The head (its length, its JSON's length) of the frame with attachments whose table is
+    /// held and was checked against the limit, while the rest of its head comes: the table is
+    /// read once, not at every read (it may hold a million entries).
+    checked: Option<(usize, usize)>,
 }
 
 /// A frame with attachments, part-read.
@@ -381,8 +389,8 @@ impl Partial {
 
 /// What the header at the start of the held bytes announces.
 enum Head {
-    /// Not all of it is here yet; `want`: the bytes needed to know more (or the whole head).
-    Incomplete { want: usize },
+    /// Not all of it is here yet.
+    Incomplete,
     /// A plain frame of `len` JSON bytes.
     Plain { len: usize },
     /// A frame with attachments: its head is `len` bytes, the JSON its last `json_len`.
@@ -424,12 +432,7 @@ impl FrameBuf {
         }
         let pending = match self.partial.as_mut() {
             Some(p) => p.current().map_or(0, |(data, got)| data.len() - *got),
-            None => match self.head(usize::MAX) {
-                Ok(Head::Plain { len }) => 4 + len,
-                Ok(Head::Attached { len, .. }) => len,
-                Ok(Head::Incomplete { want }) => want,
-                Err(_) => 0,
-            },
+            None => self.wanted(),
         };
         let want = self.end + pending.saturating_sub(self.end).clamp(Self::CHUNK, Self::STEP);
         if self.buf.len() < want {
@@ -462,16 +465,46 @@ impl FrameBuf {
     /// Drops the first `n` bytes held (text that is not a frame).
     pub(crate) fn skip(&mut self, n: usize) {
         self.start = (self.start + n).min(self.end);
+        self.checked = None;
+    }
+
+    /// How many bytes the next frame (or its head) needs, as far as its header tells yet: for
+    /// sizing reads only; `head` checks every size.
+    fn wanted(&self) -> usize {
+        if let Some((len, _)) = self.checked {
+            return len;
+        }
+        let held = &self.buf[self.start..self.end];
+        let word =
+            |at: usize| u32::from_be_bytes([held[at], held[at + 1], held[at + 2], held[at + 3]]) as usize;
+        match held.len() {
+            0..=3 => 4,
+            _ if word(0) & ATTACHED as usize == 0 => 4 + word(0),
+            4..=7 => 8,
+            _ => 8 + 8 * word(4).min(MAX_ATTACHMENTS),
+        }
     }
 
     /// Reads the header at the start of the held bytes, checking every size it announces
     /// against `max` as soon as it is known, before anything is allocated for it.
-    fn head(&self, max: usize) -> io::Result<Head> {
+    fn head(&mut self, max: usize) -> io::Result<Head> {
         let held = &self.buf[self.start..self.end];
         let word =
             |at: usize| u32::from_be_bytes([held[at], held[at + 1], held[at + 2], held[at + 3]]) as usize;
+        let table = |count: usize| -> Vec<usize> {
+            (0..count)
+                .map(|i| u64::from_be_bytes(held[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes")))
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+                .collect()
+        };
+        if let Some((len, json_len)) = self.checked {
+            if held.len() < len {
+                return Ok(Head::Incomplete);
+            }
+            return Ok(Head::Attached { len, json_len, sizes: table(word(4)) });
+        }
         if held.len() < 4 {
-            return Ok(Head::Incomplete { want: 4 });
+            return Ok(Head::Incomplete);
         }
         let first = word(0);
         if first & ATTACHED as usize == 0 {
@@ -486,7 +519,7 @@ impl FrameBuf {
             return Err(too_large(json_len + 12, max));
         }
         if held.len() < 8 {
-            return Ok(Head::Incomplete { want: 8 });
+            return Ok(Head::Incomplete);
         }
         let count = word(4);
         if count == 0 || count > MAX_ATTACHMENTS {
@@ -500,18 +533,16 @@ impl FrameBuf {
             return Err(too_large(len - 4, max));
         }
         if held.len() < 8 + 8 * count {
-            return Ok(Head::Incomplete { want: 8 + 8 * count });
+            return Ok(Head::Incomplete);
         }
-        let sizes: Vec<usize> = (0..count)
-            .map(|i| u64::from_be_bytes(held[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes")))
-            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
-            .collect();
+        let sizes = table(count);
         let total = sizes.iter().try_fold(len - 4, |n, &a| n.checked_add(a)).unwrap_or(usize::MAX);
         if total > max {
             return Err(too_large(total, max));
         }
         if held.len() < len {
-            return Ok(Head::Incomplete { want: len });
+            self.checked = Some((len, json_len));
+            return Ok(Head::Incomplete);
         }
         Ok(Head::Attached { len, json_len, sizes })
     }
@@ -519,9 +550,13 @@ impl FrameBuf {
     /// The next complete frame, if one is held. A header announcing more than `max` bytes, or
     /// an attachment table that does, is an error before anything is allocated for it.
     pub(crate) fn next_frame(&mut self, max: usize) -> io::Result<Option<RawFrame<'_>>> {
+        // Give back memory held for the JSON of an unusually large frame (taken by now).
+        if self.json.capacity() > 1 << 20 {
+            self.json = Vec::new();
+        }
         if self.partial.is_none() {
             match self.head(max)? {
-                Head::Incomplete { .. } => return Ok(None),
+                Head::Incomplete => return Ok(None),
                 Head::Plain { len } => {
                     if self.end - self.start < 4 + len {
                         return Ok(None);
@@ -531,6 +566,7 @@ impl FrameBuf {
                     return Ok(Some(RawFrame { json: &self.buf[at..at + len], attachments: Vec::new() }));
                 }
                 Head::Attached { len, json_len, sizes } => {
+                    self.checked = None;
                     let json = self.buf[self.start + len - json_len..self.start + len].to_vec();
                     self.start += len;
                     let done = Vec::with_capacity(sizes.len());
@@ -1131,6 +1167,51 @@ mod tests {
         // Ending inside the table, too.
         let err = read_frame(Cursor::new(attached(json, &[10, 20])[..14].to_vec()), 4096).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn an_attachment_table_is_read_once_while_the_rest_of_its_head_comes() {
+        // 100 000 entries (800 kB of table): checked once, when whole, not at every read.
+        let attachments = vec![Bytes::from(vec![7u8]); 100_000];
+        let msg = Msg::Pong { id: 3 };
+        let wire = encode_attached(&msg, attachments, DEFAULT_MAX_FRAME).unwrap().to_vec();
+        let table_end = 8 + 8 * 100_000;
+        let mut fb = FrameBuf::default();
+        let mut fed = 0;
+        let mut feed = |fb: &mut FrameBuf, upto: usize| {
+            while fed < upto {
+                let spare = fb.spare();
+                let n = spare.len().min(upto - fed);
+                spare[..n].copy_from_slice(&wire[fed..fed + n]);
+                fb.filled(n);
+                fed += n;
+            }
+        };
+        feed(&mut fb, table_end - 1);
+        assert!(fb.next_frame(DEFAULT_MAX_FRAME).unwrap().is_none());
+        assert_eq!(fb.checked, None, "the table is not whole yet");
+        feed(&mut fb, table_end + 5); // the table and part of the JSON
+        assert!(fb.next_frame(DEFAULT_MAX_FRAME).unwrap().is_none());
+        let checked = fb.checked.expect("the table was checked and remembered");
+        assert_eq!(fb.wanted(), checked.0, "reads are sized from what was checked");
+        feed(&mut fb, wire.len());
+        let frame = fb.next_frame(DEFAULT_MAX_FRAME).unwrap().unwrap();
+        assert_eq!((decode(frame.json).unwrap(), frame.attachments.len()), (msg, 100_000));
+        assert_eq!(fb.checked, None);
+        assert!(fb.is_empty());
+    }
+
+    #[test]
+    fn the_json_of_a_large_frame_is_not_held_after_it_is_taken() {
+        let msg = Msg::Result { id: 1, value: json!("j".repeat(2 << 20)) };
+        let mut wire =
+            encode_attached(&msg, vec![Bytes::from(vec![1u8])], DEFAULT_MAX_FRAME).unwrap().to_vec();
+        write_frame(&mut wire, &Msg::Pong { id: 2 }, DEFAULT_MAX_FRAME).unwrap();
+        let mut r = Frames::new(Cursor::new(wire), DEFAULT_MAX_FRAME);
+        assert_eq!(r.next().unwrap(), Some(msg));
+        assert!(r.fb.json.capacity() >= 2 << 20);
+        assert_eq!(r.next().unwrap(), Some(Msg::Pong { id: 2 }));
+        assert!(r.fb.json.capacity() < 1 << 20, "given back at the next frame");
     }
 
     #[test]

@@ -78,6 +78,10 @@ fn bytes_and_arrays_of_every_dtype_and_shape_come_back_unchanged() {
         for a in &arrays {
             let back: Array = pool.call_as("same", &(a.clone(),)).unwrap();
             assert_eq!(&back, a, "{name}: {a:?}");
+            if back.dtype() == DType::Float64 {
+                // In place, empty ones too.
+                assert_eq!(back.as_slice::<f64>().unwrap(), a.to_vec::<f64>().unwrap(), "{name}: {a:?}");
+            }
         }
         // All at once, in one frame.
         let back: Vec<Array> = pool.call_as("same", &(arrays.clone(),)).unwrap();
@@ -124,6 +128,9 @@ fn python_bytes_bytearrays_memoryviews_and_arrays_come_back_as_binary_values() {
         struct Inner {
             inner: Bytes,
         }
+        // Taken as plain JSON (a `Value`), they come in their inline form, not as references.
+        let loose: Value = pool.call_as("make", &json!({"kind": "nested", "n": 2})).unwrap();
+        assert_eq!(loose["blobs"][0], json!({"__snakepit__": "bytes", "b64": "AAE="}), "{name}");
         let nested: Nested = pool.call_as("make", &json!({"kind": "nested", "n": 5})).unwrap();
         assert_eq!(
             (nested.blobs.0.as_slice(), nested.blobs.1.inner.as_slice(), nested.n),

@@ -323,6 +323,23 @@ def bad_call(args_json, attachments=()):
 
 
 class ReferenceTests(unittest.TestCase):
+    def test_inline_base64_is_checked_in_linear_time_and_a_few_copies_of_memory(self):
+        import base64
+        import tracemalloc
+
+        data = bytes(range(256)) * 8192  # 2 MiB
+        text = base64.b64encode(data).decode()
+        tracemalloc.start()
+        try:
+            msg = bad_call('[{"__snakepit__":"bytes","b64":"%s"}]' % text)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(msg["args"][0], data)
+        # The frame's JSON (text) is itself held twice while it is decoded; a pattern match
+        # over it once took ~45 times its size.
+        self.assertLess(peak, 8 * len(text), f"peak {peak} bytes for {len(text)} bytes of base64")
+
     def test_the_inline_form_in_a_plain_frame(self):
         with no_numpy():
             msg = bad_call(
@@ -384,6 +401,9 @@ class ReferenceTests(unittest.TestCase):
             ('[{"__snakepit__":"bytes","b64":"AAE"}]', "not standard base64 with padding"),
             ('[{"__snakepit__":"bytes","b64":"AA-_"}]', "not standard base64"),
             ('[{"__snakepit__":"bytes","b64":"AA==\\n"}]', "not standard base64"),
+            ('[{"__snakepit__":"bytes","b64":"Zh=="}]', "not standard base64"),  # stray bits: not canonical
+            ('[{"__snakepit__":"bytes","b64":"A==="}]', "not standard base64"),
+            ('[{"__snakepit__":"bytes","b64":"\u00e9AAA"}]', "not standard base64"),
             ('[{"__snakepit__":"bytes","b64":5}]', "not standard base64"),
             ('[{"__snakepit__":"array","shape":[1],"att":0}]', "has no dtype: expected one of bool, int8"),
             ('[{"__snakepit__":"array","dtype":"float128","shape":[1],"att":0}]', 'dtype string "float128"'),
@@ -894,6 +914,23 @@ class NumpyTests(unittest.TestCase):
         self.assertEqual(self.value(strided).tolist(), [0, 3, 6, 9])
         self.assertEqual(self.value(np.arange(4, dtype=">i4").reshape(2, 2).T).tolist(), [[0, 2], [1, 3]])
 
+    def test_a_bool_array_holding_other_bytes_goes_out_as_zeros_and_ones(self):
+        np = self.np
+        odd = np.frombuffer(b"\x00\x02\x01\xff", dtype=np.bool_)
+        frame = encode_frame({"type": "result", "id": 1, "value": odd})
+        self.assertEqual(bytes(frame[1]), b"\x00\x01\x01\x01")
+        self.assertEqual(self.value(odd).tolist(), [False, True, True, True])
+
+    def test_numpy_dates_and_durations_are_refused_with_their_place(self):
+        np = self.np
+        for value in (np.timedelta64(5, "ns"), np.timedelta64(3, "s"), np.datetime64("2026-11-27")):
+            with self.subTest(value=repr(value)):
+                reply = Worker({"f": lambda v=value: {"when": [v]}}).respond(call("f", None, id=1))
+                error = read_frame(io.BytesIO(frame_bytes(reply)))["error"]
+                self.assertEqual(error["type"], "TypeError")
+                self.assertIn('value["when"][0]', error["message"])
+                self.assertIn("no JSON form", error["message"])
+
     def test_c_contiguous_little_endian_arrays_go_out_without_a_copy(self):
         a = self.np.arange(1000, dtype=self.np.float64)
         frame = encode_frame({"type": "result", "id": 1, "value": a})
@@ -981,7 +1018,7 @@ class NumpyTests(unittest.TestCase):
                 )
         kind, text = describe_problem([np.datetime64("2020-01-01")])
         self.assertEqual(kind, "TypeError")
-        self.assertIn("has a numpy.datetime64 at value[0]: numpy scalars of this type have no JSON form", text)
+        self.assertIn("has a numpy.datetime64 at value[0]: numpy dates and durations have no JSON form", text)
         kind, text = describe_problem([np.ma.masked_array([1, 2], mask=[0, 1])])
         self.assertIn("has a numpy masked array at value[0]: its mask would be lost", text)
 
