@@ -33,7 +33,7 @@ from snakepit.protocol import (
 )
 from snakepit.worker import Worker, _frame_writer, _reply_sender
 
-from tests._host import TIMEOUT, Host, call
+from tests._host import TIMEOUT, Host, call, split_frames as _split
 
 HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
 needs_numpy = unittest.skipUnless(HAVE_NUMPY, "numpy is not installed")
@@ -1320,15 +1320,6 @@ def _raw_frames(data):
         frames.append((True, data[start : start + json_size]))
         data = data[start + json_size + sum(sizes) :]
     return frames
-
-
-def _split(data):
-    frames, stream = [], io.BytesIO(data)
-    while True:
-        msg = read_frame(stream)
-        if msg is None:
-            return frames
-        frames.append(msg)
 
 
 # --- the worker, end to end --------------------------------------------------------------------------
