@@ -278,3 +278,21 @@ fn binary_values_too_large_for_a_frame_fail_only_their_call() {
         finish(pool);
     }
 }
+
+#[test]
+fn a_deadline_part_way_through_a_large_frame_never_leaves_half_a_frame_to_the_next_call() {
+    for (profile, name) in profiles() {
+        let pool = builder(&format!("bin-cut-{name}"), profile).max_frame_size(128 << 20).build().unwrap();
+        let big = Bytes::from(vec![3u8; 64 << 20]); // far more than the pipe takes in 5 ms
+        for _ in 0..3 {
+            let options = snakepit::CallOptions::new().timeout(Duration::from_millis(5));
+            let err = pool.call_as_with::<_, Bytes>("same", &(big.clone(),), options).unwrap_err();
+            assert_eq!(err.timeout_kind(), Some(snakepit::TimeoutKind::Call), "{name}: {err}");
+            // Whatever worker serves next reads whole frames: the reply is this call's.
+            let small = Bytes::from(vec![9u8; 1000]);
+            let back: Bytes = pool.call_as("same", &(small.clone(),)).unwrap();
+            assert_eq!(back, small, "{name}");
+        }
+        finish(pool);
+    }
+}
