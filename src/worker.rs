@@ -520,10 +520,24 @@ impl Conn {
     /// Writes a whole frame (after any posted ones), waiting for room in the pipe until
     /// `deadline`.
     fn write(&self, frame: &Frame, deadline: Instant) -> Written {
-        let Some(stdin) = self.stdin.try_lock_until(deadline) else {
+        let Some(mut stdin) = self.stdin.try_lock_until(deadline) else {
             return Written::Late { partial: false };
         };
         let Some(file) = stdin.as_ref() else { return Written::Nothing };
+        let written = self.write_locked(file, frame, deadline);
+        if written == (Written::Late { partial: true }) {
+            // Half a frame is in the pipe and nothing may follow it: the worker is done for.
+            // Closing our end here, under the lock, makes the callers waiting to write find it
+            // gone, so their calls run on another worker instead of being appended to the half
+            // frame (a large one takes long to write, so several may be waiting).
+            self.mark_killed(KillReason::CallTimeout);
+            *stdin = None;
+        }
+        written
+    }
+
+    /// [`Conn::write`] under stdin's lock.
+    fn write_locked(&self, file: &File, frame: &Frame, deadline: Instant) -> Written {
         // Posted frames go first, whole: a frame is never cut by another.
         while !self.flush_outbox(file) {
             let Some(posted) = self.outbox.lock().pop_front() else { break };

@@ -296,3 +296,24 @@ fn a_deadline_part_way_through_a_large_frame_never_leaves_half_a_frame_to_the_ne
         finish(pool);
     }
 }
+
+#[test]
+fn a_call_waiting_to_write_behind_a_cut_frame_runs_on_the_next_worker() {
+    // Thread profile: while a large frame is being written, other callers wait for the pipe.
+    // When that frame is cut by its deadline, the worker is done for; a waiting call must not
+    // be appended to the half frame (it would die with the worker), but run on the replacement.
+    let pool = builder("bin-behind", Profile::Thread).max_frame_size(256 << 20).build().unwrap();
+    let big = Bytes::from(vec![5u8; 192 << 20]); // ~100 ms or more to write
+    std::thread::scope(|s| {
+        let cut = s.spawn(|| {
+            let options = snakepit::CallOptions::new().timeout(Duration::from_millis(60));
+            pool.call_as_with::<_, Bytes>("same", &(big.clone(),), options)
+        });
+        std::thread::sleep(Duration::from_millis(20)); // the big frame is being written
+        let small: u32 = pool.call_as("pid", &()).expect("the waiting call runs on the next worker");
+        assert!(small > 0);
+        let err = cut.join().unwrap().unwrap_err();
+        assert_eq!(err.timeout_kind(), Some(snakepit::TimeoutKind::Call), "{err}");
+    });
+    finish(pool);
+}
