@@ -1,13 +1,13 @@
 //! The first program to run: `cargo run --example quickstart`.
 //!
 //! Starts a pool of Python workers on the embedded demo adapter (`snakepit.demo`), calls it from
-//! several threads, shows a Python exception coming back as an error, and prints the pool's
-//! stats. Set `RUST_LOG=debug` to watch workers start and stop.
+//! several threads, sends bytes and an array as raw bytes, shows a Python exception coming back
+//! as an error, and prints the pool's stats. Set `RUST_LOG=debug` to watch workers start and stop.
 
 use std::time::Instant;
 
 use serde_json::json;
-use snakepit::{Error, Pool};
+use snakepit::{Array, Bytes, Error, Pool};
 
 fn main() -> Result<(), Error> {
     env_logger::init();
@@ -32,6 +32,13 @@ fn main() -> Result<(), Error> {
             });
         }
     });
+
+    // Bytes and arrays travel as raw bytes beside the JSON (no base64, no list of numbers).
+    let blob = Bytes::from(b"any bytes at all: \x00\xff".to_vec());
+    let sum: serde_json::Value = pool.call_as("checksum", &(blob,))?;
+    let x = Array::from_vec(vec![1.0f64, 2.0, 3.0, 4.0], [2, 2])?;
+    let y: Array = pool.call_as("scale", &(x, 10.0))?;
+    println!("checksum of the bytes: {sum}; the array times 10: {:?} {:?}", y.shape(), y.as_slice::<f64>()?);
 
     match pool.call("fail", json!({ "message": "this one raises on purpose" })) {
         Err(Error::Python(e)) => {

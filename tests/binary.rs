@@ -317,3 +317,29 @@ fn a_call_waiting_to_write_behind_a_cut_frame_runs_on_the_next_worker() {
     });
     finish(pool);
 }
+
+/// CRC-32 (IEEE), bit by bit: what Python's `zlib.crc32` computes.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= byte as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn the_demo_adapter_checksums_bytes_and_scales_arrays_without_numpy() {
+    let pool = Pool::builder().name("bin-demo").size(1).adapter("snakepit.demo").build().unwrap();
+    let blob: Vec<u8> = (0..=255).collect();
+    let sum: Value = pool.call_as("checksum", &(Bytes::from(blob.clone()),)).unwrap();
+    assert_eq!(sum, json!({"len": 256, "crc32": crc32(&blob)}));
+    let x = Array::from_vec(vec![1.5f64, -2.0, 0.25], [3]).unwrap();
+    let y: Array = pool.call_as("scale", &(x, 4.0)).unwrap();
+    assert_eq!((y.shape(), y.as_slice::<f64>().unwrap()), (&[3][..], &[6.0, -8.0, 1.0][..]));
+    let wrong = pool.call_as::<_, Array>("scale", &(Array::from_slice(&[1i32]), 2.0)).unwrap_err();
+    assert!(matches!(&wrong, Error::Python(e) if e.error_type == "TypeError"), "{wrong:?}");
+    finish(pool);
+}

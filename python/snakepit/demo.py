@@ -1,8 +1,10 @@
 """Demo adapter for the quickstart: ``python -m snakepit --adapter snakepit.demo``."""
 
 import math
+import sys
 import time
 import zlib
+from array import array
 
 import snakepit
 
@@ -48,6 +50,31 @@ def slow(seconds):
 def upper(text):
     """The text in upper case."""
     return _require_text(text).upper()
+
+
+@snakepit.command(thread_safe=True)
+def checksum(data):
+    """The length and CRC-32 of ``data``: bytes arrive as ``bytes``, with no base64 on the way."""
+    if not isinstance(data, bytes):
+        raise TypeError(f"data must be bytes, not {type(data).__name__}")
+    return {"len": len(data), "crc32": zlib.crc32(data)}
+
+
+@snakepit.command(thread_safe=True)
+def scale(x, factor):
+    """A float64 array times ``factor``: a numpy ndarray when numpy is installed, else a
+    snakepit.Array (little-endian bytes), which array.array computes with here."""
+    if type(x).__name__ == "ndarray":
+        return x * factor
+    if x.dtype != "float64":
+        raise TypeError(f"x must be a float64 array, not {x.dtype}")
+    values = array("d", bytes(x.data))
+    if sys.byteorder == "big":
+        values.byteswap()
+    scaled = array("d", (v * factor for v in values))
+    if sys.byteorder == "big":
+        scaled.byteswap()
+    return snakepit.Array("float64", x.shape, scaled.tobytes())
 
 
 def _require_text(text):

@@ -497,7 +497,7 @@ class LoadWorkerTests(unittest.TestCase):
 class DemoTests(unittest.TestCase):
     def setUp(self):
         commands = {name: f for name, f in snakepit.registry().items() if f.__module__ == "snakepit.demo"}
-        self.assertEqual(sorted(commands), ["embed", "fail", "slow", "upper", "word_count"])
+        self.assertEqual(sorted(commands), ["checksum", "embed", "fail", "scale", "slow", "upper", "word_count"])
         self.worker = Worker(commands)
 
     def value(self, command, args):
@@ -520,6 +520,23 @@ class DemoTests(unittest.TestCase):
 
     def test_upper(self):
         self.assertEqual(self.value("upper", {"text": "shout"}), "SHOUT")
+
+    def test_checksum_of_bytes(self):
+        import zlib
+
+        checksum = snakepit.registry()["checksum"]
+        self.assertEqual(checksum(b"\x00abc"), {"len": 4, "crc32": zlib.crc32(b"\x00abc")})
+        with self.assertRaises(TypeError):
+            checksum("text")
+
+    def test_scale_without_numpy(self):
+        import struct
+
+        x = snakepit.Array("float64", (2,), struct.pack("<2d", 1.5, -2.0))
+        y = snakepit.registry()["scale"](x, 2.0)
+        self.assertEqual((y.dtype, y.shape, y.tolist()), ("float64", (2,), [3.0, -4.0]))
+        with self.assertRaises(TypeError):
+            snakepit.registry()["scale"](snakepit.Array("int32", (1,), b"\x01\x00\x00\x00"), 2.0)
 
     def test_slow(self):
         self.assertEqual(self.value("slow", [0.01]), 0.01)
@@ -624,7 +641,7 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(info["implementation"], sys.implementation.name)
         self.assertIs(info["free_threaded"], False if sys.version_info < (3, 13) else info["free_threaded"])
         self.assertEqual(
-            info["commands"], ["echo", "embed", "fail", "info", "ping", "slow", "upper", "word_count"]
+            info["commands"], ["checksum", "echo", "embed", "fail", "info", "ping", "scale", "slow", "upper", "word_count"]
         )
 
         self.assertEqual(w.call("upper", {"text": "hi"}, id=7), {"type": "result", "id": 7, "value": "HI"})
