@@ -704,28 +704,30 @@ impl Payload {
     /// Checks every reference in the value against the attachments (run on a received frame
     /// that has some, so a bad one fails there, with what is wrong).
     pub(crate) fn check(&self) -> std::result::Result<(), String> {
-        fn walk(v: &Value, attachments: &[Bytes], at: &mut String) -> std::result::Result<(), String> {
-            let len = at.len();
-            let result = match v {
-                Value::Object(obj) if obj.contains_key(TAG) => {
-                    Binary::from_value(v, Some(attachments)).map(drop).map_err(|e| format!("at {at}: {e}"))
-                }
-                Value::Object(obj) => obj.iter().try_for_each(|(k, v)| {
-                    at.truncate(len);
-                    at.push_str(&format!("[{k:?}]"));
-                    walk(v, attachments, at)
-                }),
-                Value::Array(items) => items.iter().enumerate().try_for_each(|(i, v)| {
-                    at.truncate(len);
-                    at.push_str(&format!("[{i}]"));
-                    walk(v, attachments, at)
-                }),
-                _ => Ok(()),
+        /// The problem, and the place's steps from the problem outwards (built only on the
+        /// way out of an error: a reply with many arrays costs no string per item).
+        fn walk(v: &Value, attachments: &[Bytes]) -> std::result::Result<(), (String, Vec<String>)> {
+            let inside = |v: &Value, step: &dyn Fn() -> String| {
+                walk(v, attachments).map_err(|(e, mut steps)| {
+                    steps.push(step());
+                    (e, steps)
+                })
             };
-            at.truncate(len);
-            result
+            match v {
+                Value::Object(obj) if obj.contains_key(TAG) => {
+                    Binary::from_value(v, Some(attachments)).map(drop).map_err(|e| (e, Vec::new()))
+                }
+                Value::Object(obj) => obj.iter().try_for_each(|(k, v)| inside(v, &|| format!("[{k:?}]"))),
+                Value::Array(items) => {
+                    items.iter().enumerate().try_for_each(|(i, v)| inside(v, &|| format!("[{i}]")))
+                }
+                _ => Ok(()),
+            }
         }
-        walk(&self.value, &self.attachments, &mut "value".to_string())
+        walk(&self.value, &self.attachments).map_err(|(e, steps)| {
+            let place: String = steps.iter().rev().map(String::as_str).collect();
+            format!("at value{place}: {e}")
+        })
     }
 }
 

@@ -13,6 +13,23 @@ from snakepit.protocol import encode_frame, frame_bytes, read_frame, write_all
 TIMEOUT = 15  # seconds for any single wait
 
 
+def run_in_thread(target, *args):
+    """Run ``target(*args)`` on a daemon thread; returns (thread, outcome: a list that gets
+    "returned" or the exception)."""
+    outcome = []
+
+    def body():
+        try:
+            target(*args)
+            outcome.append("returned")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
 def call(command, args=None, id=1, **extra):
     msg = {"type": "call", "id": id, "command": command, **extra}
     if args is not None:

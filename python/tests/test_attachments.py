@@ -33,7 +33,7 @@ from snakepit.protocol import (
 )
 from snakepit.worker import Worker, _frame_writer, _reply_sender
 
-from tests._host import TIMEOUT, Host, call, split_frames as _split
+from tests._host import TIMEOUT, Host, call, run_in_thread, split_frames as _split
 
 HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
 needs_numpy = unittest.skipUnless(HAVE_NUMPY, "numpy is not installed")
@@ -1229,29 +1229,15 @@ class ThreadProfileWritingTests(unittest.TestCase):
 
         return write, writing, release, writes
 
-    def start_thread(self, target, *args):
-        outcome = []
-
-        def body():
-            try:
-                target(*args)
-                outcome.append("returned")
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=body, daemon=True)
-        thread.start()
-        return thread, outcome
-
     def test_a_frame_with_attachments_is_written_before_its_send_returns(self):
         write, writing, release, writes = self.blocked_writer()
         send = _reply_sender(write)
-        writer, _ = self.start_thread(send, encode_frame({"type": "pong", "id": 0}))
+        writer, _ = run_in_thread(send, encode_frame({"type": "pong", "id": 0}))
         self.assertTrue(writing.wait(TIMEOUT))
         buffer = bytearray(b"first")
         chunk = encode_frame({"type": "chunk", "id": 1, "value": buffer})
-        later, outcome = self.start_thread(send, chunk)
-        plain_sender, plain_outcome = self.start_thread(send, encode_frame({"type": "pong", "id": 2}))
+        later, outcome = run_in_thread(send, chunk)
+        plain_sender, plain_outcome = run_in_thread(send, encode_frame({"type": "pong", "id": 2}))
         plain_sender.join(TIMEOUT)
         self.assertEqual(plain_outcome, ["returned"], "a plain frame is left to the writer")
         later.join(0.2)
@@ -1271,7 +1257,7 @@ class ThreadProfileWritingTests(unittest.TestCase):
     def test_frames_left_keep_their_order(self):
         write, writing, release, writes = self.blocked_writer()
         send = _reply_sender(write)
-        writer, _ = self.start_thread(send, encode_frame({"type": "pong", "id": 0}))
+        writer, _ = run_in_thread(send, encode_frame({"type": "pong", "id": 0}))
         self.assertTrue(writing.wait(TIMEOUT))
 
         def stream():
@@ -1279,7 +1265,7 @@ class ThreadProfileWritingTests(unittest.TestCase):
             send(encode_frame({"type": "chunk", "id": 1, "value": b"two"}))  # waits
             send(encode_frame({"type": "result", "id": 1, "value": None}))
 
-        streamer, outcome = self.start_thread(stream)
+        streamer, outcome = run_in_thread(stream)
         streamer.join(0.2)
         release.set()
         streamer.join(TIMEOUT)
@@ -1291,9 +1277,9 @@ class ThreadProfileWritingTests(unittest.TestCase):
     def test_a_failed_write_goes_to_its_writer_and_a_waiting_frame_still_goes_out(self):
         write, writing, release, writes = self.blocked_writer(fail=True)
         send = _reply_sender(write)
-        writer, writer_outcome = self.start_thread(send, encode_frame({"type": "pong", "id": 0}))
+        writer, writer_outcome = run_in_thread(send, encode_frame({"type": "pong", "id": 0}))
         self.assertTrue(writing.wait(TIMEOUT))
-        waiter, outcome = self.start_thread(send, encode_frame({"type": "chunk", "id": 1, "value": b"kept"}))
+        waiter, outcome = run_in_thread(send, encode_frame({"type": "chunk", "id": 1, "value": b"kept"}))
         waiter.join(0.2)
         self.assertTrue(waiter.is_alive())
         release.set()

@@ -19,6 +19,7 @@ import snakepit
 from snakepit import demo
 from snakepit.protocol import ProtocolError, encode_frame, frame_bytes, read_frame, write_all
 from snakepit.worker import BUILTIN_COMMANDS, Worker, _frame_writer, _parse_args, _reply_sender, load_worker
+from tests._host import run_in_thread, split_frames
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 15  # seconds for any single wait on a child process
@@ -844,14 +845,6 @@ class ThreadProfileTests(unittest.TestCase):
                 snakepit._registry.pop(name, None)
 
 
-def split_frames(data):
-    """The frames in ``data``, which must hold whole frames only."""
-    frames, stream = [], io.BytesIO(data)
-    while (msg := read_frame(stream)) is not None:
-        frames.append(msg)
-    return frames
-
-
 class WriteRecorder:
     """A ``write`` for serve_threaded that records each write and notices two at once."""
 
@@ -882,18 +875,7 @@ class WriteRecorder:
 def serve_in_thread(worker, reader, write, threads):
     """Run worker.serve_threaded on a thread; returns (thread, outcome: a list that gets
     "returned" or the exception)."""
-    outcome = []
-
-    def target():
-        try:
-            worker.serve_threaded(reader, write, threads)
-            outcome.append("returned")
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
+    return run_in_thread(worker.serve_threaded, reader, write, threads)
 
 
 class PipeServer:
